@@ -1,0 +1,368 @@
+//! Lenient decoding of one usage-queue element into a borrowed record.
+//!
+//! Only the fields the exporter uses are declared; serde skips the rest (including secrets such as
+//! `fail.body`, `client_ip` and most of `response_headers`) without allocating. Strings borrow from
+//! the batch buffer unless they contain escapes.
+
+use std::borrow::Cow;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::schema::reason;
+
+/// Largest token count or latency accepted; anything above is corrupt data, not usage.
+pub const MAX_NUMBER: u64 = 1_000_000_000_000_000;
+
+/// A non-negative integer that CPA may send as a number or a numeric string. Decoding never fails
+/// on a number-like value; bad values are remembered and turned into an `invalid_number` reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Num(pub Option<u64>);
+
+impl Num {
+    pub const ZERO: Num = Num(Some(0));
+}
+
+/// A missing field is zero, as CPA's Go structs default it.
+impl Default for Num {
+    fn default() -> Self {
+        Num::ZERO
+    }
+}
+
+impl<'de> Deserialize<'de> for Num {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct NumVisitor;
+        impl Visitor<'_> for NumVisitor {
+            type Value = Num;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Num, E> {
+                Ok(Num((v <= MAX_NUMBER).then_some(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Num, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Ok(Num(None)),
+                }
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Num, E> {
+                // Integral floats (`12.0`) are accepted; fractions and negatives are not usage.
+                if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= MAX_NUMBER as f64 {
+                    Ok(Num(Some(v as u64)))
+                } else {
+                    Ok(Num(None))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Num, E> {
+                match v.trim().parse::<u64>() {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Ok(Num(None)),
+                }
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Num, E> {
+                Ok(Num::ZERO)
+            }
+        }
+        d.deserialize_any(NumVisitor)
+    }
+}
+
+/// Decode a nested struct only from a JSON object (or `null`, meaning absent). serde's derived
+/// structs also accept arrays, which would turn `"tokens":[1]` into one input token.
+fn object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Option<T>, A::Error> {
+            T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    d.deserialize_any(ObjectVisitor(std::marker::PhantomData))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTokens {
+    pub input_tokens: Num,
+    pub output_tokens: Num,
+    pub reasoning_tokens: Num,
+    pub cached_tokens: Num,
+    pub cache_read_tokens: Num,
+    pub cache_creation_tokens: Num,
+    pub total_tokens: Num,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawInput {
+    pub total_tokens: Num,
+    pub uncached_tokens: Num,
+    pub cache_read_tokens: Num,
+    pub cache_write_tokens: Num,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawOutput {
+    pub total_tokens: Num,
+    pub non_reasoning_tokens: Num,
+    pub reasoning_tokens: Num,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawBreakdown {
+    pub total_tokens: Num,
+    #[serde(deserialize_with = "object")]
+    pub input: Option<RawInput>,
+    #[serde(deserialize_with = "object")]
+    pub output: Option<RawOutput>,
+    pub unclassified_tokens: Num,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawFail {
+    pub status_code: Num,
+}
+
+/// The fields of a usage record the exporter reads. `null` counts as missing everywhere.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRecord<'a> {
+    #[serde(borrow)]
+    pub timestamp: Option<Cow<'a, str>>,
+    pub latency_ms: Option<Num>,
+    pub ttft_ms: Num,
+    #[serde(borrow)]
+    pub auth_index: Option<Cow<'a, str>>,
+    #[serde(deserialize_with = "object")]
+    pub tokens: Option<RawTokens>,
+    pub failed: Option<bool>,
+    #[serde(deserialize_with = "object")]
+    pub fail: Option<RawFail>,
+    pub accounting_version: Num,
+    #[serde(deserialize_with = "object")]
+    pub token_breakdown: Option<RawBreakdown>,
+    #[serde(borrow)]
+    pub provider: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub executor_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub alias: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub endpoint: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub api_key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub event_id: Option<Cow<'a, str>>,
+}
+
+/// What one queue element turned out to be.
+#[derive(Debug)]
+pub enum Element<'a> {
+    Usage(Box<RawRecord<'a>>),
+    /// An object without `timestamp`: CPA's `{"support_refresh":true}` style control payloads.
+    Control,
+    Invalid(&'static str),
+}
+
+/// Classify and decode one element of the queue's JSON array (given as its raw JSON text).
+///
+/// A JSON-string element carries a payload CPA could not parse as JSON; when its content is an
+/// object after all, it is decoded like one. The returned record may own its strings then.
+pub fn decode_element(raw: &str) -> Element<'_> {
+    match raw.as_bytes().first() {
+        Some(b'{') => decode_object(raw),
+        Some(b'"') => match serde_json::from_str::<String>(raw) {
+            Ok(inner) => decode_wrapped(&inner),
+            Err(_) => Element::Invalid(reason::NOT_JSON),
+        },
+        _ => Element::Invalid(reason::NOT_OBJECT),
+    }
+}
+
+fn decode_wrapped(inner: &str) -> Element<'static> {
+    let trimmed = inner.trim_start();
+    if !trimmed.starts_with('{') {
+        return match serde_json::from_str::<serde::de::IgnoredAny>(trimmed) {
+            Ok(_) => Element::Invalid(reason::NOT_OBJECT),
+            Err(_) => Element::Invalid(reason::NOT_JSON),
+        };
+    }
+    match serde_json::from_str::<serde_json::value::Value>(trimmed) {
+        Err(_) => Element::Invalid(reason::NOT_JSON),
+        // Rare path: decoding from a `Value` yields owned strings, free of the local buffer.
+        Ok(value) => match RawRecord::deserialize(value) {
+            Ok(rec) => classify(rec),
+            Err(_) => Element::Invalid(reason::BAD_FIELD),
+        },
+    }
+}
+
+fn decode_object(raw: &str) -> Element<'_> {
+    match serde_json::from_str::<RawRecord<'_>>(raw) {
+        Ok(rec) => classify(rec),
+        Err(_) => Element::Invalid(reason::BAD_FIELD),
+    }
+}
+
+fn classify(rec: RawRecord<'_>) -> Element<'_> {
+    if rec.timestamp.is_none() {
+        Element::Control
+    } else {
+        Element::Usage(Box::new(rec))
+    }
+}
+
+/// Parse an RFC 3339 timestamp (`Z` or a numeric offset, any fraction) into Unix seconds.
+/// CPA writes Go's RFC3339Nano, in UTC or in the host's local offset.
+pub fn parse_rfc3339(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60
+    {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut frac = 0.0;
+    if let Some(after_dot) = rest.strip_prefix('.') {
+        let digits = after_dot.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        frac = format!("0.{}", &after_dot[..digits]).parse().ok()?;
+        rest = &after_dot[digits..];
+    }
+    let offset_secs = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let digits = [*h1, *h2, *m1, *m2];
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let d = |i: usize| i64::from(digits[i] - b'0');
+            let secs = (d(0) * 10 + d(1)) * 3600 + (d(2) * 10 + d(3)) * 60;
+            if *sign == b'+' {
+                secs
+            } else {
+                -secs
+            }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset_secs;
+    Some(secs as f64 + frac)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(raw: &str) -> RawRecord<'_> {
+        match decode_element(raw) {
+            Element::Usage(r) => *r,
+            other => panic!("expected usage, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn objects_decode_and_unknown_fields_are_ignored() {
+        let r = usage(r#"{"timestamp":"2026-08-22T14:39:03Z","model":"m","fail":{"status_code":429,"body":"x"},"zzz":[1,2]}"#);
+        assert_eq!(r.model.as_deref(), Some("m"));
+        assert_eq!(r.fail.map(|f| f.status_code), Some(Num(Some(429))));
+    }
+
+    #[test]
+    fn string_elements_holding_objects_decode_like_objects() {
+        let r = usage(r#""{\"timestamp\":\"t\",\"model\":\"gpt\"}""#);
+        assert_eq!(r.model.as_deref(), Some("gpt"));
+    }
+
+    #[test]
+    fn elements_are_classified_with_reasons() {
+        let reason = |raw| match decode_element(raw) {
+            Element::Invalid(r) => r,
+            other => panic!("{raw}: {other:?}"),
+        };
+        assert_eq!(reason(r#""not json at all""#), reason::NOT_JSON);
+        assert_eq!(reason(r#""[1,2]""#), reason::NOT_OBJECT);
+        assert_eq!(reason("42"), reason::NOT_OBJECT);
+        assert_eq!(reason("null"), reason::NOT_OBJECT);
+        assert_eq!(reason(r#"{"timestamp":5}"#), reason::BAD_FIELD);
+        assert_eq!(reason(r#"{"timestamp":"t","failed":"yes"}"#), reason::BAD_FIELD);
+        assert_eq!(reason(r#"{"timestamp":"t","tokens":[1]}"#), reason::BAD_FIELD);
+        assert!(matches!(
+            decode_element(r#"{"support_refresh":true}"#),
+            Element::Control
+        ));
+    }
+
+    #[test]
+    fn numbers_are_lenient_but_never_negative_or_fractional() {
+        let n = |v: &str| serde_json::from_str::<Num>(v).unwrap().0;
+        assert_eq!(n("12"), Some(12));
+        assert_eq!(n("12.0"), Some(12));
+        assert_eq!(n(r#"" 12 ""#), Some(12));
+        assert_eq!(n("null"), Some(0));
+        assert_eq!(n("-1"), None);
+        assert_eq!(n("1.5"), None);
+        assert_eq!(n(r#""abc""#), None);
+        assert_eq!(n("1e300"), None);
+        assert_eq!(n("18446744073709551615"), None);
+    }
+
+    #[test]
+    fn rfc3339_with_fraction_and_offsets() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0.0));
+        assert_eq!(
+            parse_rfc3339("2026-08-22T14:39:03.5Z"),
+            Some(1_787_409_543.5)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-08-22T22:39:03.5+08:00"),
+            Some(1_787_409_543.5)
+        );
+        assert_eq!(parse_rfc3339("2026-08-22T14:39:03"), None);
+        assert_eq!(parse_rfc3339("garbage-garbage-garbage"), None);
+    }
+}

@@ -1,0 +1,382 @@
+//! Popped batch -> aggregated per-series increments.
+//!
+//! Records are decoded leniently (see [`decode`]), normalized into labels and token buckets, and
+//! summed per label set in memory, so the store writes each distinct series once per batch. A bad
+//! element is counted with a reason and never spoils the rest of its batch.
+
+pub mod decode;
+pub mod labels;
+pub mod tokens;
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+
+use serde_json::value::RawValue;
+
+use crate::schema::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
+use crate::series::{Hist, LabelValues, Value};
+use decode::{Element, Num, RawRecord};
+pub use tokens::Tokens;
+
+/// Per-family increments of one batch.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub families: [HashMap<LabelValues, Value>; Family::COUNT],
+}
+
+impl Delta {
+    pub fn add(&mut self, family: Family, labels: LabelValues, value: Value) {
+        self.families[family as usize]
+            .entry(labels)
+            .and_modify(|v| v.merge(&value))
+            .or_insert(value);
+    }
+
+    fn add_count(&mut self, family: Family, labels: &[&str], n: u64) {
+        if n > 0 {
+            self.add(family, to_labels(labels), Value::Counter(n));
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Family, &LabelValues, &Value)> {
+        Family::ALL
+            .into_iter()
+            .flat_map(move |f| self.families[f as usize].iter().map(move |(l, v)| (f, l, v)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.families.iter().all(HashMap::is_empty)
+    }
+}
+
+/// The outcome of ingesting one popped batch, ready to be committed in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub delta: Delta,
+    /// Dedup ids of the records applied, to be remembered with the batch.
+    pub event_ids: Vec<u64>,
+    /// Elements in the popped array.
+    pub elements: usize,
+    pub ingested: u64,
+    /// Latest attempt start time among the records, Unix seconds.
+    pub last_record_timestamp: Option<f64>,
+}
+
+/// The response body was not a JSON array: nothing in it can be attributed to records.
+#[derive(Debug, thiserror::Error)]
+#[error("CPA's queue response is not a JSON array ({0})")]
+pub struct NotAnArray(#[source] serde_json::Error);
+
+/// Ingest a popped queue response. `seen` tells whether a dedup id was applied before.
+pub fn ingest_body(body: &[u8], seen: impl Fn(u64) -> bool) -> Result<Batch, NotAnArray> {
+    let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(NotAnArray)?;
+    let mut agg: HashMap<RecKey<'_>, RecAgg> = HashMap::new();
+    let mut batch = Batch {
+        elements: elements.len(),
+        ..Batch::default()
+    };
+    let mut ids_in_batch = HashSet::new();
+    let mut outcomes = [0u64; 4];
+    let mut invalid: HashMap<&'static str, u64> = HashMap::new();
+    for raw in elements {
+        match decode_element_into(raw.get(), &mut agg, &mut batch, &mut ids_in_batch, &seen) {
+            Outcome::Ingested => outcomes[0] += 1,
+            Outcome::Duplicate => outcomes[1] += 1,
+            Outcome::Control => outcomes[3] += 1,
+            Outcome::Invalid(r) => {
+                outcomes[2] += 1;
+                *invalid.entry(r).or_default() += 1;
+            }
+        }
+    }
+    batch.ingested = outcomes[0];
+    for (key, rec) in agg {
+        rec.emit(&key, &mut batch.delta);
+    }
+    let names = [
+        outcome::INGESTED,
+        outcome::DUPLICATE,
+        outcome::INVALID,
+        outcome::CONTROL,
+    ];
+    for (name, n) in names.into_iter().zip(outcomes) {
+        batch.delta.add_count(Family::Records, &[name], n);
+    }
+    for (r, n) in invalid {
+        batch.delta.add_count(Family::InvalidRecords, &[r], n);
+    }
+    Ok(batch)
+}
+
+enum Outcome {
+    Ingested,
+    Duplicate,
+    Control,
+    Invalid(&'static str),
+}
+
+fn decode_element_into<'a>(
+    raw: &'a str,
+    agg: &mut HashMap<RecKey<'a>, RecAgg>,
+    batch: &mut Batch,
+    ids_in_batch: &mut HashSet<u64>,
+    seen: &impl Fn(u64) -> bool,
+) -> Outcome {
+    let mut rec = match decode::decode_element(raw) {
+        Element::Usage(rec) => rec,
+        Element::Control => return Outcome::Control,
+        Element::Invalid(r) => return Outcome::Invalid(r),
+    };
+    let Ok(obs) = Observation::of(&rec) else {
+        return Outcome::Invalid(reason::INVALID_NUMBER);
+    };
+    if let Some(id) = rec.event_id.as_deref().filter(|id| !id.is_empty()) {
+        let h = labels::event_id_hash(id);
+        if seen(h) || !ids_in_batch.insert(h) {
+            return Outcome::Duplicate;
+        }
+        batch.event_ids.push(h);
+    }
+    if let Some(ts) = rec.timestamp.as_deref().and_then(decode::parse_rfc3339) {
+        batch.last_record_timestamp = Some(batch.last_record_timestamp.map_or(ts, |t| t.max(ts)));
+    }
+    agg.entry(RecKey::take(&mut rec)).or_default().add(&obs);
+    Outcome::Ingested
+}
+
+/// What one usage record contributes besides its labels.
+struct Observation {
+    failed_status: Option<u16>,
+    tokens: Tokens,
+    latency_seconds: Option<f64>,
+    ttft_seconds: Option<f64>,
+}
+
+impl Observation {
+    fn of(rec: &RawRecord<'_>) -> Result<Observation, tokens::InvalidNumber> {
+        let num = |v: Num| v.0.ok_or(tokens::InvalidNumber);
+        let failed_status = if rec.failed == Some(true) {
+            let code = rec.fail.as_ref().map_or(Ok(0), |f| num(f.status_code))?;
+            // CPA reports 500 when it does not know the status; anything non-HTTP is unknown too.
+            Some(u16::try_from(code).ok().filter(|c| (100..=599).contains(c)).unwrap_or(500))
+        } else {
+            None
+        };
+        let latency_seconds = rec.latency_ms.map(num).transpose()?.map(|ms| ms as f64 / 1000.0);
+        let ttft = num(rec.ttft_ms)?;
+        Ok(Observation {
+            failed_status,
+            tokens: tokens::account(rec)?,
+            latency_seconds,
+            // 0 means "not measured" (and every record before v7.1.24).
+            ttft_seconds: (ttft > 0).then(|| ttft as f64 / 1000.0),
+        })
+    }
+}
+
+/// The label-bearing fields of a record, borrowed from the batch buffer where possible.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct RecKey<'a> {
+    provider: Cow<'a, str>,
+    model: Cow<'a, str>,
+    requested_model: Cow<'a, str>,
+    credential: Cow<'a, str>,
+    /// The client's key in plaintext; hashed once per distinct key when the batch is emitted.
+    api_key: Cow<'a, str>,
+    endpoint: Cow<'a, str>,
+}
+
+fn or_default<'a>(v: Option<Cow<'a, str>>, default: &'static str) -> Cow<'a, str> {
+    v.filter(|s| !s.is_empty()).unwrap_or(Cow::Borrowed(default))
+}
+
+impl<'a> RecKey<'a> {
+    fn take(rec: &mut RawRecord<'a>) -> RecKey<'a> {
+        let model = or_default(rec.model.take(), "unknown");
+        let requested_model = rec
+            .alias
+            .take()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| model.clone());
+        RecKey {
+            provider: or_default(rec.provider.take(), "unknown"),
+            model,
+            requested_model,
+            credential: or_default(rec.auth_index.take(), "none"),
+            api_key: rec.api_key.take().unwrap_or_default(),
+            endpoint: or_default(rec.endpoint.take(), "unknown"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct RecAgg {
+    requests: u64,
+    failures: Vec<(u16, u64)>,
+    tokens: [u64; 6],
+    latency: Option<Hist>,
+    ttft: Option<Hist>,
+}
+
+fn observe(hist: &mut Option<Hist>, bounds: &[f64], v: f64) {
+    hist.get_or_insert_with(|| Hist::new(bounds)).observe(bounds, v);
+}
+
+fn to_labels(values: &[&str]) -> LabelValues {
+    values.iter().map(|v| Box::<str>::from(*v)).collect()
+}
+
+impl RecAgg {
+    fn add(&mut self, o: &Observation) {
+        self.requests += 1;
+        if let Some(code) = o.failed_status {
+            match self.failures.iter_mut().find(|(c, _)| *c == code) {
+                Some((_, n)) => *n += 1,
+                None => self.failures.push((code, 1)),
+            }
+        }
+        for (sum, t) in self.tokens.iter_mut().zip(o.tokens.0) {
+            *sum += t;
+        }
+        if let Some(v) = o.latency_seconds {
+            observe(&mut self.latency, LATENCY_BUCKETS, v);
+        }
+        if let Some(v) = o.ttft_seconds {
+            observe(&mut self.ttft, TTFT_BUCKETS, v);
+        }
+    }
+
+    /// Project the record-level aggregate onto every family's label set.
+    fn emit(self, key: &RecKey<'_>, delta: &mut Delta) {
+        let api_key = if key.api_key.is_empty() {
+            "none".to_owned()
+        } else {
+            labels::api_key_label(&key.api_key)
+        };
+        let s = labels::sanitize;
+        let (provider, model, requested, credential, endpoint) = (
+            s(&key.provider),
+            s(&key.model),
+            s(&key.requested_model),
+            s(&key.credential),
+            s(&key.endpoint),
+        );
+        let base = [&*provider, &*model, &*requested, &*credential, &api_key, &*endpoint];
+        delta.add_count(Family::Requests, &base, self.requests);
+        for (code, n) in self.failures {
+            let code = code.to_string();
+            let mut labels = base.to_vec();
+            labels.push(&code);
+            delta.add_count(Family::Failures, &labels, n);
+        }
+        for (ty, n) in TOKEN_TYPES.into_iter().zip(self.tokens) {
+            delta.add_count(Family::Tokens, &[&provider, &model, &credential, &api_key, ty], n);
+        }
+        let hist_labels = [&*provider, &*model, &*credential];
+        for (family, hist) in [(Family::Duration, self.latency), (Family::Ttft, self.ttft)] {
+            if let Some(h) = hist {
+                debug_assert!(matches!(family.kind(), Kind::Histogram(_)));
+                delta.add(family, to_labels(&hist_labels), Value::Histogram(h));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter(batch: &Batch, family: Family, labels: &[&str]) -> u64 {
+        match batch.delta.families[family as usize].get(&to_labels(labels)) {
+            Some(Value::Counter(n)) => *n,
+            None => 0,
+            Some(other) => panic!("not a counter: {other:?}"),
+        }
+    }
+
+    const REC: &str = r#"{"timestamp":"2026-08-22T14:39:03.512874113Z","latency_ms":8421,"ttft_ms":912,
+        "source":"alice@example.com","auth_index":"3f9c2a7d1b4e8c60","client_ip":"203.0.113.7",
+        "tokens":{"input_tokens":12034,"output_tokens":845,"reasoning_tokens":512,"cached_tokens":11008,
+          "cache_read_tokens":11008,"cache_creation_tokens":0,"total_tokens":12879},
+        "failed":false,"fail":{"status_code":200,"body":""},"accounting_version":2,
+        "token_breakdown":{"schema_version":2,"quality":"complete","total_tokens":12879,
+          "input":{"total_tokens":12034,"uncached_tokens":1026,"cache_read_tokens":11008,"cache_write_tokens":0},
+          "output":{"total_tokens":845,"non_reasoning_tokens":333,"reasoning_tokens":512},"unclassified_tokens":0},
+        "provider":"codex","executor_type":"CodexExecutor","model":"gpt-5.4","alias":"gpt-5.4-high",
+        "endpoint":"POST /v1/responses","auth_type":"oauth","api_key":"sk-client-key-1","request_id":"a1b2c3d4"}"#;
+
+    #[test]
+    fn a_batch_is_summed_per_series_and_bad_elements_do_not_spoil_it() {
+        let failed = REC
+            .replace(r#""failed":false"#, r#""failed":true"#)
+            .replace(r#""status_code":200"#, r#""status_code":429"#);
+        let body = format!(
+            r#"[{REC},{failed},"garbage",{{"refresh":true}},7,{}]"#,
+            serde_json::to_string(REC).unwrap()
+        );
+        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let key = api_key_label_of("sk-client-key-1");
+        let base = ["codex", "gpt-5.4", "gpt-5.4-high", "3f9c2a7d1b4e8c60", &key, "POST /v1/responses"];
+        assert_eq!(counter(&batch, Family::Requests, &base), 3);
+        let mut failed_labels = base.to_vec();
+        failed_labels.push("429");
+        assert_eq!(counter(&batch, Family::Failures, &failed_labels), 1);
+        let tok = |ty| counter(&batch, Family::Tokens, &["codex", "gpt-5.4", "3f9c2a7d1b4e8c60", &key, ty]);
+        assert_eq!(tok("input"), 3 * 1026);
+        assert_eq!(tok("cache_read"), 3 * 11008);
+        assert_eq!(tok("reasoning"), 3 * 512);
+        assert_eq!(counter(&batch, Family::Records, &["ingested"]), 3);
+        assert_eq!(counter(&batch, Family::Records, &["control"]), 1);
+        assert_eq!(counter(&batch, Family::Records, &["invalid"]), 2);
+        assert_eq!(counter(&batch, Family::InvalidRecords, &["not_json"]), 1);
+        assert_eq!(counter(&batch, Family::InvalidRecords, &["not_object"]), 1);
+        assert_eq!(batch.elements, 6);
+        assert_eq!(batch.last_record_timestamp, Some(1_787_409_543.512_874_1));
+    }
+
+    fn api_key_label_of(k: &str) -> String {
+        labels::api_key_label(k)
+    }
+
+    #[test]
+    fn event_ids_deduplicate_within_and_across_batches() {
+        let with_id = REC.replace(r#""request_id""#, r#""event_id":"e1","request_id""#);
+        let body = format!("[{with_id},{with_id}]");
+        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        assert_eq!(counter(&batch, Family::Records, &["ingested"]), 1);
+        assert_eq!(counter(&batch, Family::Records, &["duplicate"]), 1);
+        assert_eq!(batch.event_ids.len(), 1);
+        let again = ingest_body(body.as_bytes(), |h| h == batch.event_ids[0]).unwrap();
+        assert_eq!(counter(&again, Family::Records, &["duplicate"]), 2);
+    }
+
+    #[test]
+    fn secrets_never_reach_labels() {
+        let body = format!("[{REC}]");
+        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        for (_, labels, _) in batch.delta.iter() {
+            for v in labels.iter() {
+                for secret in ["sk-client-key-1", "alice", "203.0.113.7", "a1b2c3d4"] {
+                    assert!(!v.contains(secret), "{v} leaks {secret}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_fields_get_documented_defaults() {
+        let body = r#"[{"timestamp":"x","failed":true}]"#;
+        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let base = ["unknown", "unknown", "unknown", "none", "none", "unknown"];
+        assert_eq!(counter(&batch, Family::Requests, &base), 1);
+        let mut f = base.to_vec();
+        f.push("500");
+        assert_eq!(counter(&batch, Family::Failures, &f), 1);
+        assert!(batch.delta.families[Family::Duration as usize].is_empty());
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_array_is_an_error() {
+        assert!(ingest_body(br#"{"error":"x"}"#, |_| false).is_err());
+    }
+}

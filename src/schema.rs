@@ -1,0 +1,173 @@
+//! The persisted metric families: names, help, label names and buckets in one table, so the
+//! ingest aggregation, the SQLite store and the `/metrics` renderer cannot disagree.
+
+/// Buckets of `cpa_request_duration_seconds` (upper bounds, seconds; `+Inf` implied).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0,
+    300.0, 600.0,
+];
+
+/// Buckets of `cpa_time_to_first_token_seconds` (upper bounds, seconds; `+Inf` implied).
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+];
+
+/// Label names. Kept as consts so a rename is one edit.
+pub mod label {
+    pub const PROVIDER: &str = "provider";
+    pub const MODEL: &str = "model";
+    pub const REQUESTED_MODEL: &str = "requested_model";
+    pub const CREDENTIAL: &str = "credential";
+    pub const API_KEY: &str = "api_key";
+    pub const ENDPOINT: &str = "endpoint";
+    pub const STATUS_CODE: &str = "status_code";
+    pub const TYPE: &str = "type";
+    pub const OUTCOME: &str = "outcome";
+    pub const REASON: &str = "reason";
+}
+
+/// Value written in place of every data-derived label of a series folded by the series cap.
+pub const OVERFLOW_VALUE: &str = "__other__";
+
+use label::*;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    Counter,
+    /// Classic histogram with these upper bounds (per-bucket counts stored, `+Inf` last).
+    Histogram(&'static [f64]),
+}
+
+/// A persisted family. The discriminant doubles as an index into per-family arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Requests = 0,
+    Failures,
+    Tokens,
+    Duration,
+    Ttft,
+    Records,
+    InvalidRecords,
+}
+
+impl Family {
+    pub const ALL: [Family; 7] = [
+        Family::Requests,
+        Family::Failures,
+        Family::Tokens,
+        Family::Duration,
+        Family::Ttft,
+        Family::Records,
+        Family::InvalidRecords,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Stable identifier used as the `family` label and as the key in SQLite.
+    pub fn id(self) -> &'static str {
+        match self {
+            Family::Requests => "requests",
+            Family::Failures => "request_failures",
+            Family::Tokens => "tokens",
+            Family::Duration => "request_duration_seconds",
+            Family::Ttft => "time_to_first_token_seconds",
+            Family::Records => "exporter_records",
+            Family::InvalidRecords => "exporter_invalid_records",
+        }
+    }
+
+    pub fn from_id(id: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.id() == id)
+    }
+
+    /// Metric name as registered with prometheus-client (counters get `_total` appended there).
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Family::Requests => "cpa_requests",
+            Family::Failures => "cpa_request_failures",
+            Family::Tokens => "cpa_tokens",
+            Family::Duration => "cpa_request_duration_seconds",
+            Family::Ttft => "cpa_time_to_first_token_seconds",
+            Family::Records => "cpa_exporter_records",
+            Family::InvalidRecords => "cpa_exporter_invalid_records",
+        }
+    }
+
+    pub fn help(self) -> &'static str {
+        match self {
+            Family::Requests => "Upstream attempts reported by CPA (a client request that fails over across credentials counts once per attempt).",
+            Family::Failures => "Failed upstream attempts by HTTP status code.",
+            Family::Tokens => "Tokens by non-overlapping type (input = uncached input, output = non-reasoning output); the sum over type is the attempt's total.",
+            Family::Duration => "Attempt latency from start to the end of the response, as reported by CPA.",
+            Family::Ttft => "Time to the first upstream byte, for attempts where CPA measured it.",
+            Family::Records => "Queue elements processed by the exporter, by outcome.",
+            Family::InvalidRecords => "Queue elements that could not be decoded, by reason.",
+        }
+    }
+
+    pub fn kind(self) -> Kind {
+        match self {
+            Family::Duration => Kind::Histogram(LATENCY_BUCKETS),
+            Family::Ttft => Kind::Histogram(TTFT_BUCKETS),
+            _ => Kind::Counter,
+        }
+    }
+
+    pub fn labels(self) -> &'static [&'static str] {
+        match self {
+            Family::Requests => &[PROVIDER, MODEL, REQUESTED_MODEL, CREDENTIAL, API_KEY, ENDPOINT],
+            Family::Failures => &[
+                PROVIDER,
+                MODEL,
+                REQUESTED_MODEL,
+                CREDENTIAL,
+                API_KEY,
+                ENDPOINT,
+                STATUS_CODE,
+            ],
+            Family::Tokens => &[PROVIDER, MODEL, CREDENTIAL, API_KEY, TYPE],
+            Family::Duration | Family::Ttft => &[PROVIDER, MODEL, CREDENTIAL],
+            Family::Records => &[OUTCOME],
+            Family::InvalidRecords => &[REASON],
+        }
+    }
+
+    /// Families whose label values come from CPA records and therefore need a series cap.
+    pub fn is_capped(self) -> bool {
+        !matches!(self, Family::Records | Family::InvalidRecords)
+    }
+}
+
+/// Labels the exporter itself chooses from a fixed set; they survive overflow folding.
+pub fn is_structural_label(name: &str) -> bool {
+    matches!(name, TYPE | OUTCOME | REASON)
+}
+
+/// `type` values of `cpa_tokens_total`, in the order of [`crate::ingest::Tokens`] buckets.
+pub const TOKEN_TYPES: [&str; 6] = [
+    "input",
+    "cache_read",
+    "cache_write",
+    "output",
+    "reasoning",
+    "unclassified",
+];
+
+/// `outcome` values of `cpa_exporter_records_total`.
+pub mod outcome {
+    pub const INGESTED: &str = "ingested";
+    pub const DUPLICATE: &str = "duplicate";
+    pub const INVALID: &str = "invalid";
+    pub const CONTROL: &str = "control";
+}
+
+/// `reason` values of `cpa_exporter_invalid_records_total`.
+pub mod reason {
+    /// A JSON-string element whose content is not JSON.
+    pub const NOT_JSON: &str = "not_json";
+    /// An element (or the content of a string element) that is JSON but not an object.
+    pub const NOT_OBJECT: &str = "not_object";
+    /// An object with a known field of the wrong JSON type.
+    pub const BAD_FIELD: &str = "bad_field";
+    /// A token count or latency that is negative, fractional, non-numeric or absurdly large.
+    pub const INVALID_NUMBER: &str = "invalid_number";
+}

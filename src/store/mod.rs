@@ -1,0 +1,501 @@
+//! Durable state: cumulative counters and histograms in SQLite, mirrored in memory.
+//!
+//! SQLite holds one row per series (never per record), so its size follows the number of series.
+//! Each popped batch is written in one transaction (WAL, `synchronous=FULL`): a committed batch
+//! survives a crash or power loss, an uncommitted one leaves no trace. The in-memory [`State`] is
+//! changed only after the commit succeeds, and it is what `/metrics` renders, so a scrape never
+//! reads the database and costs O(series).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::ingest::Batch;
+use crate::schema::{is_structural_label, Family, Kind, OVERFLOW_VALUE};
+use crate::series::{Hist, LabelValues, Value};
+
+const SCHEMA_VERSION: i64 = 1;
+const META_LAST_RECORD_TS: &str = "last_record_timestamp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "the state database {path} has schema version {found}, newer than this exporter's {SCHEMA_VERSION}; use a newer exporter or another --db"
+    )]
+    TooNew { path: PathBuf, found: i64 },
+    #[error("the state database holds a corrupt row ({0})")]
+    Corrupt(String),
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// Bounds on what the store keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Label sets per capped family; more fold into one `__other__` series.
+    pub series_per_family: usize,
+    /// How many recent `event_id`s are remembered for deduplication.
+    pub dedup_window: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            series_per_family: 10_000,
+            dedup_window: 100_000,
+        }
+    }
+}
+
+/// The cumulative values, as committed.
+#[derive(Debug, Default)]
+pub struct State {
+    pub families: [BTreeMap<LabelValues, Value>; Family::COUNT],
+    pub last_record_timestamp: Option<f64>,
+    dedup_set: HashSet<u64>,
+    dedup_order: VecDeque<(i64, u64)>,
+}
+
+impl State {
+    pub fn seen(&self, id: u64) -> bool {
+        self.dedup_set.contains(&id)
+    }
+
+    pub fn series_count(&self, family: Family) -> usize {
+        self.families[family as usize].len()
+    }
+
+    fn next_seq(&self) -> i64 {
+        self.dedup_order.back().map_or(1, |(s, _)| s + 1)
+    }
+}
+
+/// The absolute values a batch leads to, computed before the commit and applied after it.
+#[derive(Debug, Default)]
+pub struct Plan {
+    writes: Vec<(Family, LabelValues, Value)>,
+    /// Records folded into the overflow series, per family.
+    pub overflowed: [u64; Family::COUNT],
+    event_ids: Vec<(i64, u64)>,
+    last_record_timestamp: Option<f64>,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    limits: Limits,
+}
+
+impl Store {
+    /// Open (creating and migrating as needed) and load the state.
+    pub fn open(path: &Path, limits: Limits) -> Result<(Store, State), StoreError> {
+        let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        create_private(path).map_err(|e| open_err(e.into()))?;
+        let conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| open_err(e.into()))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+            limits,
+        };
+        store.migrate()?;
+        let state = store.load()?;
+        Ok((store, state))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes on disk: the database file plus its write-ahead log.
+    pub fn size_bytes(path: &Path) -> u64 {
+        let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        len(path) + len(Path::new(&wal))
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        if version < 1 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS series (
+                     family     TEXT    NOT NULL,
+                     labels     TEXT    NOT NULL,
+                     value      INTEGER,
+                     hist       BLOB,
+                     updated_at INTEGER NOT NULL,
+                     PRIMARY KEY (family, labels)
+                 ) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS dedup (seq INTEGER PRIMARY KEY, id INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+                 PRAGMA user_version = 1;",
+            )?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    fn load(&self) -> Result<State, StoreError> {
+        let mut state = State::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT family, labels, value, hist FROM series")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let family_id: String = row.get(0)?;
+            let Some(family) = Family::from_id(&family_id) else {
+                // A family a later version added and this one does not know: leave it be.
+                continue;
+            };
+            let labels = decode_labels(family, &row.get::<_, String>(1)?)?;
+            let value = match family.kind() {
+                Kind::Counter => Value::Counter(row.get::<_, i64>(2)?.max(0) as u64),
+                Kind::Histogram(bounds) => {
+                    let blob: Vec<u8> = row.get(3)?;
+                    Value::Histogram(decode_hist(&blob, bounds).ok_or_else(|| {
+                        StoreError::Corrupt(format!("histogram of {family_id}"))
+                    })?)
+                }
+            };
+            state.families[family as usize].insert(labels, value);
+        }
+        let mut stmt = self.conn.prepare("SELECT seq, id FROM dedup ORDER BY seq")?;
+        let ids = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        for id in ids {
+            let (seq, id) = id?;
+            state.dedup_set.insert(id);
+            state.dedup_order.push_back((seq, id));
+        }
+        state.last_record_timestamp = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [META_LAST_RECORD_TS],
+                |r| r.get::<_, f64>(0),
+            )
+            .optional()?;
+        Ok(state)
+    }
+
+    /// Work out the absolute values `batch` leads to, folding label sets beyond the cap.
+    pub fn plan(&self, state: &State, batch: &Batch) -> Plan {
+        let mut plan = Plan::default();
+        let mut absolute: HashMap<(Family, LabelValues), Value> = HashMap::new();
+        let mut new_series = [0usize; Family::COUNT];
+        for (family, labels, delta) in batch.delta.iter() {
+            let stored = &state.families[family as usize];
+            let mut key = labels.clone();
+            if !stored.contains_key(&key) && !absolute.contains_key(&(family, key.clone())) {
+                let total = stored.len() + new_series[family as usize];
+                if family.is_capped() && total >= self.limits.series_per_family {
+                    key = fold(family, labels);
+                    plan.overflowed[family as usize] += records_in(delta);
+                }
+                if !stored.contains_key(&key) && !absolute.contains_key(&(family, key.clone())) {
+                    new_series[family as usize] += 1;
+                }
+            }
+            absolute
+                .entry((family, key.clone()))
+                .or_insert_with(|| stored.get(&key).cloned().unwrap_or_else(|| zero(family)))
+                .merge(delta);
+        }
+        plan.writes = absolute.into_iter().map(|((f, l), v)| (f, l, v)).collect();
+        let mut seq = state.next_seq();
+        for &id in &batch.event_ids {
+            plan.event_ids.push((seq, id));
+            seq += 1;
+        }
+        plan.last_record_timestamp = match (state.last_record_timestamp, batch.last_record_timestamp) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        plan
+    }
+
+    /// Write a plan in one transaction. On error nothing is written and `state` is unchanged.
+    pub fn commit(&mut self, plan: &Plan, now_unix: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO series (family, labels, value, hist, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (family, labels) DO UPDATE
+                 SET value = excluded.value, hist = excluded.hist, updated_at = excluded.updated_at",
+            )?;
+            for (family, labels, value) in &plan.writes {
+                let text = encode_labels(*family, labels);
+                match value {
+                    Value::Counter(n) => {
+                        let n = i64::try_from(*n).unwrap_or(i64::MAX);
+                        upsert.execute(params![family.id(), text, n, None::<Vec<u8>>, now_unix])?
+                    }
+                    Value::Histogram(h) => upsert.execute(params![
+                        family.id(),
+                        text,
+                        None::<i64>,
+                        encode_hist(h),
+                        now_unix
+                    ])?,
+                };
+            }
+            let mut insert_id = tx.prepare_cached("INSERT INTO dedup (seq, id) VALUES (?1, ?2)")?;
+            for (seq, id) in &plan.event_ids {
+                insert_id.execute(params![seq, *id as i64])?;
+            }
+            if let Some(&(last_seq, _)) = plan.event_ids.last() {
+                let keep_from = last_seq - self.limits.dedup_window as i64;
+                tx.execute("DELETE FROM dedup WHERE seq <= ?1", [keep_from])?;
+            }
+            if let Some(ts) = plan.last_record_timestamp {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    params![META_LAST_RECORD_TS, ts],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Make the committed plan visible in memory.
+    pub fn apply(&self, state: &mut State, plan: Plan) {
+        for (family, labels, value) in plan.writes {
+            state.families[family as usize].insert(labels, value);
+        }
+        for (seq, id) in plan.event_ids {
+            state.dedup_set.insert(id);
+            state.dedup_order.push_back((seq, id));
+        }
+        while state.dedup_order.len() > self.limits.dedup_window {
+            if let Some((_, id)) = state.dedup_order.pop_front() {
+                state.dedup_set.remove(&id);
+            }
+        }
+        state.last_record_timestamp = plan.last_record_timestamp;
+    }
+
+    /// `PRAGMA integrity_check`, for tests and the `check` subcommand.
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+/// Create the database file with mode 0600 before SQLite does (it would use the umask).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path).map(drop)
+}
+
+fn zero(family: Family) -> Value {
+    match family.kind() {
+        Kind::Counter => Value::Counter(0),
+        Kind::Histogram(bounds) => Value::Histogram(Hist::new(bounds)),
+    }
+}
+
+fn records_in(delta: &Value) -> u64 {
+    match delta {
+        Value::Counter(n) => *n,
+        Value::Histogram(h) => h.count,
+    }
+}
+
+/// The overflow series a label set folds into: every data-derived label reads `__other__`.
+fn fold(family: Family, labels: &LabelValues) -> LabelValues {
+    family
+        .labels()
+        .iter()
+        .zip(labels.iter())
+        .map(|(name, value)| {
+            if is_structural_label(name) {
+                value.clone()
+            } else {
+                OVERFLOW_VALUE.into()
+            }
+        })
+        .collect()
+}
+
+/// `name=value` pairs joined by U+001F; values were sanitized, so they hold no control characters.
+fn encode_labels(family: Family, labels: &LabelValues) -> String {
+    let mut out = String::new();
+    for (i, (name, value)) in family.labels().iter().zip(labels.iter()).enumerate() {
+        if i > 0 {
+            out.push('\u{1f}');
+        }
+        out.push_str(name);
+        out.push('=');
+        out.push_str(value);
+    }
+    out
+}
+
+fn decode_labels(family: Family, text: &str) -> Result<LabelValues, StoreError> {
+    let pairs: HashMap<&str, &str> = text
+        .split('\u{1f}')
+        .filter_map(|p| p.split_once('='))
+        .collect();
+    family
+        .labels()
+        .iter()
+        .map(|name| {
+            pairs
+                .get(name)
+                .map(|v| Box::<str>::from(*v))
+                .ok_or_else(|| StoreError::Corrupt(format!("{} lacks label {name}", family.id())))
+        })
+        .collect()
+}
+
+fn encode_hist(h: &Hist) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 8 * h.buckets.len());
+    out.extend_from_slice(&h.sum.to_le_bytes());
+    out.extend_from_slice(&h.count.to_le_bytes());
+    for b in h.buckets.iter() {
+        out.extend_from_slice(&b.to_le_bytes());
+    }
+    out
+}
+
+fn decode_hist(blob: &[u8], bounds: &[f64]) -> Option<Hist> {
+    let words: Vec<[u8; 8]> = blob
+        .chunks(8)
+        .map(|c| c.try_into().ok())
+        .collect::<Option<_>>()?;
+    let (sum, rest) = words.split_first()?;
+    let (count, buckets) = rest.split_first()?;
+    // Buckets are fixed per schema version; a mismatch means a foreign or damaged row.
+    (buckets.len() == bounds.len() + 1).then(|| Hist {
+        sum: f64::from_le_bytes(*sum),
+        count: u64::from_le_bytes(*count),
+        buckets: buckets.iter().map(|b| u64::from_le_bytes(*b)).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::ingest_body;
+
+    fn rec(model: &str, id: Option<&str>) -> String {
+        let id = id.map_or(String::new(), |i| format!(r#","event_id":"{i}""#));
+        format!(
+            r#"{{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","model":"{model}","latency_ms":1200,"ttft_ms":300,
+               "tokens":{{"input_tokens":10,"output_tokens":5,"total_tokens":15}}{id}}}"#
+        )
+    }
+
+    fn ingest(store: &mut Store, state: &mut State, body: &str) {
+        let batch = ingest_body(body.as_bytes(), |h| state.seen(h)).unwrap();
+        let plan = store.plan(state, &batch);
+        store.commit(&plan, 1).unwrap();
+        store.apply(state, plan);
+    }
+
+    fn requests(state: &State) -> u64 {
+        state.families[Family::Requests as usize]
+            .values()
+            .map(|v| match v {
+                Value::Counter(n) => *n,
+                Value::Histogram(_) => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn state_survives_reopen_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
+        ingest(&mut store, &mut state, &format!("[{},{}]", rec("a", Some("1")), rec("b", None)));
+        ingest(&mut store, &mut state, &format!("[{}]", rec("a", Some("1"))));
+        drop(store);
+        let (store2, reopened) = Store::open(&path, Limits::default()).unwrap();
+        assert_eq!(reopened.families, state.families);
+        assert_eq!(requests(&reopened), 2);
+        assert!(reopened.seen(crate::ingest::labels::event_id_hash("1")));
+        assert_eq!(reopened.last_record_timestamp, Some(1_787_409_543.0));
+        assert_eq!(store2.integrity_check().unwrap(), "ok");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn label_sets_beyond_the_cap_fold_into_other_and_sums_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            series_per_family: 3,
+            dedup_window: 10,
+        };
+        let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
+        let body: Vec<String> = (0..10).map(|i| rec(&format!("m{i}"), None)).collect();
+        let batch = ingest_body(format!("[{}]", body.join(",")).as_bytes(), |_| false).unwrap();
+        let plan = store.plan(&state, &batch);
+        assert_eq!(plan.overflowed[Family::Requests as usize], 7);
+        store.commit(&plan, 1).unwrap();
+        store.apply(&mut state, plan);
+        // 3 real series plus the overflow series.
+        assert_eq!(state.series_count(Family::Requests), 4);
+        assert_eq!(requests(&state), 10);
+        let other = state.families[Family::Requests as usize]
+            .keys()
+            .filter(|k| k.iter().all(|v| &**v == OVERFLOW_VALUE))
+            .count();
+        assert_eq!(other, 1);
+        // Token types survive folding: the sum over type is still meaningful.
+        assert!(state.families[Family::Tokens as usize]
+            .keys()
+            .any(|k| k[1].as_ref() == OVERFLOW_VALUE && k[4].as_ref() == "input"));
+    }
+
+    #[test]
+    fn dedup_window_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let limits = Limits {
+            series_per_family: 100,
+            dedup_window: 5,
+        };
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        for i in 0..20 {
+            ingest(&mut store, &mut state, &format!("[{}]", rec("a", Some(&i.to_string()))));
+        }
+        assert_eq!(state.dedup_set.len(), 5);
+        drop(store);
+        let (_, reopened) = Store::open(&path, limits).unwrap();
+        assert!(reopened.dedup_set.len() <= 6);
+        assert!(reopened.seen(crate::ingest::labels::event_id_hash("19")));
+    }
+}
