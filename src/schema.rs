@@ -94,13 +94,13 @@ impl Family {
 
     pub fn help(self) -> &'static str {
         match self {
-            Family::Requests => "Upstream attempts reported by CPA (a client request that fails over across credentials counts once per attempt).",
-            Family::Failures => "Failed upstream attempts by HTTP status code.",
-            Family::Tokens => "Tokens by non-overlapping type (input = uncached input, output = non-reasoning output); the sum over type is the attempt's total.",
-            Family::Duration => "Attempt latency from start to the end of the response, as reported by CPA.",
-            Family::Ttft => "Time to the first upstream byte, for attempts where CPA measured it.",
-            Family::Records => "Queue elements processed by the exporter, by outcome.",
-            Family::InvalidRecords => "Queue elements that could not be decoded, by reason.",
+            Family::Requests => "Upstream attempts reported by CPA (a client request that fails over across credentials counts once per attempt)",
+            Family::Failures => "Failed upstream attempts by HTTP status code",
+            Family::Tokens => "Tokens by non-overlapping type (input = uncached input, output = non-reasoning output); the sum over type is the attempt's total",
+            Family::Duration => "Attempt latency from start to the end of the response, as reported by CPA",
+            Family::Ttft => "Time to the first upstream byte, for attempts where CPA measured it",
+            Family::Records => "Queue elements processed by the exporter, by outcome",
+            Family::InvalidRecords => "Queue elements that could not be decoded, by reason",
         }
     }
 

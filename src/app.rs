@@ -1,0 +1,119 @@
+//! Wiring: open the store, serve HTTP, run the drain loop until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::{Config, Secret};
+use crate::cpa::{Client, ClientOptions, DEFAULT_MAX_BODY_BYTES};
+use crate::drain::{self, DrainOptions};
+use crate::metrics::{self, Shared};
+use crate::store::Store;
+
+/// A start-up failure, said in terms of the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the management key is required: set CPA_MANAGEMENT_KEY_FILE / --management-key-file (or CPA_MANAGEMENT_KEY), or try `cpa-usage-exporter demo`")]
+    MissingKey,
+    #[error("state database (--db / CPA_EXPORTER_DB): {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {addr} (--listen / CPA_EXPORTER_LISTEN): {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client for CPA: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Resolves once SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// How long `/readyz` tolerates no successful poll.
+fn ready_window(config: &Config) -> Duration {
+    (config.poll_interval * 3 + config.http_timeout).max(Duration::from_secs(30))
+}
+
+/// Run the exporter against the configured CPA until a signal; the batch in hand is finished.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let key = config.management_key.clone().ok_or(StartError::MissingKey)?;
+    run_with_key(config, key, shutdown_signal()).await
+}
+
+pub async fn run_with_key(
+    config: Config,
+    key: Secret,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let (store, state) = Store::open(&config.db, config.limits)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let client = Client::new(ClientOptions {
+        base_url: config.cpa_url.clone(),
+        key,
+        api_version: config.api_version,
+        timeout: config.http_timeout,
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+    })?;
+    let shared = Arc::new(Shared::new(state, config.labels.clone(), config.db.clone()));
+    let registry = metrics::registry(shared.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let local = listener.local_addr().unwrap_or(config.listen);
+    info!(
+        listen = %local,
+        cpa = %config.cpa_url,
+        db = %config.db.display(),
+        batch_size = config.batch_size,
+        poll_interval = %humantime::format_duration(config.poll_interval),
+        "cpa-usage-exporter {} started",
+        env!("CARGO_PKG_VERSION")
+    );
+    let server = tokio::spawn(crate::http::serve(
+        listener,
+        shared.clone(),
+        registry,
+        ready_window(&config),
+        stop_rx.clone(),
+    ));
+    let drain = drain::run(
+        client,
+        store,
+        shared,
+        DrainOptions {
+            batch_size: config.batch_size,
+            poll_interval: config.poll_interval,
+        },
+        stop_rx,
+    );
+    tokio::pin!(drain);
+    tokio::select! {
+        _ = &mut drain => {},
+        _ = stop => {
+            info!("shutting down: finishing the batch in hand");
+            stop_tx.send_replace(true);
+            drain.await;
+        }
+    }
+    stop_tx.send_replace(true);
+    let _ = server.await;
+    Ok(())
+}

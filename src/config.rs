@@ -1,0 +1,579 @@
+//! Configuration: command-line flags, environment variables and an optional YAML file, in that
+//! order of precedence, over built-in defaults. Everything is validated at start; an error names
+//! the setting and where its value came from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::ingest::labels::{api_key_label, sanitize};
+use crate::schema::label;
+use crate::store::Limits;
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "cpa-usage-exporter", version, about = "Prometheus exporter for CLIProxyAPI usage", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Run against a built-in simulated CPA with realistic traffic (no CPA or key needed).
+    Demo {
+        /// Mean simulated upstream attempts per second.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+    },
+}
+
+/// Settings that may come from flags or the environment. All are strings here and parsed in
+/// [`Config::resolve`], so flag, env and file values share one validation and one error format.
+#[derive(Args, Debug)]
+pub struct Flags {
+    /// YAML configuration file.
+    #[arg(long, env = "CPA_EXPORTER_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// CPA base URL.
+    #[arg(long, env = "CPA_URL", global = true, value_name = "URL")]
+    pub cpa_url: Option<String>,
+    /// CPA management key (prefer --management-key-file: flags are visible in `ps`).
+    #[arg(long, env = "CPA_MANAGEMENT_KEY", hide_env_values = true, global = true, value_name = "KEY")]
+    pub management_key: Option<String>,
+    /// File holding the CPA management key (wins over --management-key).
+    #[arg(long, env = "CPA_MANAGEMENT_KEY_FILE", global = true, value_name = "FILE")]
+    pub management_key_file: Option<String>,
+    /// CPA management API routes: auto (v8, falling back to v0), v0 or v8.
+    #[arg(long, env = "CPA_API_VERSION", global = true, value_name = "auto|v0|v8")]
+    pub api_version: Option<String>,
+    /// Address to serve /metrics on.
+    #[arg(long, env = "CPA_EXPORTER_LISTEN", global = true, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// SQLite state file.
+    #[arg(long, env = "CPA_EXPORTER_DB", global = true, value_name = "FILE")]
+    pub db: Option<String>,
+    /// Records popped per request.
+    #[arg(long, env = "CPA_EXPORTER_BATCH_SIZE", global = true, value_name = "N")]
+    pub batch_size: Option<String>,
+    /// Wait between polls when the queue is drained (humantime, e.g. 5s).
+    #[arg(long, env = "CPA_EXPORTER_POLL_INTERVAL", global = true, value_name = "DURATION")]
+    pub poll_interval: Option<String>,
+    /// Timeout of one request to CPA.
+    #[arg(long, env = "CPA_EXPORTER_HTTP_TIMEOUT", global = true, value_name = "DURATION")]
+    pub http_timeout: Option<String>,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, env = "CPA_EXPORTER_LOG_LEVEL", global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "CPA_EXPORTER_LOG_FORMAT", global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiVersion {
+    Auto,
+    V0,
+    V8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Labels that can be dropped from every family (their series are summed on output).
+pub const DROPPABLE_LABELS: [&str; 4] = [
+    label::CREDENTIAL,
+    label::API_KEY,
+    label::REQUESTED_MODEL,
+    label::ENDPOINT,
+];
+
+/// How stored label sets are shown. Applied when rendering, so changing it never loses counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelOptions {
+    pub drop: Vec<&'static str>,
+    /// `sha256:<12 hex>` -> display alias.
+    pub api_key_aliases: HashMap<String, String>,
+}
+
+impl LabelOptions {
+    pub fn is_identity(&self) -> bool {
+        self.drop.is_empty() && self.api_key_aliases.is_empty()
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cpa_url: String,
+    pub management_key: Option<Secret>,
+    pub api_version: ApiVersion,
+    pub listen: SocketAddr,
+    pub db: PathBuf,
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+    pub http_timeout: Duration,
+    pub log_level: tracing::Level,
+    pub log_format: LogFormat,
+    pub labels: LabelOptions,
+    pub limits: Limits,
+}
+
+pub const DEFAULT_CPA_URL: &str = "http://127.0.0.1:8317";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9317";
+pub const DEFAULT_DB: &str = "./cpa-usage-exporter.db";
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {what} ({origin}): {problem}")]
+pub struct ConfigError {
+    what: &'static str,
+    origin: String,
+    problem: String,
+}
+
+impl ConfigError {
+    fn file(path: &Path, problem: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            what: "configuration file",
+            origin: path.display().to_string(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// One scalar setting: its human name and its three spellings.
+struct Spec {
+    what: &'static str,
+    id: &'static str,
+    env: &'static str,
+    default: Option<&'static str>,
+}
+
+impl Spec {
+    fn file_key(&self) -> String {
+        self.id.replace('_', "-")
+    }
+}
+
+const CPA_URL: Spec = Spec { what: "CPA URL", id: "cpa_url", env: "CPA_URL", default: Some(DEFAULT_CPA_URL) };
+const KEY: Spec = Spec { what: "management key", id: "management_key", env: "CPA_MANAGEMENT_KEY", default: None };
+const KEY_FILE: Spec = Spec { what: "management key file", id: "management_key_file", env: "CPA_MANAGEMENT_KEY_FILE", default: None };
+const API_VERSION: Spec = Spec { what: "API version", id: "api_version", env: "CPA_API_VERSION", default: Some("auto") };
+const LISTEN: Spec = Spec { what: "listen address", id: "listen", env: "CPA_EXPORTER_LISTEN", default: Some(DEFAULT_LISTEN) };
+const DB: Spec = Spec { what: "state database path", id: "db", env: "CPA_EXPORTER_DB", default: Some(DEFAULT_DB) };
+const BATCH: Spec = Spec { what: "batch size", id: "batch_size", env: "CPA_EXPORTER_BATCH_SIZE", default: Some("1000") };
+const POLL: Spec = Spec { what: "poll interval", id: "poll_interval", env: "CPA_EXPORTER_POLL_INTERVAL", default: Some("5s") };
+const TIMEOUT: Spec = Spec { what: "HTTP timeout", id: "http_timeout", env: "CPA_EXPORTER_HTTP_TIMEOUT", default: Some("30s") };
+const LOG_LEVEL: Spec = Spec { what: "log level", id: "log_level", env: "CPA_EXPORTER_LOG_LEVEL", default: Some("info") };
+const LOG_FORMAT: Spec = Spec { what: "log format", id: "log_format", env: "CPA_EXPORTER_LOG_FORMAT", default: Some("text") };
+/// File-only settings.
+const SERIES_LIMIT: Spec = Spec { what: "series limit", id: "series_limit", env: "", default: Some("10000") };
+const DEDUP_WINDOW: Spec = Spec { what: "dedup window", id: "dedup_window", env: "", default: Some("100000") };
+
+const SCALARS: [&Spec; 13] = [
+    &CPA_URL, &KEY, &KEY_FILE, &API_VERSION, &LISTEN, &DB, &BATCH, &POLL, &TIMEOUT, &LOG_LEVEL,
+    &LOG_FORMAT, &SERIES_LIMIT, &DEDUP_WINDOW,
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct LabelsFile {
+    #[serde(default)]
+    drop: Vec<String>,
+    /// Client key (plaintext or `sha256:<12 hex>`) -> alias.
+    #[serde(default)]
+    api_key_aliases: BTreeMap<String, String>,
+}
+
+/// The parsed YAML file: scalars as text (validated like flags), plus the `labels` section.
+#[derive(Debug, Default)]
+struct FileConfig {
+    path: Option<PathBuf>,
+    scalars: HashMap<String, String>,
+    labels: LabelsFile,
+}
+
+impl FileConfig {
+    fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::file(path, e))?;
+        let doc: serde_norway::Value =
+            serde_norway::from_str(&text).map_err(|e| ConfigError::file(path, e))?;
+        let mut file = FileConfig {
+            path: Some(path.to_owned()),
+            ..FileConfig::default()
+        };
+        let map = match doc {
+            serde_norway::Value::Null => return Ok(file),
+            serde_norway::Value::Mapping(m) => m,
+            _ => return Err(ConfigError::file(path, "expected a mapping of settings")),
+        };
+        for (k, v) in map {
+            let key = k
+                .as_str()
+                .ok_or_else(|| ConfigError::file(path, "setting names must be strings"))?
+                .to_owned();
+            if key == "labels" {
+                file.labels = serde_norway::from_value(v)
+                    .map_err(|e| ConfigError::file(path, format!("labels: {e}")))?;
+                continue;
+            }
+            if !SCALARS.iter().any(|s| s.file_key() == key) {
+                let known: Vec<String> = SCALARS.iter().map(|s| s.file_key()).collect();
+                return Err(ConfigError::file(
+                    path,
+                    format!("unknown setting `{key}` (known: labels, {})", known.join(", ")),
+                ));
+            }
+            let text = match v {
+                serde_norway::Value::String(s) => s,
+                serde_norway::Value::Number(n) => n.to_string(),
+                serde_norway::Value::Bool(b) => b.to_string(),
+                _ => return Err(ConfigError::file(path, format!("{key}: expected a single value"))),
+            };
+            file.scalars.insert(key, text);
+        }
+        Ok(file)
+    }
+}
+
+/// Where a raw value came from, for error messages.
+struct Raw {
+    value: Option<String>,
+    origin: String,
+}
+
+impl Config {
+    /// Parse the process arguments and environment.
+    pub fn from_args() -> Result<(Option<Command>, Config), ConfigError> {
+        let matches = <Cli as clap::CommandFactory>::command().get_matches();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+            .unwrap_or_else(|e| e.exit());
+        let config = Config::resolve(&cli.flags, &matches)?;
+        Ok((cli.command, config))
+    }
+
+    /// Merge flags/env (`flags` + `matches` tell which is which), the file, and defaults.
+    pub fn resolve(flags: &Flags, matches: &ArgMatches) -> Result<Config, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let pick = |spec: &Spec, cli: &Option<String>| -> Raw {
+            if let Some(v) = cli {
+                // A global flag given after a subcommand lives in the subcommand's matches.
+                let source = matches
+                    .value_source(spec.id)
+                    .or_else(|| matches.subcommand().and_then(|(_, m)| m.value_source(spec.id)));
+                let origin = match source {
+                    Some(ValueSource::EnvVariable) => format!("from {}", spec.env),
+                    _ => format!("from --{}", spec.id.replace('_', "-")),
+                };
+                return Raw { value: Some(v.clone()), origin };
+            }
+            if let Some(v) = file.scalars.get(&spec.file_key()) {
+                let origin = match &file.path {
+                    Some(p) => format!("`{}` in {}", spec.file_key(), p.display()),
+                    None => spec.file_key(),
+                };
+                return Raw { value: Some(v.clone()), origin };
+            }
+            Raw {
+                value: spec.default.map(str::to_owned),
+                origin: "default".to_owned(),
+            }
+        };
+        let err = |spec: &Spec, raw: &Raw, problem: String| ConfigError {
+            what: spec.what,
+            origin: raw.origin.clone(),
+            problem,
+        };
+        let required = |spec: &Spec, raw: Raw| -> Result<(String, Raw), ConfigError> {
+            match &raw.value {
+                Some(v) => Ok((v.clone(), raw)),
+                None => Err(err(spec, &raw, "missing".into())),
+            }
+        };
+
+        let (url, raw) = required(&CPA_URL, pick(&CPA_URL, &flags.cpa_url))?;
+        let cpa_url = parse_url(&url).map_err(|p| err(&CPA_URL, &raw, p))?;
+
+        let key_file = pick(&KEY_FILE, &flags.management_key_file);
+        let management_key = match &key_file.value {
+            Some(path) => Some(read_key_file(Path::new(path)).map_err(|p| err(&KEY_FILE, &key_file, p))?),
+            None => {
+                let raw = pick(&KEY, &flags.management_key);
+                match raw.value.as_deref().map(str::trim) {
+                    None => None,
+                    Some("") => return Err(err(&KEY, &raw, "is empty".into())),
+                    Some(k) => Some(Secret::new(k)),
+                }
+            }
+        };
+
+        let (v, raw) = required(&API_VERSION, pick(&API_VERSION, &flags.api_version))?;
+        let api_version = match v.to_ascii_lowercase().as_str() {
+            "auto" => ApiVersion::Auto,
+            "v0" => ApiVersion::V0,
+            "v8" => ApiVersion::V8,
+            other => return Err(err(&API_VERSION, &raw, format!("`{other}`: expected auto, v0 or v8"))),
+        };
+
+        let (v, raw) = required(&LISTEN, pick(&LISTEN, &flags.listen))?;
+        let listen = parse_listen(&v).map_err(|p| err(&LISTEN, &raw, p))?;
+
+        let (v, raw) = required(&DB, pick(&DB, &flags.db))?;
+        if v.trim().is_empty() {
+            return Err(err(&DB, &raw, "is empty".into()));
+        }
+        let db = PathBuf::from(v);
+
+        let (v, raw) = required(&BATCH, pick(&BATCH, &flags.batch_size))?;
+        let batch_size = parse_int(&v, 1, 100_000).map_err(|p| err(&BATCH, &raw, p))? as usize;
+
+        let (v, raw) = required(&POLL, pick(&POLL, &flags.poll_interval))?;
+        let poll_interval = parse_duration(&v, Duration::from_millis(100), Duration::from_secs(600))
+            .map_err(|p| err(&POLL, &raw, p))?;
+
+        let (v, raw) = required(&TIMEOUT, pick(&TIMEOUT, &flags.http_timeout))?;
+        let http_timeout = parse_duration(&v, Duration::from_secs(1), Duration::from_secs(300))
+            .map_err(|p| err(&TIMEOUT, &raw, p))?;
+
+        let (v, raw) = required(&LOG_LEVEL, pick(&LOG_LEVEL, &flags.log_level))?;
+        let log_level = v
+            .parse::<tracing::Level>()
+            .map_err(|_| err(&LOG_LEVEL, &raw, format!("`{v}`: expected error, warn, info, debug or trace")))?;
+
+        let (v, raw) = required(&LOG_FORMAT, pick(&LOG_FORMAT, &flags.log_format))?;
+        let log_format = match v.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(err(&LOG_FORMAT, &raw, format!("`{other}`: expected text or json"))),
+        };
+
+        let (v, raw) = required(&SERIES_LIMIT, pick(&SERIES_LIMIT, &None))?;
+        let series_per_family = parse_int(&v, 10, 1_000_000).map_err(|p| err(&SERIES_LIMIT, &raw, p))? as usize;
+        let (v, raw) = required(&DEDUP_WINDOW, pick(&DEDUP_WINDOW, &None))?;
+        let dedup_window = parse_int(&v, 0, 10_000_000).map_err(|p| err(&DEDUP_WINDOW, &raw, p))? as usize;
+
+        let labels = label_options(&file)?;
+        Ok(Config {
+            cpa_url,
+            management_key,
+            api_version,
+            listen,
+            db,
+            batch_size,
+            poll_interval,
+            http_timeout,
+            log_level,
+            log_format,
+            labels,
+            limits: Limits {
+                series_per_family,
+                dedup_window,
+            },
+        })
+    }
+}
+
+fn label_options(file: &FileConfig) -> Result<LabelOptions, ConfigError> {
+    let origin = |key: &str| match &file.path {
+        Some(p) => format!("`labels.{key}` in {}", p.display()),
+        None => format!("labels.{key}"),
+    };
+    let mut drop = Vec::new();
+    for name in &file.labels.drop {
+        let known = DROPPABLE_LABELS.iter().find(|l| **l == name.as_str()).ok_or_else(|| ConfigError {
+            what: "label to drop",
+            origin: origin("drop"),
+            problem: format!("`{name}`: only {} can be dropped", DROPPABLE_LABELS.join(", ")),
+        })?;
+        if !drop.contains(known) {
+            drop.push(*known);
+        }
+    }
+    let mut api_key_aliases = HashMap::new();
+    for (key, alias) in &file.labels.api_key_aliases {
+        let is_hash = key.len() == 19
+            && key.starts_with("sha256:")
+            && key[7..].bytes().all(|b| b.is_ascii_hexdigit());
+        let hashed = if is_hash { key.to_ascii_lowercase() } else { api_key_label(key) };
+        if alias.trim().is_empty() {
+            return Err(ConfigError {
+                what: "API key alias",
+                origin: origin("api-key-aliases"),
+                problem: format!("the alias for {hashed} is empty"),
+            });
+        }
+        api_key_aliases.insert(hashed, sanitize(alias.trim()).into_owned());
+    }
+    Ok(LabelOptions { drop, api_key_aliases })
+}
+
+fn parse_url(v: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(v.trim()).map_err(|e| format!("`{v}`: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("`{v}`: the scheme must be http or https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Credentials in a URL end up in logs; the key has its own settings.
+        return Err("must not contain credentials; use the management key settings".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("`{v}`: must not have a query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+fn parse_listen(v: &str) -> Result<SocketAddr, String> {
+    // `:9317` (Go style, as node_exporter accepts) means all interfaces.
+    let full = if v.starts_with(':') { format!("0.0.0.0{v}") } else { v.to_owned() };
+    full.parse()
+        .map_err(|_| format!("`{v}`: expected HOST:PORT with an IP address, e.g. 0.0.0.0:9317"))
+}
+
+fn parse_int(v: &str, min: u64, max: u64) -> Result<u64, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("`{v}`: expected a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_duration(v: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v.trim()).map_err(|e| format!("`{v}`: {e} (examples: 500ms, 5s, 2m)"))?;
+    if d < min || d > max {
+        return Err(format!(
+            "`{v}`: must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn read_key_file(path: &Path) -> Result<Secret, String> {
+    // The error text names the file and the OS reason, never the content.
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    fn resolve(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["cpa-usage-exporter"];
+        argv.extend_from_slice(args);
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        Config::resolve(&cli.flags, &matches)
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.cpa_url, "http://127.0.0.1:8317");
+        assert_eq!(c.listen, "0.0.0.0:9317".parse().unwrap());
+        assert_eq!(c.db, PathBuf::from("./cpa-usage-exporter.db"));
+        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.api_version, ApiVersion::Auto);
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let f = file("batch-size: 50\npoll-interval: 2m\nlisten: ':9999'\n");
+        let path = f.path().to_str().unwrap();
+        let c = resolve(&["--config", path, "--batch-size", "7"]).unwrap();
+        assert_eq!(c.batch_size, 7);
+        assert_eq!(c.poll_interval, Duration::from_secs(120));
+        assert_eq!(c.listen, "0.0.0.0:9999".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_its_origin() {
+        let e = resolve(&["--batch-size", "0"]).unwrap_err().to_string();
+        assert!(e.contains("batch size") && e.contains("--batch-size"), "{e}");
+        let e = resolve(&["--poll-interval", "soon"]).unwrap_err().to_string();
+        assert!(e.contains("poll interval") && e.contains("soon"), "{e}");
+        let f = file("api-version: v9\n");
+        let e = resolve(&["--config", f.path().to_str().unwrap()]).unwrap_err().to_string();
+        assert!(e.contains("API version") && e.contains("`api-version` in"), "{e}");
+        let f = file("batchsize: 1\n");
+        let e = resolve(&["--config", f.path().to_str().unwrap()]).unwrap_err().to_string();
+        assert!(e.contains("unknown setting `batchsize`"), "{e}");
+        let e = resolve(&["--cpa-url", "ftp://x"]).unwrap_err().to_string();
+        assert!(e.contains("CPA URL"), "{e}");
+    }
+
+    #[test]
+    fn the_key_file_wins_and_the_key_never_prints() {
+        let f = file("  file-secret\n");
+        let c = resolve(&[
+            "--management-key",
+            "flag-secret",
+            "--management-key-file",
+            f.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(c.management_key.as_ref().map(Secret::expose), Some("file-secret"));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("file-secret") && !debug.contains("flag-secret"));
+        let e = resolve(&["--management-key-file", "/nonexistent/key"]).unwrap_err().to_string();
+        assert!(e.contains("management key file"), "{e}");
+    }
+
+    #[test]
+    fn label_options_accept_plain_keys_and_hashes() {
+        let f = file(
+            "labels:\n  drop: [endpoint]\n  api-key-aliases:\n    sk-team-a: team-a\n    sha256:ABCDEF012345: team-b\n",
+        );
+        let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+        assert_eq!(c.labels.drop, vec!["endpoint"]);
+        assert_eq!(c.labels.api_key_aliases.get(&api_key_label("sk-team-a")).unwrap(), "team-a");
+        assert_eq!(c.labels.api_key_aliases.get("sha256:abcdef012345").unwrap(), "team-b");
+        let f = file("labels:\n  drop: [provider]\n");
+        let e = resolve(&["--config", f.path().to_str().unwrap()]).unwrap_err().to_string();
+        assert!(e.contains("label to drop") && e.contains("provider"), "{e}");
+    }
+}

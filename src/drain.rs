@@ -1,0 +1,264 @@
+//! The drain loop: pop -> ingest -> commit -> (pop again or wait).
+//!
+//! CPA's queue is destructive and has no ack, so a popped batch exists only in this process until
+//! it is committed. The loop therefore commits each batch before the next pop, retries a failed
+//! commit instead of popping more, and on shutdown finishes the batch in hand (an in-flight
+//! request is never cancelled: CPA may already have removed its records).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::cpa::{AuthCause, Client, PopError, Popped};
+use crate::ingest::{self, Batch};
+use crate::metrics::Shared;
+use crate::schema::Family;
+use crate::store::Store;
+
+/// Anything that pops the usage queue (HTTP today; RESP later; scripted sources in tests).
+pub trait Source {
+    fn pop(&mut self, count: usize) -> impl Future<Output = Result<Popped, PopError>> + Send;
+}
+
+impl Source for Client {
+    fn pop(&mut self, count: usize) -> impl Future<Output = Result<Popped, PopError>> + Send {
+        Client::pop(self, count)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DrainOptions {
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+}
+
+/// Waits after consecutive failures of one class.
+pub mod backoff {
+    use std::time::Duration;
+
+    /// Transient faults (unreachable, 5xx, timeouts): 1 s doubling to 30 s.
+    pub fn transient(failures: u32) -> Duration {
+        let secs = 1u64 << failures.saturating_sub(1).min(5);
+        Duration::from_secs(secs.min(30))
+    }
+
+    /// Rejected key (401/403): 5 min doubling to 1 h. CPA bans an IP for 30 minutes after 5
+    /// failed logins, and the ban also locks out the admin UI on that IP, so a wrong key must
+    /// cost CPA at most a handful of attempts per hour.
+    pub fn auth(failures: u32) -> Duration {
+        let mins = 5u64 << failures.saturating_sub(1).min(4);
+        Duration::from_secs(mins.min(60) * 60)
+    }
+}
+
+/// The failure class of the previous poll, to log a change once instead of every retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    Up,
+    Down(&'static str),
+}
+
+pub async fn run<S: Source>(
+    mut source: S,
+    mut store: Store,
+    shared: Arc<Shared>,
+    opts: DrainOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut health = Health::Up;
+    let mut failures = 0u32;
+    let mut first_success = true;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let started = Instant::now();
+        let popped = source.pop(opts.batch_size).await;
+        let outcome = match popped {
+            Ok(popped) => match commit_popped(&popped, &mut store, &shared, &mut shutdown).await {
+                Some(elements) => Ok((popped, elements)),
+                None => Err(PopError::NotAnArray),
+            },
+            Err(e) => Err(e),
+        };
+        let wait = match outcome {
+            Ok((popped, elements)) => {
+                shared.live.record_poll("success", started.elapsed());
+                if first_success || health != Health::Up {
+                    info!(
+                        route = popped.route.name(),
+                        cpa_version = popped.cpa_version.as_deref().unwrap_or("unknown"),
+                        "polling CPA's usage queue"
+                    );
+                }
+                first_success = false;
+                health = Health::Up;
+                failures = 0;
+                // A full batch means more is waiting: pop again at once (CPA's own drain rule).
+                if elements >= opts.batch_size {
+                    continue;
+                }
+                opts.poll_interval
+            }
+            Err(e) => {
+                let result = e.result_label();
+                shared.live.record_poll(result, started.elapsed());
+                failures += 1;
+                let wait = match &e {
+                    PopError::Auth(cause) => auth_wait(cause, failures),
+                    _ => backoff::transient(failures),
+                };
+                let retry_in = humantime::format_duration(wait).to_string();
+                if matches!(e, PopError::Auth(_)) {
+                    // Rare by construction (minutes apart), and each one matters: always log.
+                    error!(retry_in, "{e}");
+                } else if health != Health::Down(result) {
+                    warn!(retry_in, "{e}");
+                } else {
+                    debug!(retry_in, failures, "{e}");
+                }
+                health = Health::Down(result);
+                wait
+            }
+        };
+        if sleep_or_shutdown(wait, &mut shutdown).await {
+            break;
+        }
+    }
+    info!("drain loop stopped");
+}
+
+fn auth_wait(cause: &AuthCause, failures: u32) -> Duration {
+    let base = backoff::auth(failures);
+    match cause {
+        // Retrying before the ban lifts only extends the outage; add a margin for clock skew.
+        AuthCause::IpBanned { retry_after } => {
+            base.max(retry_after.unwrap_or(Duration::from_secs(30 * 60)) + Duration::from_secs(30))
+        }
+        _ => base,
+    }
+}
+
+/// Returns true when shutdown was requested.
+async fn sleep_or_shutdown(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(wait) => false,
+        // Err means the sender is gone: nobody can ask to stop any more, so stop now.
+        _ = shutdown.wait_for(|stop| *stop) => true,
+    };
+    stopped || *shutdown.borrow()
+}
+
+/// Ingest and commit one popped batch; returns the number of elements it held, or `None` when
+/// the body was not a JSON array.
+async fn commit_popped(
+    popped: &Popped,
+    store: &mut Store,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<usize> {
+    let batch = {
+        let state = shared.state();
+        ingest::ingest_body(&popped.body, |id| state.seen(id))
+    };
+    let batch = match batch {
+        Ok(b) => b,
+        Err(e) => {
+            // The records in it are gone from CPA; all that can be done is to say so.
+            error!(bytes = popped.body.len(), "{e}; whatever it held is lost");
+            return None;
+        }
+    };
+    if batch.elements > 0 {
+        commit_until_done(&batch, store, shared, shutdown).await;
+    }
+    Some(batch.elements)
+}
+
+/// Commit a batch, retrying while the store fails. Popping more meanwhile would lose records.
+async fn commit_until_done(
+    batch: &Batch,
+    store: &mut Store,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let mut attempts = 0u32;
+    loop {
+        let plan = {
+            let state = shared.state();
+            store.plan(&state, batch)
+        };
+        let now = crate::metrics::unix_now() as i64;
+        match tokio::task::block_in_place(|| store.commit(&plan, now)) {
+            Ok(()) => {
+                for family in Family::ALL {
+                    let n = plan.overflowed[family as usize];
+                    if n > 0 {
+                        shared.live.series_overflow.get_or_create(&[("family", family.id())]).inc_by(n);
+                    }
+                }
+                store.apply(&mut shared.state(), plan);
+                shared.live.set_store_healthy(true);
+                debug!(elements = batch.elements, ingested = batch.ingested, "batch committed");
+                return;
+            }
+            Err(e) => {
+                attempts += 1;
+                shared.live.store_errors.inc();
+                shared.live.set_store_healthy(false);
+                let wait = backoff::transient(attempts);
+                error!(
+                    attempts,
+                    records = batch.ingested,
+                    retry_in = %humantime::format_duration(wait),
+                    "cannot commit the batch to the state database, holding it and not popping more: {e}"
+                );
+                if *shutdown.borrow() && attempts >= 5 {
+                    error!(records = batch.ingested, "shutting down with an uncommitted batch; its records are lost");
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_backoff_grows_from_1s_to_30s() {
+        let waits: Vec<u64> = (1..=8).map(|n| backoff::transient(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn a_wrong_key_is_retried_at_most_three_times_in_any_ten_minutes() {
+        // Attempt times under the auth schedule, over six hours.
+        let mut t = 0u64;
+        let mut attempts = vec![0u64];
+        for failures in 1.. {
+            t += backoff::auth(failures).as_secs();
+            if t > 6 * 3600 {
+                break;
+            }
+            attempts.push(t);
+        }
+        for (i, start) in attempts.iter().enumerate() {
+            let in_window = attempts[i..].iter().take_while(|a| **a < start + 600).count();
+            assert!(in_window <= 3, "{in_window} attempts within 10 minutes of {start}s");
+        }
+        // And it keeps trying, so a fixed key is picked up within the hour.
+        assert!(attempts.windows(2).all(|w| w[1] - w[0] <= 3600));
+    }
+
+    #[test]
+    fn a_ban_is_waited_out() {
+        let wait = auth_wait(&AuthCause::IpBanned { retry_after: Some(Duration::from_secs(1781)) }, 1);
+        assert!(wait >= Duration::from_secs(1781));
+    }
+}

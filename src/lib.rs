@@ -1,0 +1,14 @@
+//! cpa-usage-exporter: drains CLIProxyAPI's usage queue into restart-proof Prometheus metrics.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod cpa;
+pub mod drain;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod schema;
+pub mod series;
+pub mod sim;
+pub mod store;

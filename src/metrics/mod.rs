@@ -1,0 +1,277 @@
+//! `/metrics`: stored counters and histograms rendered by a custom collector on every scrape,
+//! plus live gauges and counters of the exporter itself.
+
+mod process;
+pub mod text;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family as MetricFamily;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::config::LabelOptions;
+use crate::schema::{label, Family, Kind};
+use crate::series::{LabelValues, Value};
+use crate::store::{State, Store};
+
+pub const CPA_UP: &str = "cpa_up";
+pub const BUILD_INFO: &str = "cpa_exporter_build_info";
+pub const POLLS: &str = "cpa_exporter_polls";
+pub const POLL_DURATION: &str = "cpa_exporter_poll_duration";
+pub const LAST_SUCCESS: &str = "cpa_exporter_last_success_timestamp";
+pub const LAST_RECORD: &str = "cpa_exporter_last_record_timestamp";
+pub const SERIES: &str = "cpa_exporter_series";
+pub const SERIES_OVERFLOW: &str = "cpa_exporter_series_overflow";
+pub const STORE_SIZE: &str = "cpa_exporter_store_size";
+pub const STORE_ERRORS: &str = "cpa_exporter_store_errors";
+
+/// Buckets of `cpa_exporter_poll_duration_seconds`.
+const POLL_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+type OneLabel = [(&'static str, &'static str); 1];
+
+/// Metrics that live only in this process (reset on restart).
+#[derive(Debug)]
+pub struct Live {
+    pub cpa_up: Gauge,
+    pub polls: MetricFamily<OneLabel, Counter>,
+    pub poll_duration: Histogram,
+    pub series_overflow: MetricFamily<OneLabel, Counter>,
+    pub store_errors: Counter,
+    /// Last successful poll, Unix seconds as f64 bits; 0 = never.
+    last_success_bits: AtomicU64,
+    store_healthy: AtomicBool,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            cpa_up: Gauge::default(),
+            polls: MetricFamily::default(),
+            poll_duration: Histogram::new(POLL_BUCKETS),
+            series_overflow: MetricFamily::default(),
+            store_errors: Counter::default(),
+            last_success_bits: AtomicU64::new(0),
+            store_healthy: AtomicBool::new(true),
+        }
+    }
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Live {
+    pub fn record_poll(&self, result: &'static str, took: Duration) {
+        self.polls.get_or_create(&[("result", result)]).inc();
+        self.poll_duration.observe(took.as_secs_f64());
+        let ok = result == "success";
+        self.cpa_up.set(i64::from(ok));
+        if ok {
+            self.last_success_bits
+                .store(unix_now().to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_success(&self) -> Option<f64> {
+        let bits = self.last_success_bits.load(Ordering::Relaxed);
+        (bits != 0).then(|| f64::from_bits(bits))
+    }
+
+    pub fn set_store_healthy(&self, healthy: bool) {
+        self.store_healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    pub fn store_healthy(&self) -> bool {
+        self.store_healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// What the drain loop, the collector and the HTTP server share.
+#[derive(Debug)]
+pub struct Shared {
+    state: Mutex<State>,
+    pub live: Live,
+    pub labels: LabelOptions,
+    pub db_path: PathBuf,
+}
+
+impl Shared {
+    pub fn new(state: State, labels: LabelOptions, db_path: PathBuf) -> Shared {
+        Shared {
+            state: Mutex::new(state),
+            live: Live::default(),
+            labels,
+            db_path,
+        }
+    }
+
+    /// The committed state. A panic elsewhere while holding the lock must not stop scrapes.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Build the registry served on `/metrics`.
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let mut r = Registry::default();
+    let live = &shared.live;
+    r.register(CPA_UP, "Whether the last poll of CPA's usage queue succeeded (1) or not (0)", live.cpa_up.clone());
+    r.register(POLLS, "Polls of CPA's usage queue by result", live.polls.clone());
+    r.register_with_unit(
+        POLL_DURATION,
+        "Duration of one poll of CPA's usage queue, including the commit of its batch",
+        Unit::Seconds,
+        live.poll_duration.clone(),
+    );
+    r.register(
+        SERIES_OVERFLOW,
+        "Records whose label set was folded into the __other__ series because the family reached its series limit",
+        live.series_overflow.clone(),
+    );
+    r.register(STORE_ERRORS, "Failed commits to the state database (the batch is kept and retried)", live.store_errors.clone());
+    r.register_collector(Box::new(StoredCollector(shared)));
+    r.register_collector(Box::new(process::ProcessCollector));
+    r
+}
+
+#[derive(Debug)]
+struct StoredCollector(Arc<Shared>);
+
+/// A metric name and the unit OpenMetrics wants declared for its suffix.
+fn split_unit(name: &str) -> (&str, Option<Unit>) {
+    if let Some(base) = name.strip_suffix("_seconds") {
+        (base, Some(Unit::Seconds))
+    } else if let Some(base) = name.strip_suffix("_bytes") {
+        (base, Some(Unit::Bytes))
+    } else {
+        (name, None)
+    }
+}
+
+pub(crate) fn encode_gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
+    m.encode_gauge(&value)
+}
+
+impl prometheus_client::collector::Collector for StoredCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let shared = &self.0;
+        let build = [
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("revision", option_env!("CPA_EXPORTER_REVISION").unwrap_or("unknown")),
+        ];
+        let mut m = enc.encode_descriptor(BUILD_INFO, "Build of the exporter; constant 1", None, MetricType::Gauge)?;
+        m.encode_family(&build)?.encode_gauge(&1i64)?;
+        if let Some(t) = shared.live.last_success() {
+            encode_gauge(&mut enc, LAST_SUCCESS, "Unix time of the last successful poll of CPA", Some(Unit::Seconds), t)?;
+        }
+        encode_gauge(
+            &mut enc,
+            STORE_SIZE,
+            "Size of the state database on disk, including its write-ahead log",
+            Some(Unit::Bytes),
+            Store::size_bytes(&shared.db_path) as f64,
+        )?;
+        // Hold the lock only while encoding: O(series), never O(records).
+        let state = shared.state();
+        if let Some(t) = state.last_record_timestamp {
+            encode_gauge(&mut enc, LAST_RECORD, "Start time of the newest record ingested, Unix seconds", Some(Unit::Seconds), t)?;
+        }
+        let mut m = enc.encode_descriptor(SERIES, "Stored series per family (the series limit applies to these)", None, MetricType::Gauge)?;
+        for family in Family::ALL {
+            m.encode_family(&[("family", family.id())])?
+                .encode_gauge(&(state.series_count(family) as i64))?;
+        }
+        for family in Family::ALL {
+            encode_family(&mut enc, family, &state.families[family as usize], &shared.labels)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode_value(m: &mut MetricEncoder, v: &Value, kind: Kind) -> Result<(), std::fmt::Error> {
+    match (v, kind) {
+        (Value::Counter(n), _) => m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(n, None),
+        (Value::Histogram(h), Kind::Histogram(bounds)) => {
+            let buckets: Vec<(f64, u64)> = bounds
+                .iter()
+                .copied()
+                .chain(std::iter::once(f64::INFINITY))
+                .zip(h.buckets.iter().copied())
+                .collect();
+            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(h.sum, h.count, &buckets, None)
+        }
+        (Value::Histogram(_), Kind::Counter) => Ok(()),
+    }
+}
+
+/// Render one stored family, projecting label sets through the label options: dropped labels are
+/// summed away and API key hashes shown by alias.
+fn encode_family(
+    enc: &mut DescriptorEncoder,
+    family: Family,
+    series: &BTreeMap<LabelValues, Value>,
+    opts: &LabelOptions,
+) -> Result<(), std::fmt::Error> {
+    let kind = family.kind();
+    let metric_type = match kind {
+        Kind::Counter => MetricType::Counter,
+        Kind::Histogram(_) => MetricType::Histogram,
+    };
+    let (name, unit) = split_unit(family.metric_name());
+    let mut m = enc.encode_descriptor(name, family.help(), unit.as_ref(), metric_type)?;
+    let names = family.labels();
+    if opts.is_identity() {
+        for (values, v) in series {
+            let pairs: Vec<(&str, &str)> = names.iter().copied().zip(values.iter().map(|v| &**v)).collect();
+            encode_value(&mut m.encode_family(&pairs)?, v, kind)?;
+        }
+        return Ok(());
+    }
+    let kept: Vec<(usize, &str)> = names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !opts.drop.contains(n))
+        .map(|(i, n)| (i, *n))
+        .collect();
+    let mut projected: BTreeMap<Vec<&str>, Value> = BTreeMap::new();
+    for (values, v) in series {
+        let key: Vec<&str> = kept
+            .iter()
+            .map(|&(i, name)| {
+                let value = &*values[i];
+                match (name, opts.api_key_aliases.get(value)) {
+                    (label::API_KEY, Some(alias)) => alias.as_str(),
+                    _ => value,
+                }
+            })
+            .collect();
+        projected
+            .entry(key)
+            .and_modify(|acc| acc.merge(v))
+            .or_insert_with(|| v.clone());
+    }
+    for (values, v) in &projected {
+        let pairs: Vec<(&str, &str)> = kept.iter().map(|(_, n)| *n).zip(values.iter().copied()).collect();
+        encode_value(&mut m.encode_family(&pairs)?, v, kind)?;
+    }
+    Ok(())
+}
