@@ -1,0 +1,362 @@
+//! Test harness: the real exporter binary against the fake CPA, scraped over HTTP.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cpa_usage_exporter::ingest::labels::api_key_label;
+use cpa_usage_exporter::sim::{Expect, FakeCpa, Workload, WorkloadMix};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cpa-usage-exporter");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running exporter process with its own listen port and log file.
+pub struct Exporter {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+pub struct Setup<'a> {
+    pub cpa_url: String,
+    pub key: &'a str,
+    pub db: &'a Path,
+    pub log: PathBuf,
+    pub extra: Vec<(&'a str, String)>,
+}
+
+impl Exporter {
+    pub fn spawn(setup: &Setup<'_>) -> Exporter {
+        let port = free_port();
+        let log = std::fs::File::create(&setup.log).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("CPA_URL", &setup.cpa_url)
+            .env("CPA_MANAGEMENT_KEY", setup.key)
+            .env("CPA_EXPORTER_DB", setup.db)
+            .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &setup.extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn exporter");
+        let exporter = Exporter {
+            child,
+            port,
+            log: setup.log.clone(),
+        };
+        exporter.wait_listening();
+        exporter
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("exporter did not listen; log:\n{}", self.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn scrape(&self) -> Metrics {
+        let body = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        Metrics::parse(&body)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    pub fn sigkill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the process to exit on its own.
+    pub fn wait_exit(mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("exporter did not exit; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Samples of one scrape, keyed by name and sorted labels.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics(pub BTreeMap<(String, BTreeMap<String, String>), f64>);
+
+impl Metrics {
+    /// Parse Prometheus text 0.0.4 (enough of it for this exporter's output).
+    pub fn parse(text: &str) -> Metrics {
+        let mut out = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
+                None => (series, BTreeMap::new()),
+            };
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().expect("value"),
+            };
+            out.insert((name.to_owned(), labels), value);
+        }
+        Metrics(out)
+    }
+
+    /// Sum of every sample of `name` whose labels include all of `want`.
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|((n, labels), _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(&(name.to_owned(), BTreeMap::new())).copied()
+    }
+
+    /// All label sets of `name` with their values (label maps minus `le`).
+    pub fn series(&self, name: &str) -> BTreeMap<BTreeMap<String, String>, f64> {
+        self.0
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|((_, l), v)| (l.clone(), *v))
+            .collect()
+    }
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').to_owned(), value);
+        rest = &after[end..];
+    }
+    out
+}
+
+/// What the exporter must report for a workload, computed from the generator's own choices.
+#[derive(Debug, Default, PartialEq)]
+pub struct Expected {
+    pub requests: BTreeMap<Vec<String>, f64>,
+    pub failures: BTreeMap<Vec<String>, f64>,
+    pub tokens: BTreeMap<Vec<String>, f64>,
+    pub outcomes: BTreeMap<String, f64>,
+    pub invalid: BTreeMap<String, f64>,
+    pub latency_count: f64,
+    pub ttft_count: f64,
+}
+
+pub const REQUEST_LABELS: [&str; 6] = [
+    "provider",
+    "model",
+    "requested_model",
+    "credential",
+    "api_key",
+    "endpoint",
+];
+pub const TOKEN_LABELS: [&str; 5] = ["provider", "model", "credential", "api_key", "type"];
+pub const TYPES: [&str; 6] = [
+    "input",
+    "cache_read",
+    "cache_write",
+    "output",
+    "reasoning",
+    "unclassified",
+];
+
+impl Expected {
+    pub fn add(&mut self, expect: &Expect) {
+        let bump =
+            |m: &mut BTreeMap<String, f64>, k: &str| *m.entry(k.to_owned()).or_default() += 1.0;
+        match expect {
+            Expect::Usage(t) => {
+                bump(&mut self.outcomes, "ingested");
+                let api_key = t
+                    .api_key
+                    .as_deref()
+                    .filter(|k| !k.is_empty())
+                    .map_or("none".to_owned(), api_key_label);
+                let base = vec![
+                    t.provider.clone(),
+                    t.model.clone(),
+                    t.requested_model.clone(),
+                    t.credential.clone(),
+                    api_key.clone(),
+                    t.endpoint.clone(),
+                ];
+                *self.requests.entry(base.clone()).or_default() += 1.0;
+                if t.failed {
+                    let mut f = base.clone();
+                    f.push(t.status_code.to_string());
+                    *self.failures.entry(f).or_default() += 1.0;
+                }
+                for (ty, n) in TYPES.iter().zip(t.tokens) {
+                    if n > 0 {
+                        let k = vec![
+                            t.provider.clone(),
+                            t.model.clone(),
+                            t.credential.clone(),
+                            api_key.clone(),
+                            ty.to_string(),
+                        ];
+                        *self.tokens.entry(k).or_default() += n as f64;
+                    }
+                }
+                if t.latency_ms.is_some() {
+                    self.latency_count += 1.0;
+                }
+                if t.ttft_ms > 0 {
+                    self.ttft_count += 1.0;
+                }
+            }
+            Expect::Duplicate(_) => bump(&mut self.outcomes, "duplicate"),
+            Expect::Control => bump(&mut self.outcomes, "control"),
+            Expect::Invalid(reason) => {
+                bump(&mut self.outcomes, "invalid");
+                bump(&mut self.invalid, reason);
+            }
+        }
+    }
+
+    /// The same shape, read from a scrape.
+    pub fn observed(m: &Metrics) -> Expected {
+        let keyed = |name: &str, labels: &[&str]| -> BTreeMap<Vec<String>, f64> {
+            m.series(name)
+                .into_iter()
+                .map(|(l, v)| {
+                    (
+                        labels
+                            .iter()
+                            .map(|k| l.get(*k).cloned().unwrap_or_default())
+                            .collect(),
+                        v,
+                    )
+                })
+                .collect()
+        };
+        let mut failure_labels = REQUEST_LABELS.to_vec();
+        failure_labels.push("status_code");
+        let single = |name: &str, label: &str| -> BTreeMap<String, f64> {
+            m.series(name)
+                .into_iter()
+                .map(|(l, v)| (l[label].clone(), v))
+                .filter(|(_, v)| *v > 0.0)
+                .collect()
+        };
+        Expected {
+            requests: keyed("cpa_requests_total", &REQUEST_LABELS),
+            failures: keyed("cpa_request_failures_total", &failure_labels),
+            tokens: keyed("cpa_tokens_total", &TOKEN_LABELS),
+            outcomes: single("cpa_exporter_records_total", "outcome"),
+            invalid: single("cpa_exporter_invalid_records_total", "reason"),
+            latency_count: m.sum("cpa_request_duration_seconds_count", &[]),
+            ttft_count: m.sum("cpa_time_to_first_token_seconds_count", &[]),
+        }
+    }
+}
+
+/// Push `n` generated elements into the fake CPA; returns what the exporter must report.
+pub fn push_workload(cpa: &FakeCpa, seed: u64, mix: WorkloadMix, n: usize) -> Expected {
+    let mut workload = Workload::new(seed, mix);
+    let mut expected = Expected::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    for _ in 0..n {
+        let g = workload.next(now);
+        cpa.push_raw(&g.element_json);
+        expected.add(&g.expect);
+    }
+    expected
+}
+
+/// Poll `check` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Elements the exporter accounted for (every outcome).
+pub fn accounted(m: &Metrics) -> f64 {
+    m.sum("cpa_exporter_records_total", &[])
+}
