@@ -343,3 +343,101 @@ fn a_bad_setting_fails_at_start_naming_it() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("management key is required"));
 }
+
+/// Dropping labels and aliasing keys changes only how stored series are shown: sums are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_options_and_series_limit_keep_sums_exact() {
+    let cpa = fake_cpa(Routes::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let expected = push_workload(&cpa, 9, WorkloadMix::default(), 2_000);
+    let config = dir.path().join("config.yaml");
+    let alias_key = cpa_usage_exporter::sim::CLIENT_API_KEYS[0];
+    std::fs::write(
+        &config,
+        format!("series-limit: 10\nlabels:\n  drop: [endpoint, requested_model]\n  api-key-aliases:\n    {alias_key}: team-a\n"),
+    )
+    .unwrap();
+    let mut s = setup(&cpa, KEY, &dir, "labels");
+    s.extra
+        .push(("CPA_EXPORTER_CONFIG", config.display().to_string()));
+    let exporter = Exporter::spawn(&s);
+    let m = drained(&exporter, &cpa, 2_000.0).await;
+    let total: f64 = expected.requests.values().sum();
+    assert_eq!(m.sum("cpa_requests_total", &[]), total);
+    let tokens: f64 = expected.tokens.values().sum();
+    assert_eq!(m.sum("cpa_tokens_total", &[]), tokens);
+    for labels in m.series("cpa_requests_total").keys() {
+        assert!(!labels.contains_key("endpoint") && !labels.contains_key("requested_model"));
+    }
+    assert!(m.sum("cpa_requests_total", &[("api_key", "team-a")]) > 0.0);
+    // The cap held: 10 real series plus one overflow series, and the overflow was counted.
+    assert_eq!(
+        m.sum("cpa_exporter_series", &[("family", "requests")]),
+        11.0
+    );
+    assert!(m.sum("cpa_requests_total", &[("model", "__other__")]) > 0.0);
+    assert!(
+        m.sum(
+            "cpa_exporter_series_overflow_total",
+            &[("family", "requests")]
+        ) > 0.0
+    );
+}
+
+/// Keys, e-mails, upstream keys, error bodies and client IPs from records never leave the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_metrics_pages_or_the_database() {
+    let cpa = fake_cpa(Routes::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mix = WorkloadMix {
+        failed: 0.3,
+        invalid: 0.05,
+        ..WorkloadMix::default()
+    };
+    push_workload(&cpa, 13, mix, 2_000);
+    let mut s = setup(&cpa, KEY, &dir, "secrets");
+    s.extra.push(("CPA_EXPORTER_LOG_LEVEL", "trace".into()));
+    let exporter = Exporter::spawn(&s);
+    drained(&exporter, &cpa, 2_000.0).await;
+    let metrics = reqwest::get(exporter.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let landing = reqwest::get(exporter.url("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    exporter.sigterm();
+    let log = exporter.log.clone();
+    assert!(exporter.wait_exit(Duration::from_secs(10)).success());
+    let log = std::fs::read_to_string(log).unwrap();
+    let mut db = std::fs::read(s.db).unwrap();
+    db.extend(std::fs::read(format!("{}-wal", s.db.display())).unwrap_or_default());
+    let db = String::from_utf8_lossy(&db);
+    let mut secrets: Vec<&str> = vec![
+        KEY,
+        "sk-client-",
+        "sk-upstream-",
+        "@example.",
+        "203.0.113.7",
+        "198.51.100.23",
+        "Bad Gateway",
+        "too long",
+    ];
+    secrets.extend(cpa_usage_exporter::sim::CLIENT_API_KEYS);
+    for secret in secrets {
+        for (place, text) in [
+            ("log", &log),
+            ("/metrics", &metrics),
+            ("/", &landing),
+            ("database", &db.to_string()),
+        ] {
+            assert!(!text.contains(secret), "{secret} found in the {place}");
+        }
+    }
+    assert!(log.contains("batch committed"), "trace logging was on");
+}

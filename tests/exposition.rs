@@ -1,0 +1,102 @@
+//! The exposition formats, checked by Prometheus' own `promtool` where it is installed (CI
+//! installs it; a CI run without it fails rather than skipping).
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn demo() -> (std::process::Child, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["demo", "--rate", "200"])
+        .env_clear()
+        .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CPA_EXPORTER_DB", dir.path().join("demo.db"))
+        .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, port, dir)
+}
+
+async fn get(port: u16, accept: Option<&str>) -> (String, String) {
+    let mut req = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/metrics"));
+    if let Some(a) = accept {
+        req = req.header("Accept", a);
+    }
+    let resp = req.send().await.unwrap();
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    (ct, resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn demo_serves_both_formats_and_promtool_accepts_the_text() {
+    let (mut child, port, _dir) = demo();
+    let ready = eventually(Duration::from_secs(20), async || {
+        let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+            return false;
+        };
+        let text = resp.text().await.unwrap_or_default();
+        Metrics::parse(&text).sum("cpa_requests_total", &[]) > 0.0
+            && Metrics::parse(&text).sum("cpa_time_to_first_token_seconds_count", &[]) > 0.0
+    })
+    .await;
+    assert!(ready, "demo produced no traffic within 20 s");
+
+    let (ct, text) = get(port, None).await;
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    assert!(text.contains("# TYPE cpa_requests_total counter"));
+    for family in [
+        "cpa_up",
+        "cpa_exporter_build_info",
+        "process_resident_memory_bytes",
+        "cpa_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(family), "{family} missing");
+    }
+
+    let (ct, om) = get(
+        port,
+        Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+    )
+    .await;
+    assert!(ct.starts_with("application/openmetrics-text; version=1.0.0"));
+    assert!(om.ends_with("# EOF\n"));
+    assert!(om.contains("# TYPE cpa_requests counter"));
+
+    match Command::new("promtool").arg("--version").output() {
+        Ok(_) => {
+            let mut p = Command::new("promtool")
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = p.wait_with_output().unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success() && said.trim().is_empty(),
+                "promtool check metrics: {said}"
+            );
+        }
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("promtool is not installed; .ci/run installs it")
+        }
+        Err(_) => eprintln!("promtool not installed: skipping `promtool check metrics`"),
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
