@@ -1,1 +1,237 @@
-fn main() {}
+//! Throughput and memory figures for the README: `cargo bench --bench pipeline`.
+//!
+//! Prints measurements; asserts nothing about time (machines differ). Each figure is the best of
+//! a few runs, on one thread.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cpa_usage_exporter::ingest::ingest_body;
+use cpa_usage_exporter::metrics::text::{render, Format};
+use cpa_usage_exporter::metrics::{registry, Shared};
+use cpa_usage_exporter::sim::{Workload, WorkloadMix};
+use cpa_usage_exporter::store::{Limits, State, Store};
+
+const RECORDS: usize = 200_000;
+const BATCH: usize = 1_000;
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Realistic CPA queue responses of `BATCH` elements each.
+fn bodies(seed: u64) -> Vec<Vec<u8>> {
+    let mut w = Workload::new(seed, WorkloadMix::default());
+    let now = 1.79e9;
+    (0..RECORDS / BATCH)
+        .map(|_| {
+            let elems: Vec<String> = (0..BATCH).map(|_| w.next(now).element_json).collect();
+            format!("[{}]", elems.join(",")).into_bytes()
+        })
+        .collect()
+}
+
+fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut best: Option<(Duration, T)> = None;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = f();
+        let d = t.elapsed();
+        if best.as_ref().is_none_or(|(b, _)| d < *b) {
+            best = Some((d, out));
+        }
+    }
+    best.expect("runs > 0")
+}
+
+fn limits() -> Limits {
+    Limits {
+        series_per_family: 1_000_000,
+        dedup_window: 100_000,
+    }
+}
+
+/// A store whose state has about `target` series in all, from records with distinct labels.
+fn state_with_series(dir: &std::path::Path, target: usize) -> (Store, State) {
+    let (mut store, mut state) = Store::open(&dir.join(format!("s{target}.db")), limits()).unwrap();
+    let mut i = 0usize;
+    let total = |s: &State| {
+        cpa_usage_exporter::schema::Family::ALL
+            .iter()
+            .map(|f| s.series_count(*f))
+            .sum::<usize>()
+    };
+    while total(&state) < target {
+        let elems: Vec<String> = (0..200)
+            .map(|_| {
+                i += 1;
+                format!(
+                    r#"{{"timestamp":"2026-11-24T10:00:00Z","provider":"codex","model":"model-{}","auth_index":"{:016x}","api_key":"sk-{}","endpoint":"POST /v1/responses","latency_ms":{},"ttft_ms":{},"tokens":{{"input_tokens":100,"output_tokens":20,"cached_tokens":50,"cache_read_tokens":50,"total_tokens":120}}}}"#,
+                    i % 97,
+                    i % 389,
+                    i,
+                    i % 30_000,
+                    i % 3_000
+                )
+            })
+            .collect();
+        let batch = ingest_body(format!("[{}]", elems.join(",")).as_bytes(), |_| false).unwrap();
+        let mut plan = store.plan(&state, &batch);
+        store.commit(&mut plan, 0).unwrap();
+        store.apply(&mut state, plan);
+    }
+    (store, state)
+}
+
+fn main() {
+    // `cargo test --benches` runs this file too; keep that quick.
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    if let Some(pos) = args.iter().position(|a| a == "--rss-child") {
+        return rss_child(
+            args.get(pos + 1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(10_000),
+        );
+    }
+    let bodies = bodies(1);
+    let mb = bodies.iter().map(Vec::len).sum::<usize>() as f64 / 1e6;
+    println!("workload: {RECORDS} records in batches of {BATCH}, {mb:.1} MB of JSON");
+
+    let (split, _) = best_of(3, || {
+        bodies
+            .iter()
+            .map(|b| {
+                serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(b)
+                    .unwrap()
+                    .len()
+            })
+            .sum::<usize>()
+    });
+    let (decode, _) = best_of(3, || {
+        let mut usage = 0usize;
+        for b in &bodies {
+            for e in serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(b).unwrap() {
+                usage += matches!(
+                    cpa_usage_exporter::ingest::decode::decode_element(e.get()),
+                    cpa_usage_exporter::ingest::decode::Element::Usage(_)
+                ) as usize;
+            }
+        }
+        usage
+    });
+    println!(
+        "  phases: split array {:.0} ms, + decode elements {:.0} ms",
+        split.as_secs_f64() * 1e3,
+        decode.as_secs_f64() * 1e3
+    );
+    let (d, n) = best_of(3, || {
+        bodies
+            .iter()
+            .map(|b| ingest_body(b, |_| false).unwrap().ingested)
+            .sum::<u64>()
+    });
+    println!(
+        "decode + normalize:           {:>9.0} records/s ({} ingested in {:.3} s)",
+        RECORDS as f64 / d.as_secs_f64(),
+        n,
+        d.as_secs_f64()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, series) = best_of(3, || {
+        let path = dir.path().join(format!("commit-{}.db", rand_suffix()));
+        let (mut store, mut state) = Store::open(&path, limits()).unwrap();
+        for b in &bodies {
+            let batch = ingest_body(b, |id| state.seen(id)).unwrap();
+            let mut plan = store.plan(&state, &batch);
+            store.commit(&mut plan, 0).unwrap();
+            store.apply(&mut state, plan);
+        }
+        cpa_usage_exporter::schema::Family::ALL
+            .iter()
+            .map(|f| state.series_count(*f))
+            .sum::<usize>()
+    });
+    println!(
+        "decode + normalize + commit:  {:>9.0} records/s ({} batches, one fsync'd transaction each; {} series)",
+        RECORDS as f64 / d.as_secs_f64(),
+        RECORDS / BATCH,
+        series
+    );
+
+    drop(bodies);
+    for target in [1_000, 10_000, 100_000] {
+        let (_store, state) = state_with_series(dir.path(), target);
+        let shared = Arc::new(Shared::new(
+            state,
+            Default::default(),
+            dir.path().join("x.db"),
+        ));
+        let reg = registry(shared.clone());
+        let (d, len) = best_of(20, || render(&reg, Format::Text004).unwrap().len());
+        println!(
+            "scrape at {:>6} series:      {:>9.2} ms per scrape ({:.1} MB of text 0.0.4)",
+            total_series(&shared.state()),
+            d.as_secs_f64() * 1e3,
+            len as f64 / 1e6,
+        );
+    }
+    // Memory in a fresh process, so the workload above does not count.
+    let exe = std::env::current_exe().expect("own path");
+    for target in [10_000, 100_000] {
+        let out = std::process::Command::new(&exe)
+            .args(["--rss-child", &target.to_string()])
+            .output()
+            .expect("re-exec");
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+fn total_series(state: &State) -> usize {
+    cpa_usage_exporter::schema::Family::ALL
+        .iter()
+        .map(|f| state.series_count(*f))
+        .sum()
+}
+
+/// Load a store with about `target` series, serve one scrape, and report resident memory.
+fn rss_child(target: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, state) = state_with_series(dir.path(), target);
+    // Re-open, as the exporter does at start: what a restarted process holds.
+    drop(_store);
+    let (_store, state) = {
+        drop(state);
+        Store::open(&dir.path().join(format!("s{target}.db")), limits()).unwrap()
+    };
+    let series = total_series(&state);
+    let shared = Arc::new(Shared::new(
+        state,
+        Default::default(),
+        dir.path().join("x.db"),
+    ));
+    let reg = registry(shared);
+    let len = render(&reg, Format::Text004).unwrap().len();
+    println!(
+        "RSS at {:>6} series:         {:>9.1} MiB after start-up and one scrape ({:.1} MB)",
+        series,
+        rss_bytes() as f64 / 1048576.0,
+        len as f64 / 1e6
+    );
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}

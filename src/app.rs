@@ -54,7 +54,10 @@ fn ready_window(config: &Config) -> Duration {
 
 /// Run the exporter against the configured CPA until a signal; the batch in hand is finished.
 pub async fn run(config: Config) -> Result<(), StartError> {
-    let key = config.management_key.clone().ok_or(StartError::MissingKey)?;
+    let key = config
+        .management_key
+        .clone()
+        .ok_or(StartError::MissingKey)?;
     run_with_key(config, key, shutdown_signal()).await
 }
 
@@ -66,7 +69,10 @@ pub async fn run_with_key(
     let (store, state) = Store::open(&config.db, config.limits)?;
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     let client = Client::new(ClientOptions {
         base_url: config.cpa_url.clone(),
         key,

@@ -65,13 +65,29 @@ pub struct Flags {
     #[arg(long, env = "CPA_URL", global = true, value_name = "URL")]
     pub cpa_url: Option<String>,
     /// CPA management key (prefer --management-key-file: flags are visible in `ps`).
-    #[arg(long, env = "CPA_MANAGEMENT_KEY", hide_env_values = true, global = true, value_name = "KEY")]
+    #[arg(
+        long,
+        env = "CPA_MANAGEMENT_KEY",
+        hide_env_values = true,
+        global = true,
+        value_name = "KEY"
+    )]
     pub management_key: Option<String>,
     /// File holding the CPA management key (wins over --management-key).
-    #[arg(long, env = "CPA_MANAGEMENT_KEY_FILE", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "CPA_MANAGEMENT_KEY_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
     pub management_key_file: Option<String>,
     /// CPA management API routes: auto (v8, falling back to v0), v0 or v8.
-    #[arg(long, env = "CPA_API_VERSION", global = true, value_name = "auto|v0|v8")]
+    #[arg(
+        long,
+        env = "CPA_API_VERSION",
+        global = true,
+        value_name = "auto|v0|v8"
+    )]
     pub api_version: Option<String>,
     /// Address to serve /metrics on.
     #[arg(long, env = "CPA_EXPORTER_LISTEN", global = true, value_name = "ADDR")]
@@ -83,16 +99,36 @@ pub struct Flags {
     #[arg(long, env = "CPA_EXPORTER_BATCH_SIZE", global = true, value_name = "N")]
     pub batch_size: Option<String>,
     /// Wait between polls when the queue is drained (humantime, e.g. 5s).
-    #[arg(long, env = "CPA_EXPORTER_POLL_INTERVAL", global = true, value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_POLL_INTERVAL",
+        global = true,
+        value_name = "DURATION"
+    )]
     pub poll_interval: Option<String>,
     /// Timeout of one request to CPA.
-    #[arg(long, env = "CPA_EXPORTER_HTTP_TIMEOUT", global = true, value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_HTTP_TIMEOUT",
+        global = true,
+        value_name = "DURATION"
+    )]
     pub http_timeout: Option<String>,
     /// Log level: error, warn, info, debug, trace.
-    #[arg(long, env = "CPA_EXPORTER_LOG_LEVEL", global = true, value_name = "LEVEL")]
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_LOG_LEVEL",
+        global = true,
+        value_name = "LEVEL"
+    )]
     pub log_level: Option<String>,
     /// Log format: text or json.
-    #[arg(long, env = "CPA_EXPORTER_LOG_FORMAT", global = true, value_name = "FORMAT")]
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_LOG_FORMAT",
+        global = true,
+        value_name = "FORMAT"
+    )]
     pub log_format: Option<String>,
 }
 
@@ -184,24 +220,100 @@ impl Spec {
     }
 }
 
-const CPA_URL: Spec = Spec { what: "CPA URL", id: "cpa_url", env: "CPA_URL", default: Some(DEFAULT_CPA_URL) };
-const KEY: Spec = Spec { what: "management key", id: "management_key", env: "CPA_MANAGEMENT_KEY", default: None };
-const KEY_FILE: Spec = Spec { what: "management key file", id: "management_key_file", env: "CPA_MANAGEMENT_KEY_FILE", default: None };
-const API_VERSION: Spec = Spec { what: "API version", id: "api_version", env: "CPA_API_VERSION", default: Some("auto") };
-const LISTEN: Spec = Spec { what: "listen address", id: "listen", env: "CPA_EXPORTER_LISTEN", default: Some(DEFAULT_LISTEN) };
-const DB: Spec = Spec { what: "state database path", id: "db", env: "CPA_EXPORTER_DB", default: Some(DEFAULT_DB) };
-const BATCH: Spec = Spec { what: "batch size", id: "batch_size", env: "CPA_EXPORTER_BATCH_SIZE", default: Some("1000") };
-const POLL: Spec = Spec { what: "poll interval", id: "poll_interval", env: "CPA_EXPORTER_POLL_INTERVAL", default: Some("5s") };
-const TIMEOUT: Spec = Spec { what: "HTTP timeout", id: "http_timeout", env: "CPA_EXPORTER_HTTP_TIMEOUT", default: Some("30s") };
-const LOG_LEVEL: Spec = Spec { what: "log level", id: "log_level", env: "CPA_EXPORTER_LOG_LEVEL", default: Some("info") };
-const LOG_FORMAT: Spec = Spec { what: "log format", id: "log_format", env: "CPA_EXPORTER_LOG_FORMAT", default: Some("text") };
+const CPA_URL: Spec = Spec {
+    what: "CPA URL",
+    id: "cpa_url",
+    env: "CPA_URL",
+    default: Some(DEFAULT_CPA_URL),
+};
+const KEY: Spec = Spec {
+    what: "management key",
+    id: "management_key",
+    env: "CPA_MANAGEMENT_KEY",
+    default: None,
+};
+const KEY_FILE: Spec = Spec {
+    what: "management key file",
+    id: "management_key_file",
+    env: "CPA_MANAGEMENT_KEY_FILE",
+    default: None,
+};
+const API_VERSION: Spec = Spec {
+    what: "API version",
+    id: "api_version",
+    env: "CPA_API_VERSION",
+    default: Some("auto"),
+};
+const LISTEN: Spec = Spec {
+    what: "listen address",
+    id: "listen",
+    env: "CPA_EXPORTER_LISTEN",
+    default: Some(DEFAULT_LISTEN),
+};
+const DB: Spec = Spec {
+    what: "state database path",
+    id: "db",
+    env: "CPA_EXPORTER_DB",
+    default: Some(DEFAULT_DB),
+};
+const BATCH: Spec = Spec {
+    what: "batch size",
+    id: "batch_size",
+    env: "CPA_EXPORTER_BATCH_SIZE",
+    default: Some("1000"),
+};
+const POLL: Spec = Spec {
+    what: "poll interval",
+    id: "poll_interval",
+    env: "CPA_EXPORTER_POLL_INTERVAL",
+    default: Some("5s"),
+};
+const TIMEOUT: Spec = Spec {
+    what: "HTTP timeout",
+    id: "http_timeout",
+    env: "CPA_EXPORTER_HTTP_TIMEOUT",
+    default: Some("30s"),
+};
+const LOG_LEVEL: Spec = Spec {
+    what: "log level",
+    id: "log_level",
+    env: "CPA_EXPORTER_LOG_LEVEL",
+    default: Some("info"),
+};
+const LOG_FORMAT: Spec = Spec {
+    what: "log format",
+    id: "log_format",
+    env: "CPA_EXPORTER_LOG_FORMAT",
+    default: Some("text"),
+};
 /// File-only settings.
-const SERIES_LIMIT: Spec = Spec { what: "series limit", id: "series_limit", env: "", default: Some("10000") };
-const DEDUP_WINDOW: Spec = Spec { what: "dedup window", id: "dedup_window", env: "", default: Some("100000") };
+const SERIES_LIMIT: Spec = Spec {
+    what: "series limit",
+    id: "series_limit",
+    env: "",
+    default: Some("10000"),
+};
+const DEDUP_WINDOW: Spec = Spec {
+    what: "dedup window",
+    id: "dedup_window",
+    env: "",
+    default: Some("100000"),
+};
 
 const SCALARS: [&Spec; 13] = [
-    &CPA_URL, &KEY, &KEY_FILE, &API_VERSION, &LISTEN, &DB, &BATCH, &POLL, &TIMEOUT, &LOG_LEVEL,
-    &LOG_FORMAT, &SERIES_LIMIT, &DEDUP_WINDOW,
+    &CPA_URL,
+    &KEY,
+    &KEY_FILE,
+    &API_VERSION,
+    &LISTEN,
+    &DB,
+    &BATCH,
+    &POLL,
+    &TIMEOUT,
+    &LOG_LEVEL,
+    &LOG_FORMAT,
+    &SERIES_LIMIT,
+    &DEDUP_WINDOW,
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,14 +362,22 @@ impl FileConfig {
                 let known: Vec<String> = SCALARS.iter().map(|s| s.file_key()).collect();
                 return Err(ConfigError::file(
                     path,
-                    format!("unknown setting `{key}` (known: labels, {})", known.join(", ")),
+                    format!(
+                        "unknown setting `{key}` (known: labels, {})",
+                        known.join(", ")
+                    ),
                 ));
             }
             let text = match v {
                 serde_norway::Value::String(s) => s,
                 serde_norway::Value::Number(n) => n.to_string(),
                 serde_norway::Value::Bool(b) => b.to_string(),
-                _ => return Err(ConfigError::file(path, format!("{key}: expected a single value"))),
+                _ => {
+                    return Err(ConfigError::file(
+                        path,
+                        format!("{key}: expected a single value"),
+                    ))
+                }
             };
             file.scalars.insert(key, text);
         }
@@ -275,8 +395,8 @@ impl Config {
     /// Parse the process arguments and environment.
     pub fn from_args() -> Result<(Option<Command>, Config), ConfigError> {
         let matches = <Cli as clap::CommandFactory>::command().get_matches();
-        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
-            .unwrap_or_else(|e| e.exit());
+        let cli =
+            <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         let config = Config::resolve(&cli.flags, &matches)?;
         Ok((cli.command, config))
     }
@@ -290,21 +410,29 @@ impl Config {
         let pick = |spec: &Spec, cli: &Option<String>| -> Raw {
             if let Some(v) = cli {
                 // A global flag given after a subcommand lives in the subcommand's matches.
-                let source = matches
-                    .value_source(spec.id)
-                    .or_else(|| matches.subcommand().and_then(|(_, m)| m.value_source(spec.id)));
+                let source = matches.value_source(spec.id).or_else(|| {
+                    matches
+                        .subcommand()
+                        .and_then(|(_, m)| m.value_source(spec.id))
+                });
                 let origin = match source {
                     Some(ValueSource::EnvVariable) => format!("from {}", spec.env),
                     _ => format!("from --{}", spec.id.replace('_', "-")),
                 };
-                return Raw { value: Some(v.clone()), origin };
+                return Raw {
+                    value: Some(v.clone()),
+                    origin,
+                };
             }
             if let Some(v) = file.scalars.get(&spec.file_key()) {
                 let origin = match &file.path {
                     Some(p) => format!("`{}` in {}", spec.file_key(), p.display()),
                     None => spec.file_key(),
                 };
-                return Raw { value: Some(v.clone()), origin };
+                return Raw {
+                    value: Some(v.clone()),
+                    origin,
+                };
             }
             Raw {
                 value: spec.default.map(str::to_owned),
@@ -328,7 +456,9 @@ impl Config {
 
         let key_file = pick(&KEY_FILE, &flags.management_key_file);
         let management_key = match &key_file.value {
-            Some(path) => Some(read_key_file(Path::new(path)).map_err(|p| err(&KEY_FILE, &key_file, p))?),
+            Some(path) => {
+                Some(read_key_file(Path::new(path)).map_err(|p| err(&KEY_FILE, &key_file, p))?)
+            }
             None => {
                 let raw = pick(&KEY, &flags.management_key);
                 match raw.value.as_deref().map(str::trim) {
@@ -344,7 +474,13 @@ impl Config {
             "auto" => ApiVersion::Auto,
             "v0" => ApiVersion::V0,
             "v8" => ApiVersion::V8,
-            other => return Err(err(&API_VERSION, &raw, format!("`{other}`: expected auto, v0 or v8"))),
+            other => {
+                return Err(err(
+                    &API_VERSION,
+                    &raw,
+                    format!("`{other}`: expected auto, v0 or v8"),
+                ))
+            }
         };
 
         let (v, raw) = required(&LISTEN, pick(&LISTEN, &flags.listen))?;
@@ -360,29 +496,42 @@ impl Config {
         let batch_size = parse_int(&v, 1, 100_000).map_err(|p| err(&BATCH, &raw, p))? as usize;
 
         let (v, raw) = required(&POLL, pick(&POLL, &flags.poll_interval))?;
-        let poll_interval = parse_duration(&v, Duration::from_millis(100), Duration::from_secs(600))
-            .map_err(|p| err(&POLL, &raw, p))?;
+        let poll_interval =
+            parse_duration(&v, Duration::from_millis(100), Duration::from_secs(600))
+                .map_err(|p| err(&POLL, &raw, p))?;
 
         let (v, raw) = required(&TIMEOUT, pick(&TIMEOUT, &flags.http_timeout))?;
         let http_timeout = parse_duration(&v, Duration::from_secs(1), Duration::from_secs(300))
             .map_err(|p| err(&TIMEOUT, &raw, p))?;
 
         let (v, raw) = required(&LOG_LEVEL, pick(&LOG_LEVEL, &flags.log_level))?;
-        let log_level = v
-            .parse::<tracing::Level>()
-            .map_err(|_| err(&LOG_LEVEL, &raw, format!("`{v}`: expected error, warn, info, debug or trace")))?;
+        let log_level = v.parse::<tracing::Level>().map_err(|_| {
+            err(
+                &LOG_LEVEL,
+                &raw,
+                format!("`{v}`: expected error, warn, info, debug or trace"),
+            )
+        })?;
 
         let (v, raw) = required(&LOG_FORMAT, pick(&LOG_FORMAT, &flags.log_format))?;
         let log_format = match v.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(err(&LOG_FORMAT, &raw, format!("`{other}`: expected text or json"))),
+            other => {
+                return Err(err(
+                    &LOG_FORMAT,
+                    &raw,
+                    format!("`{other}`: expected text or json"),
+                ))
+            }
         };
 
         let (v, raw) = required(&SERIES_LIMIT, pick(&SERIES_LIMIT, &None))?;
-        let series_per_family = parse_int(&v, 10, 1_000_000).map_err(|p| err(&SERIES_LIMIT, &raw, p))? as usize;
+        let series_per_family =
+            parse_int(&v, 10, 1_000_000).map_err(|p| err(&SERIES_LIMIT, &raw, p))? as usize;
         let (v, raw) = required(&DEDUP_WINDOW, pick(&DEDUP_WINDOW, &None))?;
-        let dedup_window = parse_int(&v, 0, 10_000_000).map_err(|p| err(&DEDUP_WINDOW, &raw, p))? as usize;
+        let dedup_window =
+            parse_int(&v, 0, 10_000_000).map_err(|p| err(&DEDUP_WINDOW, &raw, p))? as usize;
 
         let labels = label_options(&file)?;
         Ok(Config {
@@ -412,11 +561,17 @@ fn label_options(file: &FileConfig) -> Result<LabelOptions, ConfigError> {
     };
     let mut drop = Vec::new();
     for name in &file.labels.drop {
-        let known = DROPPABLE_LABELS.iter().find(|l| **l == name.as_str()).ok_or_else(|| ConfigError {
-            what: "label to drop",
-            origin: origin("drop"),
-            problem: format!("`{name}`: only {} can be dropped", DROPPABLE_LABELS.join(", ")),
-        })?;
+        let known = DROPPABLE_LABELS
+            .iter()
+            .find(|l| **l == name.as_str())
+            .ok_or_else(|| ConfigError {
+                what: "label to drop",
+                origin: origin("drop"),
+                problem: format!(
+                    "`{name}`: only {} can be dropped",
+                    DROPPABLE_LABELS.join(", ")
+                ),
+            })?;
         if !drop.contains(known) {
             drop.push(*known);
         }
@@ -426,7 +581,11 @@ fn label_options(file: &FileConfig) -> Result<LabelOptions, ConfigError> {
         let is_hash = key.len() == 19
             && key.starts_with("sha256:")
             && key[7..].bytes().all(|b| b.is_ascii_hexdigit());
-        let hashed = if is_hash { key.to_ascii_lowercase() } else { api_key_label(key) };
+        let hashed = if is_hash {
+            key.to_ascii_lowercase()
+        } else {
+            api_key_label(key)
+        };
         if alias.trim().is_empty() {
             return Err(ConfigError {
                 what: "API key alias",
@@ -436,7 +595,10 @@ fn label_options(file: &FileConfig) -> Result<LabelOptions, ConfigError> {
         }
         api_key_aliases.insert(hashed, sanitize(alias.trim()).into_owned());
     }
-    Ok(LabelOptions { drop, api_key_aliases })
+    Ok(LabelOptions {
+        drop,
+        api_key_aliases,
+    })
 }
 
 fn parse_url(v: &str) -> Result<String, String> {
@@ -456,7 +618,11 @@ fn parse_url(v: &str) -> Result<String, String> {
 
 fn parse_listen(v: &str) -> Result<SocketAddr, String> {
     // `:9317` (Go style, as node_exporter accepts) means all interfaces.
-    let full = if v.starts_with(':') { format!("0.0.0.0{v}") } else { v.to_owned() };
+    let full = if v.starts_with(':') {
+        format!("0.0.0.0{v}")
+    } else {
+        v.to_owned()
+    };
     full.parse()
         .map_err(|_| format!("`{v}`: expected HOST:PORT with an IP address, e.g. 0.0.0.0:9317"))
 }
@@ -464,12 +630,15 @@ fn parse_listen(v: &str) -> Result<SocketAddr, String> {
 fn parse_int(v: &str, min: u64, max: u64) -> Result<u64, String> {
     match v.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(format!("`{v}`: expected a whole number from {min} to {max}")),
+        _ => Err(format!(
+            "`{v}`: expected a whole number from {min} to {max}"
+        )),
     }
 }
 
 fn parse_duration(v: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let d = humantime::parse_duration(v.trim()).map_err(|e| format!("`{v}`: {e} (examples: 500ms, 5s, 2m)"))?;
+    let d = humantime::parse_duration(v.trim())
+        .map_err(|e| format!("`{v}`: {e} (examples: 500ms, 5s, 2m)"))?;
     if d < min || d > max {
         return Err(format!(
             "`{v}`: must be between {} and {}",
@@ -482,7 +651,8 @@ fn parse_duration(v: &str, min: Duration, max: Duration) -> Result<Duration, Str
 
 fn read_key_file(path: &Path) -> Result<Secret, String> {
     // The error text names the file and the OS reason, never the content.
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let key = text.trim();
     if key.is_empty() {
         return Err(format!("{} is empty", path.display()));
@@ -533,14 +703,26 @@ mod tests {
     #[test]
     fn errors_name_the_setting_and_its_origin() {
         let e = resolve(&["--batch-size", "0"]).unwrap_err().to_string();
-        assert!(e.contains("batch size") && e.contains("--batch-size"), "{e}");
-        let e = resolve(&["--poll-interval", "soon"]).unwrap_err().to_string();
+        assert!(
+            e.contains("batch size") && e.contains("--batch-size"),
+            "{e}"
+        );
+        let e = resolve(&["--poll-interval", "soon"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("poll interval") && e.contains("soon"), "{e}");
         let f = file("api-version: v9\n");
-        let e = resolve(&["--config", f.path().to_str().unwrap()]).unwrap_err().to_string();
-        assert!(e.contains("API version") && e.contains("`api-version` in"), "{e}");
+        let e = resolve(&["--config", f.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("API version") && e.contains("`api-version` in"),
+            "{e}"
+        );
         let f = file("batchsize: 1\n");
-        let e = resolve(&["--config", f.path().to_str().unwrap()]).unwrap_err().to_string();
+        let e = resolve(&["--config", f.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown setting `batchsize`"), "{e}");
         let e = resolve(&["--cpa-url", "ftp://x"]).unwrap_err().to_string();
         assert!(e.contains("CPA URL"), "{e}");
@@ -556,10 +738,15 @@ mod tests {
             f.path().to_str().unwrap(),
         ])
         .unwrap();
-        assert_eq!(c.management_key.as_ref().map(Secret::expose), Some("file-secret"));
+        assert_eq!(
+            c.management_key.as_ref().map(Secret::expose),
+            Some("file-secret")
+        );
         let debug = format!("{c:?}");
         assert!(!debug.contains("file-secret") && !debug.contains("flag-secret"));
-        let e = resolve(&["--management-key-file", "/nonexistent/key"]).unwrap_err().to_string();
+        let e = resolve(&["--management-key-file", "/nonexistent/key"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("management key file"), "{e}");
     }
 
@@ -570,10 +757,21 @@ mod tests {
         );
         let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
         assert_eq!(c.labels.drop, vec!["endpoint"]);
-        assert_eq!(c.labels.api_key_aliases.get(&api_key_label("sk-team-a")).unwrap(), "team-a");
-        assert_eq!(c.labels.api_key_aliases.get("sha256:abcdef012345").unwrap(), "team-b");
+        assert_eq!(
+            c.labels
+                .api_key_aliases
+                .get(&api_key_label("sk-team-a"))
+                .unwrap(),
+            "team-a"
+        );
+        assert_eq!(
+            c.labels.api_key_aliases.get("sha256:abcdef012345").unwrap(),
+            "team-b"
+        );
         let f = file("labels:\n  drop: [provider]\n");
-        let e = resolve(&["--config", f.path().to_str().unwrap()]).unwrap_err().to_string();
+        let e = resolve(&["--config", f.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("label to drop") && e.contains("provider"), "{e}");
     }
 }

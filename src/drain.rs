@@ -187,22 +187,30 @@ async fn commit_until_done(
 ) {
     let mut attempts = 0u32;
     loop {
-        let plan = {
+        let mut plan = {
             let state = shared.state();
             store.plan(&state, batch)
         };
         let now = crate::metrics::unix_now() as i64;
-        match tokio::task::block_in_place(|| store.commit(&plan, now)) {
+        match tokio::task::block_in_place(|| store.commit(&mut plan, now)) {
             Ok(()) => {
                 for family in Family::ALL {
                     let n = plan.overflowed[family as usize];
                     if n > 0 {
-                        shared.live.series_overflow.get_or_create(&[("family", family.id())]).inc_by(n);
+                        shared
+                            .live
+                            .series_overflow
+                            .get_or_create(&[("family", family.id())])
+                            .inc_by(n);
                     }
                 }
                 store.apply(&mut shared.state(), plan);
                 shared.live.set_store_healthy(true);
-                debug!(elements = batch.elements, ingested = batch.ingested, "batch committed");
+                debug!(
+                    elements = batch.elements,
+                    ingested = batch.ingested,
+                    "batch committed"
+                );
                 return;
             }
             Err(e) => {
@@ -217,7 +225,10 @@ async fn commit_until_done(
                     "cannot commit the batch to the state database, holding it and not popping more: {e}"
                 );
                 if *shutdown.borrow() && attempts >= 5 {
-                    error!(records = batch.ingested, "shutting down with an uncommitted batch; its records are lost");
+                    error!(
+                        records = batch.ingested,
+                        "shutting down with an uncommitted batch; its records are lost"
+                    );
                     return;
                 }
                 tokio::time::sleep(wait).await;
@@ -249,8 +260,14 @@ mod tests {
             attempts.push(t);
         }
         for (i, start) in attempts.iter().enumerate() {
-            let in_window = attempts[i..].iter().take_while(|a| **a < start + 600).count();
-            assert!(in_window <= 3, "{in_window} attempts within 10 minutes of {start}s");
+            let in_window = attempts[i..]
+                .iter()
+                .take_while(|a| **a < start + 600)
+                .count();
+            assert!(
+                in_window <= 3,
+                "{in_window} attempts within 10 minutes of {start}s"
+            );
         }
         // And it keeps trying, so a fixed key is picked up within the hour.
         assert!(attempts.windows(2).all(|w| w[1] - w[0] <= 3600));
@@ -258,7 +275,12 @@ mod tests {
 
     #[test]
     fn a_ban_is_waited_out() {
-        let wait = auth_wait(&AuthCause::IpBanned { retry_after: Some(Duration::from_secs(1781)) }, 1);
+        let wait = auth_wait(
+            &AuthCause::IpBanned {
+                retry_after: Some(Duration::from_secs(1781)),
+            },
+            1,
+        );
         assert!(wait >= Duration::from_secs(1781));
     }
 }

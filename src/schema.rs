@@ -114,7 +114,14 @@ impl Family {
 
     pub fn labels(self) -> &'static [&'static str] {
         match self {
-            Family::Requests => &[PROVIDER, MODEL, REQUESTED_MODEL, CREDENTIAL, API_KEY, ENDPOINT],
+            Family::Requests => &[
+                PROVIDER,
+                MODEL,
+                REQUESTED_MODEL,
+                CREDENTIAL,
+                API_KEY,
+                ENDPOINT,
+            ],
             Family::Failures => &[
                 PROVIDER,
                 MODEL,

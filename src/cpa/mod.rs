@@ -42,7 +42,9 @@ pub enum AuthCause {
     WrongKey,
     RemoteManagementDisabled,
     /// Too many failed logins from this IP; CPA says when it lifts the ban.
-    IpBanned { retry_after: Option<Duration> },
+    IpBanned {
+        retry_after: Option<Duration>,
+    },
     /// A 401/403 whose body CPA does not normally send.
     Other(u16),
 }
@@ -174,7 +176,11 @@ impl Client {
                 StatusCode::OK => {
                     self.resolved = Some(route);
                     let body = read_limited(resp, self.max_body_bytes).await?;
-                    return Ok(Popped { body, route, cpa_version });
+                    return Ok(Popped {
+                        body,
+                        route,
+                        cpa_version,
+                    });
                 }
                 StatusCode::NOT_FOUND => {
                     let body = read_limited(resp, 4096).await.unwrap_or_default();
@@ -267,14 +273,23 @@ mod tests {
     #[test]
     fn cpa_error_bodies_map_to_causes() {
         let c = |status, body: &str| classify_auth(status, body.as_bytes());
-        assert_eq!(c(401, r#"{"error":"invalid management key"}"#), AuthCause::WrongKey);
-        assert_eq!(c(401, r#"{"error":"missing management key"}"#), AuthCause::MissingKey);
+        assert_eq!(
+            c(401, r#"{"error":"invalid management key"}"#),
+            AuthCause::WrongKey
+        );
+        assert_eq!(
+            c(401, r#"{"error":"missing management key"}"#),
+            AuthCause::MissingKey
+        );
         assert_eq!(
             c(403, r#"{"error":"remote management disabled"}"#),
             AuthCause::RemoteManagementDisabled
         );
         assert_eq!(
-            c(403, r#"{"error":"IP banned due to too many failed attempts. Try again in 29m41s"}"#),
+            c(
+                403,
+                r#"{"error":"IP banned due to too many failed attempts. Try again in 29m41s"}"#
+            ),
             AuthCause::IpBanned {
                 retry_after: Some(Duration::from_secs(29 * 60 + 41))
             }
@@ -286,6 +301,8 @@ mod tests {
     fn messages_say_what_to_do_without_the_body() {
         let m = PopError::Auth(AuthCause::RemoteManagementDisabled).to_string();
         assert!(m.contains("allow-remote"));
-        assert!(PopError::ManagementDisabled.to_string().contains("secret-key"));
+        assert!(PopError::ManagementDisabled
+            .to_string()
+            .contains("secret-key"));
     }
 }

@@ -86,8 +86,10 @@ pub async fn serve(
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -100,7 +102,10 @@ fn handle(ctx: &Ctx, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match not_ready_reason(ctx) {
             None => text(StatusCode::OK, "ready\n"),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         "/" => landing(ctx),
         _ => text(StatusCode::NOT_FOUND, "not found; see /metrics\n"),
@@ -122,7 +127,7 @@ fn not_ready_reason(ctx: &Ctx) -> Option<String> {
     }
 }
 
-fn header<'a>(req: &'a Request<Incoming>, name: hyper::header::HeaderName) -> Option<&'a str> {
+fn header(req: &Request<Incoming>, name: hyper::header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -130,18 +135,27 @@ fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let format = Format::negotiate(header(req, ACCEPT));
     let body = match render(&ctx.registry, format) {
         Ok(b) => b,
-        Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n"),
+        Err(_) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            )
+        }
     };
     let gzip = header(req, ACCEPT_ENCODING).is_some_and(|a| {
         a.split(',')
             .any(|e| e.split(';').next().is_some_and(|n| n.trim() == "gzip"))
     });
     let mut resp = if gzip {
-        let mut enc = GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+        let mut enc = GzEncoder::new(
+            Vec::with_capacity(body.len() / 4),
+            flate2::Compression::fast(),
+        );
         match enc.write_all(body.as_bytes()).and_then(|()| enc.finish()) {
             Ok(compressed) => {
                 let mut r = Response::new(Full::new(Bytes::from(compressed)));
-                r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                r.headers_mut()
+                    .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
                 r
             }
             Err(_) => Response::new(Full::new(Bytes::from(body))),
@@ -150,7 +164,10 @@ fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         Response::new(Full::new(Bytes::from(body)))
     };
     let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
     headers.insert(VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
     resp
 }
@@ -158,8 +175,13 @@ fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 fn landing(ctx: &Ctx) -> Response<Full<Bytes>> {
     let live = &ctx.shared.live;
     let cpa = match live.last_success() {
-        Some(t) if live.cpa_up.get() == 1 => format!("up (last poll {:.0}s ago)", (unix_now() - t).max(0.0)),
-        Some(t) => format!("DOWN (last successful poll {:.0}s ago)", (unix_now() - t).max(0.0)),
+        Some(t) if live.cpa_up.get() == 1 => {
+            format!("up (last poll {:.0}s ago)", (unix_now() - t).max(0.0))
+        }
+        Some(t) => format!(
+            "DOWN (last successful poll {:.0}s ago)",
+            (unix_now() - t).max(0.0)
+        ),
         None => "not polled successfully yet".to_owned(),
     };
     let html = format!(
@@ -171,7 +193,9 @@ fn landing(ctx: &Ctx) -> Response<Full<Bytes>> {
         ready = if not_ready_reason(ctx).is_none() { "yes" } else { "no" },
     );
     let mut r = Response::new(Full::new(Bytes::from(html)));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     r
 }

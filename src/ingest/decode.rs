@@ -247,8 +247,7 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
     };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60
-    {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
         return None;
     }
     let mut rest = &s[19..];
@@ -307,7 +306,9 @@ mod tests {
 
     #[test]
     fn objects_decode_and_unknown_fields_are_ignored() {
-        let r = usage(r#"{"timestamp":"2026-08-22T14:39:03Z","model":"m","fail":{"status_code":429,"body":"x"},"zzz":[1,2]}"#);
+        let r = usage(
+            r#"{"timestamp":"2026-08-22T14:39:03Z","model":"m","fail":{"status_code":429,"body":"x"},"zzz":[1,2]}"#,
+        );
         assert_eq!(r.model.as_deref(), Some("m"));
         assert_eq!(r.fail.map(|f| f.status_code), Some(Num(Some(429))));
     }
@@ -329,8 +330,14 @@ mod tests {
         assert_eq!(reason("42"), reason::NOT_OBJECT);
         assert_eq!(reason("null"), reason::NOT_OBJECT);
         assert_eq!(reason(r#"{"timestamp":5}"#), reason::BAD_FIELD);
-        assert_eq!(reason(r#"{"timestamp":"t","failed":"yes"}"#), reason::BAD_FIELD);
-        assert_eq!(reason(r#"{"timestamp":"t","tokens":[1]}"#), reason::BAD_FIELD);
+        assert_eq!(
+            reason(r#"{"timestamp":"t","failed":"yes"}"#),
+            reason::BAD_FIELD
+        );
+        assert_eq!(
+            reason(r#"{"timestamp":"t","tokens":[1]}"#),
+            reason::BAD_FIELD
+        );
         assert!(matches!(
             decode_element(r#"{"support_refresh":true}"#),
             Element::Control

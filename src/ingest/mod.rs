@@ -39,9 +39,11 @@ impl Delta {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (Family, &LabelValues, &Value)> {
-        Family::ALL
-            .into_iter()
-            .flat_map(move |f| self.families[f as usize].iter().map(move |(l, v)| (f, l, v)))
+        Family::ALL.into_iter().flat_map(move |f| {
+            self.families[f as usize]
+                .iter()
+                .map(move |(l, v)| (f, l, v))
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -158,11 +160,20 @@ impl Observation {
         let failed_status = if rec.failed == Some(true) {
             let code = rec.fail.as_ref().map_or(Ok(0), |f| num(f.status_code))?;
             // CPA reports 500 when it does not know the status; anything non-HTTP is unknown too.
-            Some(u16::try_from(code).ok().filter(|c| (100..=599).contains(c)).unwrap_or(500))
+            Some(
+                u16::try_from(code)
+                    .ok()
+                    .filter(|c| (100..=599).contains(c))
+                    .unwrap_or(500),
+            )
         } else {
             None
         };
-        let latency_seconds = rec.latency_ms.map(num).transpose()?.map(|ms| ms as f64 / 1000.0);
+        let latency_seconds = rec
+            .latency_ms
+            .map(num)
+            .transpose()?
+            .map(|ms| ms as f64 / 1000.0);
         let ttft = num(rec.ttft_ms)?;
         Ok(Observation {
             failed_status,
@@ -187,7 +198,8 @@ struct RecKey<'a> {
 }
 
 fn or_default<'a>(v: Option<Cow<'a, str>>, default: &'static str) -> Cow<'a, str> {
-    v.filter(|s| !s.is_empty()).unwrap_or(Cow::Borrowed(default))
+    v.filter(|s| !s.is_empty())
+        .unwrap_or(Cow::Borrowed(default))
 }
 
 impl<'a> RecKey<'a> {
@@ -219,7 +231,8 @@ struct RecAgg {
 }
 
 fn observe(hist: &mut Option<Hist>, bounds: &[f64], v: f64) {
-    hist.get_or_insert_with(|| Hist::new(bounds)).observe(bounds, v);
+    hist.get_or_insert_with(|| Hist::new(bounds))
+        .observe(bounds, v);
 }
 
 fn to_labels(values: &[&str]) -> LabelValues {
@@ -261,7 +274,14 @@ impl RecAgg {
             s(&key.credential),
             s(&key.endpoint),
         );
-        let base = [&*provider, &*model, &*requested, &*credential, &api_key, &*endpoint];
+        let base = [
+            &*provider,
+            &*model,
+            &*requested,
+            &*credential,
+            &api_key,
+            &*endpoint,
+        ];
         delta.add_count(Family::Requests, &base, self.requests);
         for (code, n) in self.failures {
             let code = code.to_string();
@@ -270,7 +290,11 @@ impl RecAgg {
             delta.add_count(Family::Failures, &labels, n);
         }
         for (ty, n) in TOKEN_TYPES.into_iter().zip(self.tokens) {
-            delta.add_count(Family::Tokens, &[&provider, &model, &credential, &api_key, ty], n);
+            delta.add_count(
+                Family::Tokens,
+                &[&provider, &model, &credential, &api_key, ty],
+                n,
+            );
         }
         let hist_labels = [&*provider, &*model, &*credential];
         for (family, hist) in [(Family::Duration, self.latency), (Family::Ttft, self.ttft)] {
@@ -316,12 +340,25 @@ mod tests {
         );
         let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
         let key = api_key_label_of("sk-client-key-1");
-        let base = ["codex", "gpt-5.4", "gpt-5.4-high", "3f9c2a7d1b4e8c60", &key, "POST /v1/responses"];
+        let base = [
+            "codex",
+            "gpt-5.4",
+            "gpt-5.4-high",
+            "3f9c2a7d1b4e8c60",
+            &key,
+            "POST /v1/responses",
+        ];
         assert_eq!(counter(&batch, Family::Requests, &base), 3);
         let mut failed_labels = base.to_vec();
         failed_labels.push("429");
         assert_eq!(counter(&batch, Family::Failures, &failed_labels), 1);
-        let tok = |ty| counter(&batch, Family::Tokens, &["codex", "gpt-5.4", "3f9c2a7d1b4e8c60", &key, ty]);
+        let tok = |ty| {
+            counter(
+                &batch,
+                Family::Tokens,
+                &["codex", "gpt-5.4", "3f9c2a7d1b4e8c60", &key, ty],
+            )
+        };
         assert_eq!(tok("input"), 3 * 1026);
         assert_eq!(tok("cache_read"), 3 * 11008);
         assert_eq!(tok("reasoning"), 3 * 512);

@@ -45,7 +45,9 @@ pub enum Semantics {
 pub fn semantics(provider: &str, executor_type: &str) -> Semantics {
     let p = provider.to_ascii_lowercase();
     let e = executor_type.to_ascii_lowercase();
-    if p == "openai-compatibility" || p.starts_with("openai-compatible-") || e == "openaicompatexecutor"
+    if p == "openai-compatibility"
+        || p.starts_with("openai-compatible-")
+        || e == "openaicompatexecutor"
     {
         return Semantics::Subset;
     }
@@ -116,7 +118,14 @@ fn from_breakdown(b: &RawBreakdown) -> Result<Option<Tokens>, InvalidNumber> {
     let consistent = uncached + cr + cw == input_total
         && non_reasoning + reasoning == output_total
         && input_total + output_total + unclassified == total;
-    Ok(consistent.then_some(Tokens([uncached, cr, cw, non_reasoning, reasoning, unclassified])))
+    Ok(consistent.then_some(Tokens([
+        uncached,
+        cr,
+        cw,
+        non_reasoning,
+        reasoning,
+        unclassified,
+    ])))
 }
 
 /// Derive buckets from the raw fields (CPA before v7.2.97, or a broken breakdown).
@@ -133,7 +142,10 @@ pub fn derive(raw: &RawTokens, sem: Semantics) -> Result<Tokens, InvalidNumber> 
         n(raw.total_tokens)?,
     );
     // Records before v7.0.3 only carry `cached_tokens`.
-    if cr == 0 && cw == 0 && cached > 0 && matches!(sem, Semantics::Subset | Semantics::SeparateReasoning)
+    if cr == 0
+        && cw == 0
+        && cached > 0
+        && matches!(sem, Semantics::Subset | Semantics::SeparateReasoning)
     {
         cr = cached;
     }
@@ -188,7 +200,10 @@ mod tests {
         assert_eq!(semantics("claude", ""), Semantics::Independent);
         assert_eq!(semantics("gemini-cli", ""), Semantics::SeparateReasoning);
         assert_eq!(semantics("antigravity", ""), Semantics::SeparateReasoning);
-        assert_eq!(semantics("my-llm", "OpenAICompatExecutor"), Semantics::Subset);
+        assert_eq!(
+            semantics("my-llm", "OpenAICompatExecutor"),
+            Semantics::Subset
+        );
         // Rule 1 beats rule 2: an openai-compatible provider serving Claude is still a subset.
         assert_eq!(semantics("openai-compatible-claude", ""), Semantics::Subset);
         assert_eq!(semantics("", ""), Semantics::Unknown);

@@ -21,7 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::config::LabelOptions;
 use crate::schema::{label, Family, Kind};
 use crate::series::{LabelValues, Value};
-use crate::store::{State, Store};
+use crate::store::{State, Store, Stored};
 
 pub const CPA_UP: &str = "cpa_up";
 pub const BUILD_INFO: &str = "cpa_exporter_build_info";
@@ -127,8 +127,16 @@ impl Shared {
 pub fn registry(shared: Arc<Shared>) -> Registry {
     let mut r = Registry::default();
     let live = &shared.live;
-    r.register(CPA_UP, "Whether the last poll of CPA's usage queue succeeded (1) or not (0)", live.cpa_up.clone());
-    r.register(POLLS, "Polls of CPA's usage queue by result", live.polls.clone());
+    r.register(
+        CPA_UP,
+        "Whether the last poll of CPA's usage queue succeeded (1) or not (0)",
+        live.cpa_up.clone(),
+    );
+    r.register(
+        POLLS,
+        "Polls of CPA's usage queue by result",
+        live.polls.clone(),
+    );
     r.register_with_unit(
         POLL_DURATION,
         "Duration of one poll of CPA's usage queue, including the commit of its batch",
@@ -140,7 +148,11 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "Records whose label set was folded into the __other__ series because the family reached its series limit",
         live.series_overflow.clone(),
     );
-    r.register(STORE_ERRORS, "Failed commits to the state database (the batch is kept and retried)", live.store_errors.clone());
+    r.register(
+        STORE_ERRORS,
+        "Failed commits to the state database (the batch is kept and retried)",
+        live.store_errors.clone(),
+    );
     r.register_collector(Box::new(StoredCollector(shared)));
     r.register_collector(Box::new(process::ProcessCollector));
     r
@@ -176,12 +188,26 @@ impl prometheus_client::collector::Collector for StoredCollector {
         let shared = &self.0;
         let build = [
             ("version", env!("CARGO_PKG_VERSION")),
-            ("revision", option_env!("CPA_EXPORTER_REVISION").unwrap_or("unknown")),
+            (
+                "revision",
+                option_env!("CPA_EXPORTER_REVISION").unwrap_or("unknown"),
+            ),
         ];
-        let mut m = enc.encode_descriptor(BUILD_INFO, "Build of the exporter; constant 1", None, MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor(
+            BUILD_INFO,
+            "Build of the exporter; constant 1",
+            None,
+            MetricType::Gauge,
+        )?;
         m.encode_family(&build)?.encode_gauge(&1i64)?;
         if let Some(t) = shared.live.last_success() {
-            encode_gauge(&mut enc, LAST_SUCCESS, "Unix time of the last successful poll of CPA", Some(Unit::Seconds), t)?;
+            encode_gauge(
+                &mut enc,
+                LAST_SUCCESS,
+                "Unix time of the last successful poll of CPA",
+                Some(Unit::Seconds),
+                t,
+            )?;
         }
         encode_gauge(
             &mut enc,
@@ -193,15 +219,31 @@ impl prometheus_client::collector::Collector for StoredCollector {
         // Hold the lock only while encoding: O(series), never O(records).
         let state = shared.state();
         if let Some(t) = state.last_record_timestamp {
-            encode_gauge(&mut enc, LAST_RECORD, "Start time of the newest record ingested, Unix seconds", Some(Unit::Seconds), t)?;
+            encode_gauge(
+                &mut enc,
+                LAST_RECORD,
+                "Start time of the newest record ingested, Unix seconds",
+                Some(Unit::Seconds),
+                t,
+            )?;
         }
-        let mut m = enc.encode_descriptor(SERIES, "Stored series per family (the series limit applies to these)", None, MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor(
+            SERIES,
+            "Stored series per family (the series limit applies to these)",
+            None,
+            MetricType::Gauge,
+        )?;
         for family in Family::ALL {
             m.encode_family(&[("family", family.id())])?
                 .encode_gauge(&(state.series_count(family) as i64))?;
         }
         for family in Family::ALL {
-            encode_family(&mut enc, family, &state.families[family as usize], &shared.labels)?;
+            encode_family(
+                &mut enc,
+                family,
+                &state.families[family as usize],
+                &shared.labels,
+            )?;
         }
         Ok(())
     }
@@ -209,7 +251,9 @@ impl prometheus_client::collector::Collector for StoredCollector {
 
 fn encode_value(m: &mut MetricEncoder, v: &Value, kind: Kind) -> Result<(), std::fmt::Error> {
     match (v, kind) {
-        (Value::Counter(n), _) => m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(n, None),
+        (Value::Counter(n), _) => {
+            m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(n, None)
+        }
         (Value::Histogram(h), Kind::Histogram(bounds)) => {
             let buckets: Vec<(f64, u64)> = bounds
                 .iter()
@@ -217,7 +261,9 @@ fn encode_value(m: &mut MetricEncoder, v: &Value, kind: Kind) -> Result<(), std:
                 .chain(std::iter::once(f64::INFINITY))
                 .zip(h.buckets.iter().copied())
                 .collect();
-            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(h.sum, h.count, &buckets, None)
+            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                h.sum, h.count, &buckets, None,
+            )
         }
         (Value::Histogram(_), Kind::Counter) => Ok(()),
     }
@@ -228,7 +274,7 @@ fn encode_value(m: &mut MetricEncoder, v: &Value, kind: Kind) -> Result<(), std:
 fn encode_family(
     enc: &mut DescriptorEncoder,
     family: Family,
-    series: &BTreeMap<LabelValues, Value>,
+    series: &BTreeMap<LabelValues, Stored>,
     opts: &LabelOptions,
 ) -> Result<(), std::fmt::Error> {
     let kind = family.kind();
@@ -240,8 +286,12 @@ fn encode_family(
     let mut m = enc.encode_descriptor(name, family.help(), unit.as_ref(), metric_type)?;
     let names = family.labels();
     if opts.is_identity() {
-        for (values, v) in series {
-            let pairs: Vec<(&str, &str)> = names.iter().copied().zip(values.iter().map(|v| &**v)).collect();
+        for (values, Stored { value: v, .. }) in series {
+            let pairs: Vec<(&str, &str)> = names
+                .iter()
+                .copied()
+                .zip(values.iter().map(|v| &**v))
+                .collect();
             encode_value(&mut m.encode_family(&pairs)?, v, kind)?;
         }
         return Ok(());
@@ -253,7 +303,7 @@ fn encode_family(
         .map(|(i, n)| (i, *n))
         .collect();
     let mut projected: BTreeMap<Vec<&str>, Value> = BTreeMap::new();
-    for (values, v) in series {
+    for (values, Stored { value: v, .. }) in series {
         let key: Vec<&str> = kept
             .iter()
             .map(|&(i, name)| {
@@ -270,7 +320,11 @@ fn encode_family(
             .or_insert_with(|| v.clone());
     }
     for (values, v) in &projected {
-        let pairs: Vec<(&str, &str)> = kept.iter().map(|(_, n)| *n).zip(values.iter().copied()).collect();
+        let pairs: Vec<(&str, &str)> = kept
+            .iter()
+            .map(|(_, n)| *n)
+            .zip(values.iter().copied())
+            .collect();
         encode_value(&mut m.encode_family(&pairs)?, v, kind)?;
     }
     Ok(())

@@ -68,21 +68,54 @@ impl prometheus_client::collector::Collector for ProcessCollector {
                 Some(&Unit::Seconds),
                 MetricType::Counter,
             )?;
-            m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(&stat.cpu_seconds, None)?;
-            encode_gauge(&mut enc, "process_virtual_memory", "Virtual memory size in bytes", Some(Unit::Bytes), stat.virtual_bytes)?;
+            m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(
+                &stat.cpu_seconds,
+                None,
+            )?;
+            encode_gauge(
+                &mut enc,
+                "process_virtual_memory",
+                "Virtual memory size in bytes",
+                Some(Unit::Bytes),
+                stat.virtual_bytes,
+            )?;
             if let Some(boot) = boot_time() {
                 let start = boot + stat.start_ticks / TICKS_PER_SECOND;
-                encode_gauge(&mut enc, "process_start_time", "Start time of the process since unix epoch in seconds", Some(Unit::Seconds), start)?;
+                encode_gauge(
+                    &mut enc,
+                    "process_start_time",
+                    "Start time of the process since unix epoch in seconds",
+                    Some(Unit::Seconds),
+                    start,
+                )?;
             }
         }
         if let Some(rss) = resident_bytes() {
-            encode_gauge(&mut enc, "process_resident_memory", "Resident memory size in bytes", Some(Unit::Bytes), rss)?;
+            encode_gauge(
+                &mut enc,
+                "process_resident_memory",
+                "Resident memory size in bytes",
+                Some(Unit::Bytes),
+                rss,
+            )?;
         }
         if let Some(n) = open_fds() {
-            encode_gauge(&mut enc, "process_open_fds", "Number of open file descriptors", None, n)?;
+            encode_gauge(
+                &mut enc,
+                "process_open_fds",
+                "Number of open file descriptors",
+                None,
+                n,
+            )?;
         }
         if let Some(n) = max_fds() {
-            encode_gauge(&mut enc, "process_max_fds", "Maximum number of open file descriptors", None, n)?;
+            encode_gauge(
+                &mut enc,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                None,
+                n,
+            )?;
         }
         Ok(())
     }

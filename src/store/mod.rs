@@ -54,10 +54,17 @@ impl Default for Limits {
     }
 }
 
+/// A committed series: its row id in SQLite and its cumulative value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub id: i64,
+    pub value: Value,
+}
+
 /// The cumulative values, as committed.
 #[derive(Debug, Default)]
 pub struct State {
-    pub families: [BTreeMap<LabelValues, Value>; Family::COUNT],
+    pub families: [BTreeMap<LabelValues, Stored>; Family::COUNT],
     pub last_record_timestamp: Option<f64>,
     dedup_set: HashSet<u64>,
     dedup_order: VecDeque<(i64, u64)>,
@@ -77,10 +84,19 @@ impl State {
     }
 }
 
+/// One series a batch changes: its row id (`None` until a new series is inserted) and new value.
+#[derive(Debug)]
+struct Write {
+    family: Family,
+    labels: LabelValues,
+    id: Option<i64>,
+    value: Value,
+}
+
 /// The absolute values a batch leads to, computed before the commit and applied after it.
 #[derive(Debug, Default)]
 pub struct Plan {
-    writes: Vec<(Family, LabelValues, Value)>,
+    writes: Vec<Write>,
     /// Records folded into the overflow series, per family.
     pub overflowed: [u64; Family::COUNT],
     event_ids: Vec<(i64, u64)>,
@@ -129,7 +145,9 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::TooNew {
                 path: self.path.clone(),
@@ -140,13 +158,14 @@ impl Store {
             let tx = self.conn.transaction()?;
             tx.execute_batch(
                 "CREATE TABLE IF NOT EXISTS series (
+                     id         INTEGER PRIMARY KEY,
                      family     TEXT    NOT NULL,
                      labels     TEXT    NOT NULL,
                      value      INTEGER,
                      hist       BLOB,
                      updated_at INTEGER NOT NULL,
-                     PRIMARY KEY (family, labels)
-                 ) WITHOUT ROWID;
+                     UNIQUE (family, labels)
+                 );
                  CREATE TABLE IF NOT EXISTS dedup (seq INTEGER PRIMARY KEY, id INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
                  PRAGMA user_version = 1;",
@@ -160,28 +179,34 @@ impl Store {
         let mut state = State::default();
         let mut stmt = self
             .conn
-            .prepare("SELECT family, labels, value, hist FROM series")?;
+            .prepare("SELECT id, family, labels, value, hist FROM series")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let family_id: String = row.get(0)?;
+            let id: i64 = row.get(0)?;
+            let family_id: String = row.get(1)?;
             let Some(family) = Family::from_id(&family_id) else {
                 // A family a later version added and this one does not know: leave it be.
                 continue;
             };
-            let labels = decode_labels(family, &row.get::<_, String>(1)?)?;
-            let value = match family.kind() {
-                Kind::Counter => Value::Counter(row.get::<_, i64>(2)?.max(0) as u64),
-                Kind::Histogram(bounds) => {
-                    let blob: Vec<u8> = row.get(3)?;
-                    Value::Histogram(decode_hist(&blob, bounds).ok_or_else(|| {
-                        StoreError::Corrupt(format!("histogram of {family_id}"))
-                    })?)
-                }
-            };
-            state.families[family as usize].insert(labels, value);
+            let labels = decode_labels(family, &row.get::<_, String>(2)?)?;
+            let value =
+                match family.kind() {
+                    Kind::Counter => Value::Counter(row.get::<_, i64>(3)?.max(0) as u64),
+                    Kind::Histogram(bounds) => {
+                        let blob: Vec<u8> = row.get(4)?;
+                        Value::Histogram(decode_hist(&blob, bounds).ok_or_else(|| {
+                            StoreError::Corrupt(format!("histogram of {family_id}"))
+                        })?)
+                    }
+                };
+            state.families[family as usize].insert(labels, Stored { id, value });
         }
-        let mut stmt = self.conn.prepare("SELECT seq, id FROM dedup ORDER BY seq")?;
-        let ids = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, id FROM dedup ORDER BY seq")?;
+        let ids = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
         for id in ids {
             let (seq, id) = id?;
             state.dedup_set.insert(id);
@@ -201,64 +226,80 @@ impl Store {
     /// Work out the absolute values `batch` leads to, folding label sets beyond the cap.
     pub fn plan(&self, state: &State, batch: &Batch) -> Plan {
         let mut plan = Plan::default();
-        let mut absolute: HashMap<(Family, LabelValues), Value> = HashMap::new();
+        // Index into `plan.writes` of each series touched; folded label sets share one write.
+        let mut slots: [HashMap<LabelValues, usize>; Family::COUNT] = Default::default();
         let mut new_series = [0usize; Family::COUNT];
         for (family, labels, delta) in batch.delta.iter() {
-            let stored = &state.families[family as usize];
-            let mut key = labels.clone();
-            if !stored.contains_key(&key) && !absolute.contains_key(&(family, key.clone())) {
-                let total = stored.len() + new_series[family as usize];
-                if family.is_capped() && total >= self.limits.series_per_family {
-                    key = fold(family, labels);
-                    plan.overflowed[family as usize] += records_in(delta);
+            let f = family as usize;
+            let stored = &state.families[f];
+            let is_new = !stored.contains_key(labels) && !slots[f].contains_key(labels);
+            let folded;
+            let key = if is_new
+                && family.is_capped()
+                && stored.len() + new_series[f] >= self.limits.series_per_family
+            {
+                plan.overflowed[f] += records_in(delta);
+                folded = fold(family, labels);
+                &folded
+            } else {
+                labels
+            };
+            let slot = match slots[f].get(key) {
+                Some(&i) => i,
+                None => {
+                    let existing = stored.get(key);
+                    new_series[f] += usize::from(existing.is_none());
+                    plan.writes.push(Write {
+                        family,
+                        labels: key.clone(),
+                        id: existing.map(|s| s.id),
+                        value: existing.map_or_else(|| zero(family), |s| s.value.clone()),
+                    });
+                    slots[f].insert(key.clone(), plan.writes.len() - 1);
+                    plan.writes.len() - 1
                 }
-                if !stored.contains_key(&key) && !absolute.contains_key(&(family, key.clone())) {
-                    new_series[family as usize] += 1;
-                }
-            }
-            absolute
-                .entry((family, key.clone()))
-                .or_insert_with(|| stored.get(&key).cloned().unwrap_or_else(|| zero(family)))
-                .merge(delta);
+            };
+            plan.writes[slot].value.merge(delta);
         }
-        plan.writes = absolute.into_iter().map(|((f, l), v)| (f, l, v)).collect();
-        let mut seq = state.next_seq();
-        for &id in &batch.event_ids {
-            plan.event_ids.push((seq, id));
-            seq += 1;
-        }
-        plan.last_record_timestamp = match (state.last_record_timestamp, batch.last_record_timestamp) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        plan.event_ids = (state.next_seq()..)
+            .zip(batch.event_ids.iter().copied())
+            .collect();
+        plan.last_record_timestamp =
+            match (state.last_record_timestamp, batch.last_record_timestamp) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
         plan
     }
 
-    /// Write a plan in one transaction. On error nothing is written and `state` is unchanged.
-    pub fn commit(&mut self, plan: &Plan, now_unix: i64) -> Result<(), StoreError> {
+    /// Write a plan in one transaction and fill in the ids of new series. On error nothing is
+    /// written and `state` is unchanged; the plan can be committed again.
+    pub fn commit(&mut self, plan: &mut Plan, now_unix: i64) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
+        let mut new_ids = Vec::new();
         {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO series (family, labels, value, hist, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (family, labels) DO UPDATE
-                 SET value = excluded.value, hist = excluded.hist, updated_at = excluded.updated_at",
+            // Existing series are updated by row id, far cheaper than an upsert on the text key.
+            let mut update = tx.prepare_cached(
+                "UPDATE series SET value = ?2, hist = ?3, updated_at = ?4 WHERE id = ?1",
             )?;
-            for (family, labels, value) in &plan.writes {
-                let text = encode_labels(*family, labels);
-                match value {
-                    Value::Counter(n) => {
-                        let n = i64::try_from(*n).unwrap_or(i64::MAX);
-                        upsert.execute(params![family.id(), text, n, None::<Vec<u8>>, now_unix])?
-                    }
-                    Value::Histogram(h) => upsert.execute(params![
-                        family.id(),
-                        text,
-                        None::<i64>,
-                        encode_hist(h),
-                        now_unix
-                    ])?,
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO series (family, labels, value, hist, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (i, w) in plan.writes.iter().enumerate() {
+                let (value, hist) = match &w.value {
+                    Value::Counter(n) => (Some(i64::try_from(*n).unwrap_or(i64::MAX)), None),
+                    Value::Histogram(h) => (None, Some(encode_hist(h))),
                 };
+                match w.id {
+                    Some(id) => {
+                        update.execute(params![id, value, hist, now_unix])?;
+                    }
+                    None => {
+                        let labels = encode_labels(w.family, &w.labels);
+                        insert.execute(params![w.family.id(), labels, value, hist, now_unix])?;
+                        new_ids.push((i, tx.last_insert_rowid()));
+                    }
+                }
             }
             let mut insert_id = tx.prepare_cached("INSERT INTO dedup (seq, id) VALUES (?1, ?2)")?;
             for (seq, id) in &plan.event_ids {
@@ -277,13 +318,18 @@ impl Store {
             }
         }
         tx.commit()?;
+        for (i, id) in new_ids {
+            plan.writes[i].id = Some(id);
+        }
         Ok(())
     }
 
     /// Make the committed plan visible in memory.
     pub fn apply(&self, state: &mut State, plan: Plan) {
-        for (family, labels, value) in plan.writes {
-            state.families[family as usize].insert(labels, value);
+        for w in plan.writes {
+            let id = w.id.unwrap_or_default();
+            let series = Stored { id, value: w.value };
+            state.families[w.family as usize].insert(w.labels, series);
         }
         for (seq, id) in plan.event_ids {
             state.dedup_set.insert(id);
@@ -415,16 +461,16 @@ mod tests {
 
     fn ingest(store: &mut Store, state: &mut State, body: &str) {
         let batch = ingest_body(body.as_bytes(), |h| state.seen(h)).unwrap();
-        let plan = store.plan(state, &batch);
-        store.commit(&plan, 1).unwrap();
+        let mut plan = store.plan(state, &batch);
+        store.commit(&mut plan, 1).unwrap();
         store.apply(state, plan);
     }
 
     fn requests(state: &State) -> u64 {
         state.families[Family::Requests as usize]
             .values()
-            .map(|v| match v {
-                Value::Counter(n) => *n,
+            .map(|s| match s.value {
+                Value::Counter(n) => n,
                 Value::Histogram(_) => 0,
             })
             .sum()
@@ -435,8 +481,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
-        ingest(&mut store, &mut state, &format!("[{},{}]", rec("a", Some("1")), rec("b", None)));
-        ingest(&mut store, &mut state, &format!("[{}]", rec("a", Some("1"))));
+        ingest(
+            &mut store,
+            &mut state,
+            &format!("[{},{}]", rec("a", Some("1")), rec("b", None)),
+        );
+        ingest(
+            &mut store,
+            &mut state,
+            &format!("[{}]", rec("a", Some("1"))),
+        );
         drop(store);
         let (store2, reopened) = Store::open(&path, Limits::default()).unwrap();
         assert_eq!(reopened.families, state.families);
@@ -462,9 +516,9 @@ mod tests {
         let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
         let body: Vec<String> = (0..10).map(|i| rec(&format!("m{i}"), None)).collect();
         let batch = ingest_body(format!("[{}]", body.join(",")).as_bytes(), |_| false).unwrap();
-        let plan = store.plan(&state, &batch);
+        let mut plan = store.plan(&state, &batch);
         assert_eq!(plan.overflowed[Family::Requests as usize], 7);
-        store.commit(&plan, 1).unwrap();
+        store.commit(&mut plan, 1).unwrap();
         store.apply(&mut state, plan);
         // 3 real series plus the overflow series.
         assert_eq!(state.series_count(Family::Requests), 4);
@@ -490,7 +544,11 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         for i in 0..20 {
-            ingest(&mut store, &mut state, &format!("[{}]", rec("a", Some(&i.to_string()))));
+            ingest(
+                &mut store,
+                &mut state,
+                &format!("[{}]", rec("a", Some(&i.to_string()))),
+            );
         }
         assert_eq!(state.dedup_set.len(), 5);
         drop(store);
