@@ -240,6 +240,50 @@ async fn commit_until_done(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LabelOptions;
+    use crate::store::Limits;
+
+    /// A source that always refuses the key, logging when it was asked.
+    struct Refusing(std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>);
+
+    impl Source for Refusing {
+        fn pop(&mut self, _: usize) -> impl Future<Output = Result<Popped, PopError>> + Send {
+            self.0.lock().unwrap().push(tokio::time::Instant::now());
+            std::future::ready(Err(PopError::Auth(AuthCause::WrongKey)))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_makes_at_most_three_attempts_with_a_wrong_key_in_ten_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, state) = Store::open(&dir.path().join("s.db"), Limits::default()).unwrap();
+        let shared = Arc::new(Shared::new(
+            state,
+            LabelOptions::default(),
+            dir.path().join("s.db"),
+        ));
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (_tx, rx) = watch::channel(false);
+        let opts = DrainOptions {
+            batch_size: 10,
+            poll_interval: Duration::from_millis(100),
+        };
+        let start = tokio::time::Instant::now();
+        let drain = run(Refusing(calls.clone()), store, shared.clone(), opts, rx);
+        // Virtual time: 30 minutes pass instantly.
+        let _ = tokio::time::timeout(Duration::from_secs(30 * 60), drain).await;
+        let times: Vec<u64> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| (*t - start).as_secs())
+            .collect();
+        assert_eq!(times, [0, 300, 900], "attempts at 0, 5 and 15 minutes");
+        for (i, t) in times.iter().enumerate() {
+            assert!(times[i..].iter().take_while(|u| **u < t + 600).count() <= 3);
+        }
+        assert_eq!(shared.live.cpa_up.get(), 0);
+    }
 
     #[test]
     fn transient_backoff_grows_from_1s_to_30s() {
