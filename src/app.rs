@@ -49,7 +49,7 @@ pub async fn shutdown_signal() {
 
 /// How long `/readyz` tolerates no successful poll.
 fn ready_window(config: &Config) -> Duration {
-    (config.poll_interval * 3 + config.http_timeout).max(Duration::from_secs(30))
+    (config.idle_interval(false) * 3 + config.http_timeout).max(Duration::from_secs(30))
 }
 
 /// Run the exporter against the configured CPA until a signal; the batch in hand is finished.
@@ -89,7 +89,7 @@ pub async fn run_with_key(
         cpa = %config.cpa_url,
         db = %config.db.display(),
         batch_size = config.batch_size,
-        poll_interval = %humantime::format_duration(config.poll_interval),
+        poll_interval = %humantime::format_duration(config.idle_interval(false)),
         "cpa-usage-exporter {} started",
         env!("CARGO_PKG_VERSION")
     );
@@ -106,7 +106,7 @@ pub async fn run_with_key(
         shared,
         DrainOptions {
             batch_size: config.batch_size,
-            poll_interval: config.poll_interval,
+            poll_interval: config.idle_interval(false),
         },
         stop_rx,
     );

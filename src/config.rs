@@ -81,6 +81,14 @@ pub struct Flags {
         value_name = "FILE"
     )]
     pub management_key_file: Option<String>,
+    /// How to pop the queue: auto (RESP if CPA speaks it, else HTTP), http or resp.
+    #[arg(
+        long,
+        env = "CPA_TRANSPORT",
+        global = true,
+        value_name = "auto|http|resp"
+    )]
+    pub transport: Option<String>,
     /// CPA management API routes: auto (v8, falling back to v0), v0 or v8.
     #[arg(
         long,
@@ -98,7 +106,7 @@ pub struct Flags {
     /// Records popped per request.
     #[arg(long, env = "CPA_EXPORTER_BATCH_SIZE", global = true, value_name = "N")]
     pub batch_size: Option<String>,
-    /// Wait between polls when the queue is drained (humantime, e.g. 5s).
+    /// Wait between polls when the queue is drained (default 1s over RESP, 5s over HTTP).
     #[arg(
         long,
         env = "CPA_EXPORTER_POLL_INTERVAL",
@@ -106,6 +114,30 @@ pub struct Flags {
         value_name = "DURATION"
     )]
     pub poll_interval: Option<String>,
+    /// How often CPA's usage settings are read.
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_SETTINGS_INTERVAL",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub settings_interval: Option<String>,
+    /// How often CPA's credentials listing is read (0s turns it off).
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_CREDENTIALS_INTERVAL",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub credentials_interval: Option<String>,
+    /// Price table for cpa_cost_usd_total: this project's YAML format or LiteLLM's JSON.
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_PRICES_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub prices_file: Option<String>,
     /// Timeout of one request to CPA.
     #[arg(
         long,
@@ -140,6 +172,13 @@ pub enum ApiVersion {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Auto,
+    Http,
+    Resp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
@@ -159,11 +198,16 @@ pub struct LabelOptions {
     pub drop: Vec<&'static str>,
     /// `sha256:<12 hex>` -> display alias.
     pub api_key_aliases: HashMap<String, String>,
+    /// `auth_index` -> display name, for the `credential` label.
+    pub credential_names: HashMap<String, String>,
+    /// Show credential file names with their e-mail part unmasked in `cpa_credential_info`.
+    pub unmask_credential_names: bool,
 }
 
 impl LabelOptions {
+    /// Whether stored label sets render as they are (no drop, no renaming).
     pub fn is_identity(&self) -> bool {
-        self.drop.is_empty() && self.api_key_aliases.is_empty()
+        self.drop.is_empty() && self.api_key_aliases.is_empty() && self.credential_names.is_empty()
     }
 }
 
@@ -173,15 +217,41 @@ pub struct Config {
     pub cpa_url: String,
     pub management_key: Option<Secret>,
     pub api_version: ApiVersion,
+    pub transport: Transport,
     pub listen: SocketAddr,
     pub db: PathBuf,
     pub batch_size: usize,
-    pub poll_interval: Duration,
+    /// Idle wait between polls; `None` means the transport's default (see [`Config::idle_interval`]).
+    pub poll_interval: Option<Duration>,
+    pub settings_interval: Duration,
+    /// `None`: the credentials listing is not polled.
+    pub credentials_interval: Option<Duration>,
+    /// Quota series of a credential disappear after this long without an observation.
+    pub quota_retention: Duration,
+    pub prices_file: Option<PathBuf>,
+    /// Model name as CPA reports it -> name in the price table.
+    pub model_aliases: HashMap<String, String>,
     pub http_timeout: Duration,
     pub log_level: tracing::Level,
     pub log_format: LogFormat,
     pub labels: LabelOptions,
     pub limits: Limits,
+}
+
+/// Idle poll interval over HTTP: each poll costs CPA one bcrypt check (about 70 ms of CPU).
+pub const HTTP_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// Idle poll interval over RESP: after the one AUTH per connection a pop costs CPA nothing.
+pub const RESP_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Config {
+    /// The idle wait between polls for the transport in use.
+    pub fn idle_interval(&self, resp: bool) -> Duration {
+        self.poll_interval.unwrap_or(if resp {
+            RESP_POLL_INTERVAL
+        } else {
+            HTTP_POLL_INTERVAL
+        })
+    }
 }
 
 pub const DEFAULT_CPA_URL: &str = "http://127.0.0.1:8317";
@@ -220,101 +290,127 @@ impl Spec {
     }
 }
 
-const CPA_URL: Spec = Spec {
-    what: "CPA URL",
-    id: "cpa_url",
-    env: "CPA_URL",
-    default: Some(DEFAULT_CPA_URL),
-};
-const KEY: Spec = Spec {
-    what: "management key",
-    id: "management_key",
-    env: "CPA_MANAGEMENT_KEY",
-    default: None,
-};
-const KEY_FILE: Spec = Spec {
-    what: "management key file",
-    id: "management_key_file",
-    env: "CPA_MANAGEMENT_KEY_FILE",
-    default: None,
-};
-const API_VERSION: Spec = Spec {
-    what: "API version",
-    id: "api_version",
-    env: "CPA_API_VERSION",
-    default: Some("auto"),
-};
-const LISTEN: Spec = Spec {
-    what: "listen address",
-    id: "listen",
-    env: "CPA_EXPORTER_LISTEN",
-    default: Some(DEFAULT_LISTEN),
-};
-const DB: Spec = Spec {
-    what: "state database path",
-    id: "db",
-    env: "CPA_EXPORTER_DB",
-    default: Some(DEFAULT_DB),
-};
-const BATCH: Spec = Spec {
-    what: "batch size",
-    id: "batch_size",
-    env: "CPA_EXPORTER_BATCH_SIZE",
-    default: Some("1000"),
-};
-const POLL: Spec = Spec {
-    what: "poll interval",
-    id: "poll_interval",
-    env: "CPA_EXPORTER_POLL_INTERVAL",
-    default: Some("5s"),
-};
-const TIMEOUT: Spec = Spec {
-    what: "HTTP timeout",
-    id: "http_timeout",
-    env: "CPA_EXPORTER_HTTP_TIMEOUT",
-    default: Some("30s"),
-};
-const LOG_LEVEL: Spec = Spec {
-    what: "log level",
-    id: "log_level",
-    env: "CPA_EXPORTER_LOG_LEVEL",
-    default: Some("info"),
-};
-const LOG_FORMAT: Spec = Spec {
-    what: "log format",
-    id: "log_format",
-    env: "CPA_EXPORTER_LOG_FORMAT",
-    default: Some("text"),
-};
-/// File-only settings.
-const SERIES_LIMIT: Spec = Spec {
-    what: "series limit",
-    id: "series_limit",
-    env: "",
-    default: Some("10000"),
-};
-const DEDUP_WINDOW: Spec = Spec {
-    what: "dedup window",
-    id: "dedup_window",
-    env: "",
-    default: Some("100000"),
-};
+const fn spec(
+    what: &'static str,
+    id: &'static str,
+    env: &'static str,
+    default: Option<&'static str>,
+) -> Spec {
+    Spec {
+        what,
+        id,
+        env,
+        default,
+    }
+}
 
-const SCALARS: [&Spec; 13] = [
+const CPA_URL: Spec = spec("CPA URL", "cpa_url", "CPA_URL", Some(DEFAULT_CPA_URL));
+const KEY: Spec = spec(
+    "management key",
+    "management_key",
+    "CPA_MANAGEMENT_KEY",
+    None,
+);
+const KEY_FILE: Spec = spec(
+    "management key file",
+    "management_key_file",
+    "CPA_MANAGEMENT_KEY_FILE",
+    None,
+);
+const API_VERSION: Spec = spec(
+    "API version",
+    "api_version",
+    "CPA_API_VERSION",
+    Some("auto"),
+);
+const TRANSPORT: Spec = spec("transport", "transport", "CPA_TRANSPORT", Some("auto"));
+const LISTEN: Spec = spec(
+    "listen address",
+    "listen",
+    "CPA_EXPORTER_LISTEN",
+    Some(DEFAULT_LISTEN),
+);
+const DB: Spec = spec(
+    "state database path",
+    "db",
+    "CPA_EXPORTER_DB",
+    Some(DEFAULT_DB),
+);
+const BATCH: Spec = spec(
+    "batch size",
+    "batch_size",
+    "CPA_EXPORTER_BATCH_SIZE",
+    Some("1000"),
+);
+const POLL: Spec = spec(
+    "poll interval",
+    "poll_interval",
+    "CPA_EXPORTER_POLL_INTERVAL",
+    None,
+);
+const SETTINGS: Spec = spec(
+    "settings interval",
+    "settings_interval",
+    "CPA_EXPORTER_SETTINGS_INTERVAL",
+    Some("2m"),
+);
+const CREDENTIALS: Spec = spec(
+    "credentials interval",
+    "credentials_interval",
+    "CPA_EXPORTER_CREDENTIALS_INTERVAL",
+    Some("30s"),
+);
+const PRICES: Spec = spec(
+    "prices file",
+    "prices_file",
+    "CPA_EXPORTER_PRICES_FILE",
+    None,
+);
+const TIMEOUT: Spec = spec(
+    "HTTP timeout",
+    "http_timeout",
+    "CPA_EXPORTER_HTTP_TIMEOUT",
+    Some("30s"),
+);
+const LOG_LEVEL: Spec = spec(
+    "log level",
+    "log_level",
+    "CPA_EXPORTER_LOG_LEVEL",
+    Some("info"),
+);
+const LOG_FORMAT: Spec = spec(
+    "log format",
+    "log_format",
+    "CPA_EXPORTER_LOG_FORMAT",
+    Some("text"),
+);
+// File-only settings.
+const SERIES_LIMIT: Spec = spec("series limit", "series_limit", "", Some("10000"));
+const DEDUP_WINDOW: Spec = spec("dedup window", "dedup_window", "", Some("100000"));
+const QUOTA_RETENTION: Spec = spec("quota retention", "quota_retention", "", Some("24h"));
+
+const SCALARS: [&Spec; 18] = [
     &CPA_URL,
     &KEY,
     &KEY_FILE,
     &API_VERSION,
+    &TRANSPORT,
     &LISTEN,
     &DB,
     &BATCH,
     &POLL,
+    &SETTINGS,
+    &CREDENTIALS,
+    &PRICES,
     &TIMEOUT,
     &LOG_LEVEL,
     &LOG_FORMAT,
     &SERIES_LIMIT,
     &DEDUP_WINDOW,
+    &QUOTA_RETENTION,
 ];
+/// Sections of the file that are not scalars.
+const SECTIONS: [&str; 2] = ["labels", "model-aliases"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -324,6 +420,11 @@ struct LabelsFile {
     /// Client key (plaintext or `sha256:<12 hex>`) -> alias.
     #[serde(default)]
     api_key_aliases: BTreeMap<String, String>,
+    /// `auth_index` -> display name.
+    #[serde(default)]
+    credential_names: BTreeMap<String, String>,
+    #[serde(default)]
+    unmask_credential_names: bool,
 }
 
 /// The parsed YAML file: scalars as text (validated like flags), plus the `labels` section.
@@ -332,6 +433,7 @@ struct FileConfig {
     path: Option<PathBuf>,
     scalars: HashMap<String, String>,
     labels: LabelsFile,
+    model_aliases: BTreeMap<String, String>,
 }
 
 impl FileConfig {
@@ -358,12 +460,18 @@ impl FileConfig {
                     .map_err(|e| ConfigError::file(path, format!("labels: {e}")))?;
                 continue;
             }
+            if key == "model-aliases" {
+                file.model_aliases = serde_norway::from_value(v)
+                    .map_err(|e| ConfigError::file(path, format!("model-aliases: {e}")))?;
+                continue;
+            }
             if !SCALARS.iter().any(|s| s.file_key() == key) {
                 let known: Vec<String> = SCALARS.iter().map(|s| s.file_key()).collect();
                 return Err(ConfigError::file(
                     path,
                     format!(
-                        "unknown setting `{key}` (known: labels, {})",
+                        "unknown setting `{key}` (known: {}, {})",
+                        SECTIONS.join(", "),
                         known.join(", ")
                     ),
                 ));
@@ -483,6 +591,20 @@ impl Config {
             }
         };
 
+        let (v, raw) = required(&TRANSPORT, pick(&TRANSPORT, &flags.transport))?;
+        let transport = match v.to_ascii_lowercase().as_str() {
+            "auto" => Transport::Auto,
+            "http" => Transport::Http,
+            "resp" => Transport::Resp,
+            other => {
+                return Err(err(
+                    &TRANSPORT,
+                    &raw,
+                    format!("`{other}`: expected auto, http or resp"),
+                ))
+            }
+        };
+
         let (v, raw) = required(&LISTEN, pick(&LISTEN, &flags.listen))?;
         let listen = parse_listen(&v).map_err(|p| err(&LISTEN, &raw, p))?;
 
@@ -495,10 +617,46 @@ impl Config {
         let (v, raw) = required(&BATCH, pick(&BATCH, &flags.batch_size))?;
         let batch_size = parse_int(&v, 1, 100_000).map_err(|p| err(&BATCH, &raw, p))? as usize;
 
-        let (v, raw) = required(&POLL, pick(&POLL, &flags.poll_interval))?;
-        let poll_interval =
-            parse_duration(&v, Duration::from_millis(100), Duration::from_secs(600))
-                .map_err(|p| err(&POLL, &raw, p))?;
+        let raw = pick(&POLL, &flags.poll_interval);
+        let poll_interval = match &raw.value {
+            None => None,
+            Some(v) => Some(
+                parse_duration(v, Duration::from_millis(100), Duration::from_secs(600))
+                    .map_err(|p| err(&POLL, &raw, p))?,
+            ),
+        };
+
+        let (v, raw) = required(&SETTINGS, pick(&SETTINGS, &flags.settings_interval))?;
+        let settings_interval =
+            parse_duration(&v, Duration::from_secs(10), Duration::from_secs(3600))
+                .map_err(|p| err(&SETTINGS, &raw, p))?;
+
+        let (v, raw) = required(
+            &CREDENTIALS,
+            pick(&CREDENTIALS, &flags.credentials_interval),
+        )?;
+        let credentials_interval = match humantime::parse_duration(v.trim()) {
+            Ok(d) if d.is_zero() => None,
+            _ => Some(
+                parse_duration(&v, Duration::from_secs(5), Duration::from_secs(3600))
+                    .map_err(|p| err(&CREDENTIALS, &raw, p))?,
+            ),
+        };
+
+        let raw = pick(&PRICES, &flags.prices_file);
+        let prices_file = match raw.value.as_deref().map(str::trim) {
+            None => None,
+            Some("") => return Err(err(&PRICES, &raw, "is empty".into())),
+            Some(p) => Some(PathBuf::from(p)),
+        };
+
+        let (v, raw) = required(&QUOTA_RETENTION, pick(&QUOTA_RETENTION, &None))?;
+        let quota_retention = parse_duration(
+            &v,
+            Duration::from_secs(60),
+            Duration::from_secs(90 * 86_400),
+        )
+        .map_err(|p| err(&QUOTA_RETENTION, &raw, p))?;
 
         let (v, raw) = required(&TIMEOUT, pick(&TIMEOUT, &flags.http_timeout))?;
         let http_timeout = parse_duration(&v, Duration::from_secs(1), Duration::from_secs(300))
@@ -538,10 +696,16 @@ impl Config {
             cpa_url,
             management_key,
             api_version,
+            transport,
             listen,
             db,
             batch_size,
             poll_interval,
+            settings_interval,
+            credentials_interval,
+            quota_retention,
+            prices_file,
+            model_aliases: file.model_aliases.clone().into_iter().collect(),
             http_timeout,
             log_level,
             log_format,
@@ -595,9 +759,25 @@ fn label_options(file: &FileConfig) -> Result<LabelOptions, ConfigError> {
         }
         api_key_aliases.insert(hashed, sanitize(alias.trim()).into_owned());
     }
+    let mut credential_names = HashMap::new();
+    for (index, name) in &file.labels.credential_names {
+        if name.trim().is_empty() {
+            return Err(ConfigError {
+                what: "credential name",
+                origin: origin("credential-names"),
+                problem: format!("the name for credential {index} is empty"),
+            });
+        }
+        credential_names.insert(
+            sanitize(index.trim()).into_owned(),
+            sanitize(name.trim()).into_owned(),
+        );
+    }
     Ok(LabelOptions {
         drop,
         api_key_aliases,
+        credential_names,
+        unmask_credential_names: file.labels.unmask_credential_names,
     })
 }
 
@@ -686,8 +866,13 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:9317".parse().unwrap());
         assert_eq!(c.db, PathBuf::from("./cpa-usage-exporter.db"));
         assert_eq!(c.batch_size, 1000);
-        assert_eq!(c.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.poll_interval, None);
+        assert_eq!(c.idle_interval(false), Duration::from_secs(5));
+        assert_eq!(c.idle_interval(true), Duration::from_secs(1));
         assert_eq!(c.api_version, ApiVersion::Auto);
+        assert_eq!(c.transport, Transport::Auto);
+        assert_eq!(c.credentials_interval, Some(Duration::from_secs(30)));
+        assert_eq!(c.quota_retention, Duration::from_secs(86_400));
     }
 
     #[test]
@@ -696,7 +881,7 @@ mod tests {
         let path = f.path().to_str().unwrap();
         let c = resolve(&["--config", path, "--batch-size", "7"]).unwrap();
         assert_eq!(c.batch_size, 7);
-        assert_eq!(c.poll_interval, Duration::from_secs(120));
+        assert_eq!(c.poll_interval, Some(Duration::from_secs(120)));
         assert_eq!(c.listen, "0.0.0.0:9999".parse().unwrap());
     }
 

@@ -89,7 +89,7 @@ pub async fn run<S: Source>(
                 shared.live.record_poll("success", started.elapsed());
                 if first_success || health != Health::Up {
                     info!(
-                        route = popped.route.name(),
+                        route = popped.via.name(),
                         cpa_version = popped.cpa_version.as_deref().unwrap_or("unknown"),
                         "polling CPA's usage queue"
                     );
@@ -162,13 +162,16 @@ async fn commit_popped(
 ) -> Option<usize> {
     let batch = {
         let state = shared.state();
-        ingest::ingest_body(&popped.body, |id| state.seen(id))
+        ingest::ingest_payload(&popped.payload, |id| state.seen(id))
     };
     let batch = match batch {
         Ok(b) => b,
         Err(e) => {
             // The records in it are gone from CPA; all that can be done is to say so.
-            error!(bytes = popped.body.len(), "{e}; whatever it held is lost");
+            error!(
+                bytes = popped.payload.len_bytes(),
+                "{e}; whatever it held is lost"
+            );
             return None;
         }
     };

@@ -53,9 +53,7 @@ fn main() -> ExitCode {
                 if config.db.as_os_str() == config::DEFAULT_DB {
                     config.db = "./cpa-usage-exporter-demo.db".into();
                 }
-                if config.poll_interval == Duration::from_secs(5) {
-                    config.poll_interval = Duration::from_secs(1);
-                }
+                config.poll_interval.get_or_insert(Duration::from_secs(1));
                 run_demo(config, rate).await
             }
         }

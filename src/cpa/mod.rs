@@ -104,13 +104,48 @@ impl PopError {
     }
 }
 
-/// One successful pop: the raw JSON array as CPA sent it.
+/// What a pop returned, in the transport's own shape.
+#[derive(Debug)]
+pub enum Payload {
+    /// HTTP: the JSON array as CPA sent it.
+    JsonArray(Vec<u8>),
+    /// RESP: one raw payload per element (normally a JSON object; anything CPA published).
+    Elements(Vec<Vec<u8>>),
+}
+
+impl Payload {
+    pub fn len_bytes(&self) -> usize {
+        match self {
+            Payload::JsonArray(b) => b.len(),
+            Payload::Elements(e) => e.iter().map(Vec::len).sum(),
+        }
+    }
+}
+
+/// How a pop reached CPA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Http(Route),
+    Resp,
+}
+
+impl Via {
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::Http(r) => r.name(),
+            Via::Resp => "resp",
+        }
+    }
+}
+
+/// One successful pop.
 #[derive(Debug)]
 pub struct Popped {
-    pub body: Vec<u8>,
-    pub route: Route,
-    /// `X-CPA-VERSION`, when CPA sent one.
+    pub payload: Payload,
+    pub via: Via,
+    /// `X-CPA-VERSION` / `X-CPA-COMMIT`, when CPA sent them (HTTP only).
     pub cpa_version: Option<String>,
+    pub cpa_commit: Option<String>,
 }
 
 pub struct ClientOptions {
@@ -172,14 +207,16 @@ impl Client {
             let resp = self.http.get(&url).send().await.map_err(transport_error)?;
             let status = resp.status();
             let cpa_version = header_str(resp.headers(), "x-cpa-version");
+            let cpa_commit = header_str(resp.headers(), "x-cpa-commit");
             match status {
                 StatusCode::OK => {
                     self.resolved = Some(route);
                     let body = read_limited(resp, self.max_body_bytes).await?;
                     return Ok(Popped {
-                        body,
-                        route,
+                        payload: Payload::JsonArray(body),
+                        via: Via::Http(route),
                         cpa_version,
+                        cpa_commit,
                     });
                 }
                 StatusCode::NOT_FOUND => {
@@ -208,12 +245,12 @@ impl Client {
     }
 }
 
-fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
     let v = headers.get(name)?.to_str().ok()?.trim();
     (!v.is_empty() && v.len() <= 64).then(|| v.to_owned())
 }
 
-fn transport_error(e: reqwest::Error) -> PopError {
+pub fn transport_error(e: reqwest::Error) -> PopError {
     if e.is_timeout() {
         return PopError::Timeout;
     }

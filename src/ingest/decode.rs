@@ -192,7 +192,11 @@ pub fn decode_element(raw: &str) -> Element<'_> {
             Ok(inner) => decode_wrapped(&inner),
             Err(_) => Element::Invalid(reason::NOT_JSON),
         },
-        _ => Element::Invalid(reason::NOT_OBJECT),
+        // Over RESP an element is the raw payload, which need not be JSON at all.
+        _ => match serde_json::from_str::<serde::de::IgnoredAny>(raw) {
+            Ok(_) => Element::Invalid(reason::NOT_OBJECT),
+            Err(_) => Element::Invalid(reason::NOT_JSON),
+        },
     }
 }
 
@@ -217,6 +221,8 @@ fn decode_wrapped(inner: &str) -> Element<'static> {
 fn decode_object(raw: &str) -> Element<'_> {
     match serde_json::from_str::<RawRecord<'_>>(raw) {
         Ok(rec) => classify(rec),
+        // Syntax errors only occur over RESP, where elements are not pre-validated.
+        Err(e) if e.is_syntax() || e.is_eof() => Element::Invalid(reason::NOT_JSON),
         Err(_) => Element::Invalid(reason::BAD_FIELD),
     }
 }

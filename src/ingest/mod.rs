@@ -69,19 +69,52 @@ pub struct Batch {
 #[error("CPA's queue response is not a JSON array ({0})")]
 pub struct NotAnArray(#[source] serde_json::Error);
 
-/// Ingest a popped queue response. `seen` tells whether a dedup id was applied before.
+/// Ingest an HTTP queue response (a JSON array). `seen` tells whether a dedup id was applied.
 pub fn ingest_body(body: &[u8], seen: impl Fn(u64) -> bool) -> Result<Batch, NotAnArray> {
     let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(NotAnArray)?;
+    Ok(ingest_iter(
+        elements.iter().map(|e| Some(e.get())),
+        elements.len(),
+        seen,
+    ))
+}
+
+/// Ingest raw payloads, one per element (RESP). A payload that is not UTF-8 is not JSON either.
+pub fn ingest_elements(elements: &[Vec<u8>], seen: impl Fn(u64) -> bool) -> Batch {
+    let texts = elements.iter().map(|e| std::str::from_utf8(e).ok());
+    ingest_iter(texts, elements.len(), seen)
+}
+
+/// Ingest whatever a transport popped.
+pub fn ingest_payload(
+    payload: &crate::cpa::Payload,
+    seen: impl Fn(u64) -> bool,
+) -> Result<Batch, NotAnArray> {
+    match payload {
+        crate::cpa::Payload::JsonArray(body) => ingest_body(body, seen),
+        crate::cpa::Payload::Elements(elements) => Ok(ingest_elements(elements, seen)),
+    }
+}
+
+fn ingest_iter<'a>(
+    elements: impl Iterator<Item = Option<&'a str>>,
+    count: usize,
+    seen: impl Fn(u64) -> bool,
+) -> Batch {
     let mut agg: HashMap<RecKey<'_>, RecAgg> = HashMap::new();
     let mut batch = Batch {
-        elements: elements.len(),
+        elements: count,
         ..Batch::default()
     };
     let mut ids_in_batch = HashSet::new();
     let mut outcomes = [0u64; 4];
     let mut invalid: HashMap<&'static str, u64> = HashMap::new();
     for raw in elements {
-        match decode_element_into(raw.get(), &mut agg, &mut batch, &mut ids_in_batch, &seen) {
+        let outcome = match raw {
+            Some(raw) => decode_element_into(raw, &mut agg, &mut batch, &mut ids_in_batch, &seen),
+            None => Outcome::Invalid(reason::NOT_JSON),
+        };
+        match outcome {
             Outcome::Ingested => outcomes[0] += 1,
             Outcome::Duplicate => outcomes[1] += 1,
             Outcome::Control => outcomes[3] += 1,
@@ -107,7 +140,7 @@ pub fn ingest_body(body: &[u8], seen: impl Fn(u64) -> bool) -> Result<Batch, Not
     for (r, n) in invalid {
         batch.delta.add_count(Family::InvalidRecords, &[r], n);
     }
-    Ok(batch)
+    batch
 }
 
 enum Outcome {
@@ -410,6 +443,23 @@ mod tests {
         f.push("500");
         assert_eq!(counter(&batch, Family::Failures, &f), 1);
         assert!(batch.delta.families[Family::Duration as usize].is_empty());
+    }
+
+    #[test]
+    fn raw_resp_payloads_are_classified_like_http_elements() {
+        let elements: Vec<Vec<u8>> = vec![
+            REC.as_bytes().to_vec(),
+            b"not json".to_vec(),
+            b"{\"timestamp\": broken".to_vec(),
+            vec![0xff, 0xfe],
+            b"[1]".to_vec(),
+            br#"{"support_refresh":true}"#.to_vec(),
+        ];
+        let batch = ingest_elements(&elements, |_| false);
+        assert_eq!(counter(&batch, Family::Records, &["ingested"]), 1);
+        assert_eq!(counter(&batch, Family::Records, &["control"]), 1);
+        assert_eq!(counter(&batch, Family::InvalidRecords, &["not_json"]), 3);
+        assert_eq!(counter(&batch, Family::InvalidRecords, &["not_object"]), 1);
     }
 
     #[test]
