@@ -52,9 +52,10 @@ fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 }
 
 fn limits() -> Limits {
-    Limits {
+        Limits {
         series_per_family: 1_000_000,
         dedup_window: 100_000,
+        ..Limits::default()
     }
 }
 

@@ -710,9 +710,10 @@ impl Config {
             log_level,
             log_format,
             labels,
-            limits: Limits {
+                        limits: Limits {
                 series_per_family,
                 dedup_window,
+                quota_retention,
             },
         })
     }

@@ -6,10 +6,11 @@
 
 pub mod decode;
 pub mod labels;
+pub mod quota;
 pub mod tokens;
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::value::RawValue;
 
@@ -60,8 +61,34 @@ pub struct Batch {
     /// Elements in the popped array.
     pub elements: usize,
     pub ingested: u64,
-    /// Latest attempt start time among the records, Unix seconds.
+        /// Latest attempt start time among the records, Unix seconds.
     pub last_record_timestamp: Option<f64>,
+    /// Latest quota observation per credential (`auth_index`).
+    pub quota: HashMap<String, QuotaObservation>,
+}
+
+/// Quota and rate-limit values a credential's responses reported, as of `observed_at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuotaObservation {
+    pub provider: String,
+    /// Unix seconds when the response carrying the headers arrived.
+    pub observed_at: f64,
+    pub fields: BTreeMap<quota::Field, f64>,
+}
+
+impl QuotaObservation {
+    /// Merge another observation of the same credential: per field, the later value wins.
+    pub fn merge(&mut self, other: &QuotaObservation) {
+        if other.observed_at >= self.observed_at {
+            self.fields.extend(other.fields.iter().map(|(f, v)| (*f, *v)));
+            self.observed_at = other.observed_at;
+            self.provider.clone_from(&other.provider);
+        } else {
+            for (f, v) in &other.fields {
+                self.fields.entry(*f).or_insert(*v);
+            }
+        }
+    }
 }
 
 /// The response body was not a JSON array: nothing in it can be attributed to records.
@@ -172,11 +199,45 @@ fn decode_element_into<'a>(
         }
         batch.event_ids.push(h);
     }
-    if let Some(ts) = rec.timestamp.as_deref().and_then(decode::parse_rfc3339) {
+        let started = rec.timestamp.as_deref().and_then(decode::parse_rfc3339);
+    if let Some(ts) = started {
         batch.last_record_timestamp = Some(batch.last_record_timestamp.map_or(ts, |t| t.max(ts)));
+    }
+    if !rec.response_headers.is_empty() {
+        note_quota(&rec, started, &obs, &mut batch.quota);
     }
     agg.entry(RecKey::take(&mut rec)).or_default().add(&obs);
     Outcome::Ingested
+}
+
+/// Record a credential's quota headers. They arrived with the first byte of the response.
+fn note_quota(
+    rec: &RawRecord<'_>,
+    started: Option<f64>,
+    obs: &Observation,
+    quota: &mut HashMap<String, QuotaObservation>,
+) {
+    let Some(credential) = rec.auth_index.as_deref().filter(|c| !c.is_empty()) else {
+        return;
+    };
+    let Some(started) = started else {
+        return;
+    };
+    let observed_at = started + obs.ttft_seconds.or(obs.latency_seconds).unwrap_or(0.0);
+    let fields = rec.response_headers.fields(observed_at);
+    if fields.is_empty() {
+        return;
+    }
+    let provider = rec.provider.as_deref().filter(|p| !p.is_empty()).unwrap_or("unknown");
+    let new = QuotaObservation {
+        provider: labels::sanitize(provider).into_owned(),
+        observed_at,
+        fields,
+    };
+    quota
+        .entry(labels::sanitize(credential).into_owned())
+        .and_modify(|q| q.merge(&new))
+        .or_insert(new);
 }
 
 /// What one usage record contributes besides its labels.
@@ -460,6 +521,23 @@ mod tests {
         assert_eq!(counter(&batch, Family::Records, &["control"]), 1);
         assert_eq!(counter(&batch, Family::InvalidRecords, &["not_json"]), 3);
         assert_eq!(counter(&batch, Family::InvalidRecords, &["not_object"]), 1);
+    }
+
+        #[test]
+    fn quota_headers_are_kept_per_credential_latest_wins() {
+        let rec = |ts: &str, pct: &str| {
+            REC.replace("2026-08-22T14:39:03.512874113Z", ts).replace(
+                r#""request_id""#,
+                &format!(r#""response_headers":{{"X-Codex-Primary-Used-Percent":["{pct}"],"Cookie":["x"]}},"request_id""#),
+            )
+        };
+        let body = format!("[{},{}]", rec("2026-08-22T14:40:00Z", "50"), rec("2026-08-22T14:39:00Z", "40"));
+        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let q = &batch.quota["3f9c2a7d1b4e8c60"];
+        assert_eq!(q.fields[&quota::Field::UsedRatio(quota::Window::Primary)], 0.5);
+        assert_eq!(q.provider, "codex");
+        // Observed at start + ttft (0.912 s).
+        assert!((q.observed_at - (1_787_409_600.0 + 0.912)).abs() < 1e-6);
     }
 
     #[test]

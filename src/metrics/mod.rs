@@ -2,6 +2,7 @@
 //! plus live gauges and counters of the exporter itself.
 
 mod process;
+mod quota;
 pub mod text;
 
 use std::collections::BTreeMap;
@@ -241,10 +242,11 @@ impl prometheus_client::collector::Collector for StoredCollector {
             encode_family(
                 &mut enc,
                 family,
-                &state.families[family as usize],
+                                &state.families[family as usize],
                 &shared.labels,
             )?;
         }
+        quota::encode(&mut enc, &state, &shared.labels, unix_now())?;
         Ok(())
     }
 }

@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::ingest::Batch;
+use crate::ingest::quota::Field;
+use crate::ingest::{Batch, QuotaObservation};
 use crate::schema::{is_structural_label, Family, Kind, OVERFLOW_VALUE};
 use crate::series::{Hist, LabelValues, Value};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const META_LAST_RECORD_TS: &str = "last_record_timestamp";
 
 #[derive(Debug, thiserror::Error)]
@@ -41,15 +42,18 @@ pub enum StoreError {
 pub struct Limits {
     /// Label sets per capped family; more fold into one `__other__` series.
     pub series_per_family: usize,
-    /// How many recent `event_id`s are remembered for deduplication.
+        /// How many recent `event_id`s are remembered for deduplication.
     pub dedup_window: usize,
+    /// A credential's quota gauges are dropped after this long without an observation.
+    pub quota_retention: std::time::Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            series_per_family: 10_000,
+                        series_per_family: 10_000,
             dedup_window: 100_000,
+            quota_retention: std::time::Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -65,7 +69,11 @@ pub struct Stored {
 #[derive(Debug, Default)]
 pub struct State {
     pub families: [BTreeMap<LabelValues, Stored>; Family::COUNT],
-    pub last_record_timestamp: Option<f64>,
+        pub last_record_timestamp: Option<f64>,
+    /// Latest quota observation per credential.
+    pub quota: BTreeMap<String, QuotaObservation>,
+    /// Copied from [`Limits`] so readers can hide stale quota without a write.
+    pub quota_retention: std::time::Duration,
     dedup_set: HashSet<u64>,
     dedup_order: VecDeque<(i64, u64)>,
 }
@@ -99,8 +107,12 @@ pub struct Plan {
     writes: Vec<Write>,
     /// Records folded into the overflow series, per family.
     pub overflowed: [u64; Family::COUNT],
-    event_ids: Vec<(i64, u64)>,
+        event_ids: Vec<(i64, u64)>,
     last_record_timestamp: Option<f64>,
+    /// Merged quota observations to write.
+    quota: Vec<(String, QuotaObservation)>,
+    /// Observations older than this (Unix seconds) are deleted; set by `commit`.
+    quota_cutoff: f64,
 }
 
 pub struct Store {
@@ -170,13 +182,31 @@ impl Store {
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
                  PRAGMA user_version = 1;",
             )?;
+                        tx.commit()?;
+        }
+        if version < 2 {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS quota (
+                     credential  TEXT NOT NULL,
+                     field       TEXT NOT NULL,
+                     provider    TEXT NOT NULL,
+                     value       REAL NOT NULL,
+                     observed_at REAL NOT NULL,
+                     PRIMARY KEY (credential, field)
+                 ) WITHOUT ROWID;
+                 PRAGMA user_version = 2;",
+            )?;
             tx.commit()?;
         }
         Ok(())
     }
 
     fn load(&self) -> Result<State, StoreError> {
-        let mut state = State::default();
+                let mut state = State {
+            quota_retention: self.limits.quota_retention,
+            ..State::default()
+        };
         let mut stmt = self
             .conn
             .prepare("SELECT id, family, labels, value, hist FROM series")?;
@@ -219,7 +249,26 @@ impl Store {
                 [META_LAST_RECORD_TS],
                 |r| r.get::<_, f64>(0),
             )
-            .optional()?;
+                        .optional()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT credential, field, provider, value, observed_at FROM quota")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let Some(field) = Field::from_key(&row.get::<_, String>(1)?) else {
+                continue;
+            };
+            let obs = QuotaObservation {
+                provider: row.get(2)?,
+                observed_at: row.get(4)?,
+                fields: [(field, row.get(3)?)].into(),
+            };
+            state
+                .quota
+                .entry(row.get(0)?)
+                .and_modify(|q| q.merge(&obs))
+                .or_insert(obs);
+        }
         Ok(state)
     }
 
@@ -260,6 +309,11 @@ impl Store {
                 }
             };
             plan.writes[slot].value.merge(delta);
+        }
+                for (credential, obs) in &batch.quota {
+            let mut merged = state.quota.get(credential).cloned().unwrap_or_else(|| obs.clone());
+            merged.merge(obs);
+            plan.quota.push((credential.clone(), merged));
         }
         plan.event_ids = (state.next_seq()..)
             .zip(batch.event_ids.iter().copied())
@@ -309,6 +363,19 @@ impl Store {
                 let keep_from = last_seq - self.limits.dedup_window as i64;
                 tx.execute("DELETE FROM dedup WHERE seq <= ?1", [keep_from])?;
             }
+                        let mut put_quota = tx.prepare_cached(
+                "INSERT INTO quota (credential, field, provider, value, observed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (credential, field) DO UPDATE SET
+                 provider = excluded.provider, value = excluded.value, observed_at = excluded.observed_at",
+            )?;
+            for (credential, q) in &plan.quota {
+                for (field, value) in &q.fields {
+                    put_quota.execute(params![credential, field.key(), q.provider, value, q.observed_at])?;
+                }
+            }
+            plan.quota_cutoff = now_unix as f64 - self.limits.quota_retention.as_secs_f64();
+            tx.execute("DELETE FROM quota WHERE observed_at < ?1", [plan.quota_cutoff])?;
             if let Some(ts) = plan.last_record_timestamp {
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES (?1, ?2)
@@ -340,7 +407,10 @@ impl Store {
                 state.dedup_set.remove(&id);
             }
         }
-        state.last_record_timestamp = plan.last_record_timestamp;
+                state.last_record_timestamp = plan.last_record_timestamp;
+        state.quota.extend(plan.quota);
+        let cutoff = plan.quota_cutoff;
+        state.quota.retain(|_, q| q.observed_at >= cutoff);
     }
 
     /// `PRAGMA integrity_check`, for tests and the `check` subcommand.
@@ -512,6 +582,7 @@ mod tests {
         let limits = Limits {
             series_per_family: 3,
             dedup_window: 10,
+            ..Limits::default()
         };
         let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
         let body: Vec<String> = (0..10).map(|i| rec(&format!("m{i}"), None)).collect();
@@ -534,6 +605,37 @@ mod tests {
             .any(|k| k[1].as_ref() == OVERFLOW_VALUE && k[4].as_ref() == "input"));
     }
 
+        #[test]
+    fn quota_survives_reopen_and_expires_after_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let limits = Limits {
+            quota_retention: std::time::Duration::from_secs(3600),
+            ..Limits::default()
+        };
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        let body = r#"[{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","auth_index":"c1",
+            "response_headers":{"x-codex-primary-used-percent":["25"],"x-ratelimit-remaining-requests":["9"]}}]"#;
+        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let mut plan = store.plan(&state, &batch);
+        store.commit(&mut plan, 1_787_409_600).unwrap();
+        store.apply(&mut state, plan);
+        assert_eq!(state.quota["c1"].fields.len(), 2);
+        drop(store);
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        assert_eq!(state.quota["c1"].fields.len(), 2);
+        assert_eq!(state.quota["c1"].provider, "codex");
+        // Two hours later, an unrelated batch commits: the stale observation goes.
+        let batch = ingest_body(b"[]", |_| false).unwrap();
+        let mut plan = store.plan(&state, &batch);
+        store.commit(&mut plan, 1_787_409_600 + 7200).unwrap();
+        store.apply(&mut state, plan);
+        assert!(state.quota.is_empty());
+        drop(store);
+        let (_, state) = Store::open(&path, limits).unwrap();
+        assert!(state.quota.is_empty());
+    }
+
     #[test]
     fn dedup_window_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -541,6 +643,7 @@ mod tests {
         let limits = Limits {
             series_per_family: 100,
             dedup_window: 5,
+            ..Limits::default()
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         for i in 0..20 {

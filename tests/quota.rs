@@ -1,0 +1,92 @@
+//! Quota and rate-limit gauges from response headers, exact values, across a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use cpa_usage_exporter::sim::{FakeCpa, SimConfig};
+
+const KEY: &str = "quota-test-key";
+
+fn record(ts: &str, provider: &str, credential: &str, headers: &str) -> String {
+    format!(
+        r#"{{"timestamp":"{ts}","latency_ms":2000,"ttft_ms":500,"provider":"{provider}","model":"m","auth_index":"{credential}",
+            "tokens":{{"input_tokens":10,"output_tokens":5,"total_tokens":15}},"response_headers":{headers}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_gauges_hold_the_latest_header_values_per_credential() {
+    let cpa = FakeCpa::start(SimConfig { management_key: KEY.into(), ..SimConfig::default() }).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let ts = |ago: u64| {
+        // RFC 3339 in UTC from Unix seconds, without a date crate.
+        let t = now - ago;
+        let (days, secs) = (t / 86_400, t % 86_400);
+        let (y, m, d) = civil(days as i64);
+        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    };
+    // Older codex observation first, then a newer one: the newer values win.
+    cpa.push_raw(&record(&ts(120), "codex", "c0dec0dec0dec0de", r#"{"X-Codex-Primary-Used-Percent":["10"],"x-codex-primary-window-minutes":["300"],"Set-Cookie":["session=SECRET-COOKIE"]}"#));
+    cpa.push_raw(&record(&ts(60), "codex", "c0dec0dec0dec0de", r#"{"x-codex-primary-used-percent":["42.5"],"x-codex-primary-reset-after-seconds":["1000"],"x-codex-secondary-used-percent":["90"]}"#));
+    cpa.push_raw(&record(&ts(30), "claude", "c1a0dec1a0dec1a0", r#"{"anthropic-ratelimit-unified-5h-utilization":["0.985"],"anthropic-ratelimit-unified-5h-reset":["1999999999"]}"#));
+    cpa.push_raw(&record(&ts(10), "openrouter", "0bee0bee0bee0bee", r#"{"x-ratelimit-limit-requests":["500"],"x-ratelimit-remaining-requests":["499"],"x-ratelimit-remaining-tokens":["123456"]}"#));
+
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        cpa_url: cpa.url(),
+        key: KEY,
+        db: &dir.path().join("q.db"),
+        log: dir.path().join("q.log"),
+        extra: vec![],
+    };
+    let exporter = Exporter::spawn(&setup);
+    let ok = eventually(Duration::from_secs(20), async || accounted(&exporter.scrape().await) >= 4.0).await;
+    assert!(ok, "{}", exporter.log_text());
+
+    let check = |m: &Metrics| {
+        let g = |name: &str, labels: &[(&str, &str)]| m.sum(name, labels);
+        let codex = [("credential", "c0dec0dec0dec0de"), ("provider", "codex")];
+        let w = |win: &'static str| [codex[0], codex[1], ("window", win)];
+        assert_eq!(g("cpa_quota_used_ratio", &w("primary")), 0.425);
+        assert_eq!(g("cpa_quota_used_ratio", &w("secondary")), 0.9);
+        assert_eq!(g("cpa_quota_window_seconds", &w("primary")), 18_000.0, "kept from the older record");
+        // Reset = arrival of the response (start 60 s ago + 0.5 s ttft) + 1000 s.
+        let reset = g("cpa_quota_reset_timestamp_seconds", &w("primary"));
+        assert!((reset - ((now - 60) as f64 + 0.5 + 1000.0)).abs() < 1e-3, "{reset}");
+        let claude = [("credential", "c1a0dec1a0dec1a0"), ("window", "5h")];
+        assert_eq!(g("cpa_quota_used_ratio", &claude), 0.985);
+        assert_eq!(g("cpa_quota_window_seconds", &claude), 18_000.0);
+        assert_eq!(g("cpa_quota_reset_timestamp_seconds", &claude), 1_999_999_999.0);
+        let rl = |res: &'static str| [("credential", "0bee0bee0bee0bee"), ("resource", res)];
+        assert_eq!(g("cpa_ratelimit_limit", &rl("requests")), 500.0);
+        assert_eq!(g("cpa_ratelimit_remaining", &rl("requests")), 499.0);
+        assert_eq!(g("cpa_ratelimit_remaining", &rl("tokens")), 123_456.0);
+        let seen = g("cpa_quota_last_observed_timestamp_seconds", &[("credential", "0bee0bee0bee0bee")]);
+        assert!((seen - ((now - 10) as f64 + 0.5)).abs() < 1e-3);
+        assert_eq!(m.series("cpa_quota_last_observed_timestamp_seconds").len(), 3);
+    };
+    check(&exporter.scrape().await);
+
+    exporter.sigterm();
+    assert!(exporter.wait_exit(Duration::from_secs(10)).success());
+    let restarted = Exporter::spawn(&setup);
+    check(&restarted.scrape().await);
+    drop(restarted);
+    let db = std::fs::read(dir.path().join("q.db")).unwrap();
+    assert!(!String::from_utf8_lossy(&db).contains("SECRET-COOKIE"));
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
