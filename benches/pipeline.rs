@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cpa_usage_exporter::cost::Pricing;
 use cpa_usage_exporter::ingest::ingest_body;
 use cpa_usage_exporter::metrics::text::{render, Format};
 use cpa_usage_exporter::metrics::{registry, Shared};
@@ -52,7 +53,7 @@ fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 }
 
 fn limits() -> Limits {
-        Limits {
+    Limits {
         series_per_family: 1_000_000,
         dedup_window: 100_000,
         ..Limits::default()
@@ -61,6 +62,7 @@ fn limits() -> Limits {
 
 /// A store whose state has about `target` series in all, from records with distinct labels.
 fn state_with_series(dir: &std::path::Path, target: usize) -> (Store, State) {
+    let pricing = Pricing::embedded();
     let (mut store, mut state) = Store::open(&dir.join(format!("s{target}.db")), limits()).unwrap();
     let mut i = 0usize;
     let total = |s: &State| {
@@ -83,7 +85,12 @@ fn state_with_series(dir: &std::path::Path, target: usize) -> (Store, State) {
                 )
             })
             .collect();
-        let batch = ingest_body(format!("[{}]", elems.join(",")).as_bytes(), |_| false).unwrap();
+        let batch = ingest_body(
+            format!("[{}]", elems.join(",")).as_bytes(),
+            &pricing,
+            |_| false,
+        )
+        .unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 0).unwrap();
         store.apply(&mut state, plan);
@@ -92,6 +99,7 @@ fn state_with_series(dir: &std::path::Path, target: usize) -> (Store, State) {
 }
 
 fn main() {
+    let pricing = Pricing::embedded();
     // `cargo test --benches` runs this file too; keep that quick.
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--test" || a == "--list") {
@@ -138,7 +146,7 @@ fn main() {
     let (d, n) = best_of(3, || {
         bodies
             .iter()
-            .map(|b| ingest_body(b, |_| false).unwrap().ingested)
+            .map(|b| ingest_body(b, &pricing, |_| false).unwrap().ingested)
             .sum::<u64>()
     });
     println!(
@@ -153,7 +161,7 @@ fn main() {
         let path = dir.path().join(format!("commit-{}.db", rand_suffix()));
         let (mut store, mut state) = Store::open(&path, limits()).unwrap();
         for b in &bodies {
-            let batch = ingest_body(b, |id| state.seen(id)).unwrap();
+            let batch = ingest_body(b, &pricing, |id| state.seen(id)).unwrap();
             let mut plan = store.plan(&state, &batch);
             store.commit(&mut plan, 0).unwrap();
             store.apply(&mut state, plan);

@@ -8,8 +8,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::{Config, Secret};
-use crate::cpa::{Client, ClientOptions, DEFAULT_MAX_BODY_BYTES};
+use crate::config::{Config, Secret, Transport};
+use crate::cpa::source::{AnySource, BuildError, SourceOptions};
+use crate::cpa::DEFAULT_MAX_BODY_BYTES;
 use crate::drain::{self, DrainOptions};
 use crate::metrics::{self, Shared};
 use crate::store::Store;
@@ -27,8 +28,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("prices file (--prices-file / CPA_EXPORTER_PRICES_FILE): {0}")]
+    Prices(#[from] crate::cost::PriceError),
     #[error("cannot build the HTTP client for CPA: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("{0}")]
+    Transport(#[from] BuildError),
 }
 
 /// Resolves once SIGTERM or SIGINT arrives.
@@ -45,6 +50,29 @@ pub async fn shutdown_signal() {
         _ = term => {},
         _ = tokio::signal::ctrl_c() => {},
     }
+}
+
+/// The idle interval as configured, or per transport while `auto` has not decided.
+fn poll_interval_text(config: &Config) -> String {
+    let text = |resp| humantime::format_duration(config.idle_interval(resp)).to_string();
+    match config.transport {
+        Transport::Http => text(false),
+        Transport::Resp => text(true),
+        Transport::Auto if config.poll_interval.is_some() => text(false),
+        Transport::Auto => format!("{} over RESP, {} over HTTP", text(true), text(false)),
+    }
+}
+
+/// The embedded price table, extended by the configured file, with the configured aliases.
+pub fn load_pricing(config: &Config) -> Result<crate::cost::Pricing, StartError> {
+    let table = match &config.prices_file {
+        Some(path) => crate::cost::PriceTable::load(path)?,
+        None => crate::cost::PriceTable::embedded(),
+    };
+    Ok(crate::cost::Pricing {
+        table,
+        aliases: config.model_aliases.clone(),
+    })
 }
 
 /// How long `/readyz` tolerates no successful poll.
@@ -73,14 +101,22 @@ pub async fn run_with_key(
             addr: config.listen,
             source,
         })?;
-    let client = Client::new(ClientOptions {
+    let poller_key = key.clone();
+    let client = AnySource::new(SourceOptions {
         base_url: config.cpa_url.clone(),
         key,
+        transport: config.transport,
         api_version: config.api_version,
         timeout: config.http_timeout,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        http_idle: config.idle_interval(false),
+        resp_idle: config.idle_interval(true),
     })?;
-    let shared = Arc::new(Shared::new(state, config.labels.clone(), config.db.clone()));
+    let poll_interval = client.idle_interval();
+    let pricing = load_pricing(&config)?;
+    let shared = Arc::new(
+        Shared::new(state, config.labels.clone(), config.db.clone()).with_pricing(pricing),
+    );
     let registry = metrics::registry(shared.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = listener.local_addr().unwrap_or(config.listen);
@@ -89,7 +125,12 @@ pub async fn run_with_key(
         cpa = %config.cpa_url,
         db = %config.db.display(),
         batch_size = config.batch_size,
-        poll_interval = %humantime::format_duration(config.idle_interval(false)),
+        transport = match config.transport {
+            Transport::Auto => "auto",
+            Transport::Http => "http",
+            Transport::Resp => "resp",
+        },
+        poll_interval = %poll_interval_text(&config),
         "cpa-usage-exporter {} started",
         env!("CARGO_PKG_VERSION")
     );
@@ -100,13 +141,21 @@ pub async fn run_with_key(
         ready_window(&config),
         stop_rx.clone(),
     ));
+    let poller = crate::poller::spawn(
+        &config,
+        poller_key,
+        shared.clone(),
+        poll_interval,
+        stop_rx.clone(),
+    )?;
     let drain = drain::run(
         client,
         store,
         shared,
         DrainOptions {
             batch_size: config.batch_size,
-            poll_interval: config.idle_interval(false),
+            // The source's own idle interval wins once its transport is known.
+            poll_interval,
         },
         stop_rx,
     );
@@ -120,6 +169,7 @@ pub async fn run_with_key(
         }
     }
     stop_tx.send_replace(true);
+    poller.abort();
     let _ = server.await;
     Ok(())
 }

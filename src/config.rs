@@ -52,6 +52,13 @@ pub enum Command {
         #[arg(long, default_value_t = 5.0)]
         rate: f64,
     },
+    /// Diagnose the setup (CPA, routes, key, settings, other queue consumers, database) and exit;
+    /// non-zero when a check failed. Tries the key once.
+    Check {
+        /// How long to watch CPA's attempt counters for another queue consumer (0s skips it).
+        #[arg(long, default_value = "15s", value_name = "DURATION")]
+        consumer_window: humantime::Duration,
+    },
 }
 
 /// Settings that may come from flags or the environment. All are strings here and parsed in
@@ -710,7 +717,7 @@ impl Config {
             log_level,
             log_format,
             labels,
-                        limits: Limits {
+            limits: Limits {
                 series_per_family,
                 dedup_window,
                 quota_retention,

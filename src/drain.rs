@@ -18,9 +18,15 @@ use crate::metrics::Shared;
 use crate::schema::Family;
 use crate::store::Store;
 
-/// Anything that pops the usage queue (HTTP today; RESP later; scripted sources in tests).
+/// Anything that pops the usage queue (HTTP, RESP, scripted sources in tests).
 pub trait Source {
     fn pop(&mut self, count: usize) -> impl Future<Output = Result<Popped, PopError>> + Send;
+
+    /// The idle wait this source wants instead of `DrainOptions::poll_interval`, when it is
+    /// only known at run time (the `auto` transport picks RESP or HTTP on its first poll).
+    fn idle_interval(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl Source for Client {
@@ -87,6 +93,13 @@ pub async fn run<S: Source>(
         let wait = match outcome {
             Ok((popped, elements)) => {
                 shared.live.record_poll("success", started.elapsed());
+                shared.live.set_key_accepted(true);
+                shared
+                    .live
+                    .set_idle_interval(source.idle_interval().unwrap_or(opts.poll_interval));
+                shared
+                    .cpa()
+                    .set_identity(popped.cpa_version.as_deref(), popped.cpa_commit.as_deref());
                 if first_success || health != Health::Up {
                     info!(
                         route = popped.via.name(),
@@ -101,7 +114,7 @@ pub async fn run<S: Source>(
                 if elements >= opts.batch_size {
                     continue;
                 }
-                opts.poll_interval
+                source.idle_interval().unwrap_or(opts.poll_interval)
             }
             Err(e) => {
                 let result = e.result_label();
@@ -113,6 +126,7 @@ pub async fn run<S: Source>(
                 };
                 let retry_in = humantime::format_duration(wait).to_string();
                 if matches!(e, PopError::Auth(_)) {
+                    shared.live.set_key_accepted(false);
                     // Rare by construction (minutes apart), and each one matters: always log.
                     error!(retry_in, "{e}");
                 } else if health != Health::Down(result) {
@@ -131,7 +145,7 @@ pub async fn run<S: Source>(
     info!("drain loop stopped");
 }
 
-fn auth_wait(cause: &AuthCause, failures: u32) -> Duration {
+pub(crate) fn auth_wait(cause: &AuthCause, failures: u32) -> Duration {
     let base = backoff::auth(failures);
     match cause {
         // Retrying before the ban lifts only extends the outage; add a margin for clock skew.
@@ -143,7 +157,10 @@ fn auth_wait(cause: &AuthCause, failures: u32) -> Duration {
 }
 
 /// Returns true when shutdown was requested.
-async fn sleep_or_shutdown(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+pub(crate) async fn sleep_or_shutdown(
+    wait: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
     let stopped = tokio::select! {
         _ = tokio::time::sleep(wait) => false,
         // Err means the sender is gone: nobody can ask to stop any more, so stop now.
@@ -162,7 +179,7 @@ async fn commit_popped(
 ) -> Option<usize> {
     let batch = {
         let state = shared.state();
-        ingest::ingest_payload(&popped.payload, |id| state.seen(id))
+        ingest::ingest_payload(&popped.payload, &shared.pricing, |id| state.seen(id))
     };
     let batch = match batch {
         Ok(b) => b,

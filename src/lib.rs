@@ -2,12 +2,15 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod check;
 pub mod config;
+pub mod cost;
 pub mod cpa;
 pub mod drain;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod poller;
 pub mod schema;
 pub mod series;
 pub mod sim;

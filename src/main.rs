@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cpa_usage_exporter::app;
 use cpa_usage_exporter::config::{self, Command, Config, LogFormat, Secret};
 use cpa_usage_exporter::sim::{self, FakeCpa, SimConfig};
+use cpa_usage_exporter::{app, check};
 
 fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
@@ -45,9 +45,16 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return report(&e),
     };
+    if let Some(Command::Check { consumer_window }) = command {
+        let opts = check::CheckOptions {
+            consumer_window: consumer_window.into(),
+        };
+        return runtime.block_on(check::run_cli(&config, opts));
+    }
     let result = runtime.block_on(async move {
         match command {
-            None => app::run(config).await,
+            // `check` has returned above.
+            None | Some(Command::Check { .. }) => app::run(config).await,
             Some(Command::Demo { rate }) => {
                 // The demo keeps its own state file and polls faster, unless told otherwise.
                 if config.db.as_os_str() == config::DEFAULT_DB {

@@ -26,6 +26,9 @@ pub mod label {
     pub const REASON: &str = "reason";
 }
 
+/// Cost is stored in nano-USD so persisted sums stay exact integers.
+pub const NANO_PER_UNIT: f64 = 1e9;
+
 /// Value written in place of every data-derived label of a series folded by the series cap.
 pub const OVERFLOW_VALUE: &str = "__other__";
 
@@ -48,13 +51,19 @@ pub enum Family {
     Ttft,
     Records,
     InvalidRecords,
+    Cost,
+    UnpricedRequests,
+    ZeroTokenRequests,
 }
 
 impl Family {
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 10] = [
         Family::Requests,
         Family::Failures,
         Family::Tokens,
+        Family::Cost,
+        Family::UnpricedRequests,
+        Family::ZeroTokenRequests,
         Family::Duration,
         Family::Ttft,
         Family::Records,
@@ -72,6 +81,9 @@ impl Family {
             Family::Ttft => "time_to_first_token_seconds",
             Family::Records => "exporter_records",
             Family::InvalidRecords => "exporter_invalid_records",
+            Family::Cost => "cost_usd",
+            Family::UnpricedRequests => "unpriced_requests",
+            Family::ZeroTokenRequests => "zero_token_requests",
         }
     }
 
@@ -89,6 +101,9 @@ impl Family {
             Family::Ttft => "cpa_time_to_first_token_seconds",
             Family::Records => "cpa_exporter_records",
             Family::InvalidRecords => "cpa_exporter_invalid_records",
+            Family::Cost => "cpa_cost_usd",
+            Family::UnpricedRequests => "cpa_unpriced_requests",
+            Family::ZeroTokenRequests => "cpa_zero_token_requests",
         }
     }
 
@@ -100,7 +115,10 @@ impl Family {
             Family::Duration => "Attempt latency from start to the end of the response, as reported by CPA",
             Family::Ttft => "Time to the first upstream byte, for attempts where CPA measured it",
             Family::Records => "Queue elements processed by the exporter, by outcome",
-            Family::InvalidRecords => "Queue elements that could not be decoded, by reason",
+                        Family::InvalidRecords => "Queue elements that could not be decoded, by reason",
+            Family::Cost => "Estimated upstream cost in USD, from the token buckets and the price table (reasoning priced as output)",
+            Family::UnpricedRequests => "Attempts with tokens whose model has no price in the price table, so they add nothing to cpa_cost_usd_total",
+            Family::ZeroTokenRequests => "Successful attempts that reported no tokens at all",
         }
     }
 
@@ -135,6 +153,17 @@ impl Family {
             Family::Duration | Family::Ttft => &[PROVIDER, MODEL, CREDENTIAL],
             Family::Records => &[OUTCOME],
             Family::InvalidRecords => &[REASON],
+            Family::Cost => &[PROVIDER, MODEL, CREDENTIAL, API_KEY],
+            Family::UnpricedRequests | Family::ZeroTokenRequests => &[PROVIDER, MODEL],
+        }
+    }
+
+    /// Stored counters are integers; a family stored in a smaller unit says how many of them
+    /// make one output unit. (Dividing by 1e9 rounds correctly; multiplying by 1e-9 does not.)
+    pub fn output_divisor(self) -> Option<f64> {
+        match self {
+            Family::Cost => Some(NANO_PER_UNIT),
+            _ => None,
         }
     }
 

@@ -84,7 +84,10 @@ async fn auto_routes_find_v0_and_v8_cpa() {
         let cpa = fake_cpa(routes).await;
         let dir = tempfile::tempdir().unwrap();
         let expected = push_workload(&cpa, 7, WorkloadMix::default(), 500);
-        let exporter = Exporter::spawn(&setup(&cpa, KEY, &dir, version));
+        // HTTP routes: `auto` would pick RESP, which has no routes.
+        let mut s = setup(&cpa, KEY, &dir, version);
+        s.extra.push(("CPA_TRANSPORT", "http".into()));
+        let exporter = Exporter::spawn(&s);
         let m = drained(&exporter, &cpa, 500.0).await;
         assert_eq!(Expected::observed(&m).requests, expected.requests);
         assert!(
@@ -100,6 +103,7 @@ async fn auto_routes_find_v0_and_v8_cpa() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = setup(&cpa, KEY, &dir, "fixed");
     s.extra.push(("CPA_API_VERSION", "v0".into()));
+    s.extra.push(("CPA_TRANSPORT", "http".into()));
     let exporter = Exporter::spawn(&s);
     let said = eventually(Duration::from_secs(10), async || {
         exporter.log_text().contains("no usage-queue route")

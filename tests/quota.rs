@@ -18,14 +18,27 @@ fn record(ts: &str, provider: &str, credential: &str, headers: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_gauges_hold_the_latest_header_values_per_credential() {
-    let cpa = FakeCpa::start(SimConfig { management_key: KEY.into(), ..SimConfig::default() }).await.unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let cpa = FakeCpa::start(SimConfig {
+        management_key: KEY.into(),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let ts = |ago: u64| {
         // RFC 3339 in UTC from Unix seconds, without a date crate.
         let t = now - ago;
         let (days, secs) = (t / 86_400, t % 86_400);
         let (y, m, d) = civil(days as i64);
-        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        )
     };
     // Older codex observation first, then a newer one: the newer values win.
     cpa.push_raw(&record(&ts(120), "codex", "c0dec0dec0dec0de", r#"{"X-Codex-Primary-Used-Percent":["10"],"x-codex-primary-window-minutes":["300"],"Set-Cookie":["session=SECRET-COOKIE"]}"#));
@@ -42,7 +55,10 @@ async fn quota_gauges_hold_the_latest_header_values_per_credential() {
         extra: vec![],
     };
     let exporter = Exporter::spawn(&setup);
-    let ok = eventually(Duration::from_secs(20), async || accounted(&exporter.scrape().await) >= 4.0).await;
+    let ok = eventually(Duration::from_secs(20), async || {
+        accounted(&exporter.scrape().await) >= 4.0
+    })
+    .await;
     assert!(ok, "{}", exporter.log_text());
 
     let check = |m: &Metrics| {
@@ -51,21 +67,37 @@ async fn quota_gauges_hold_the_latest_header_values_per_credential() {
         let w = |win: &'static str| [codex[0], codex[1], ("window", win)];
         assert_eq!(g("cpa_quota_used_ratio", &w("primary")), 0.425);
         assert_eq!(g("cpa_quota_used_ratio", &w("secondary")), 0.9);
-        assert_eq!(g("cpa_quota_window_seconds", &w("primary")), 18_000.0, "kept from the older record");
+        assert_eq!(
+            g("cpa_quota_window_seconds", &w("primary")),
+            18_000.0,
+            "kept from the older record"
+        );
         // Reset = arrival of the response (start 60 s ago + 0.5 s ttft) + 1000 s.
         let reset = g("cpa_quota_reset_timestamp_seconds", &w("primary"));
-        assert!((reset - ((now - 60) as f64 + 0.5 + 1000.0)).abs() < 1e-3, "{reset}");
+        assert!(
+            (reset - ((now - 60) as f64 + 0.5 + 1000.0)).abs() < 1e-3,
+            "{reset}"
+        );
         let claude = [("credential", "c1a0dec1a0dec1a0"), ("window", "5h")];
         assert_eq!(g("cpa_quota_used_ratio", &claude), 0.985);
         assert_eq!(g("cpa_quota_window_seconds", &claude), 18_000.0);
-        assert_eq!(g("cpa_quota_reset_timestamp_seconds", &claude), 1_999_999_999.0);
+        assert_eq!(
+            g("cpa_quota_reset_timestamp_seconds", &claude),
+            1_999_999_999.0
+        );
         let rl = |res: &'static str| [("credential", "0bee0bee0bee0bee"), ("resource", res)];
         assert_eq!(g("cpa_ratelimit_limit", &rl("requests")), 500.0);
         assert_eq!(g("cpa_ratelimit_remaining", &rl("requests")), 499.0);
         assert_eq!(g("cpa_ratelimit_remaining", &rl("tokens")), 123_456.0);
-        let seen = g("cpa_quota_last_observed_timestamp_seconds", &[("credential", "0bee0bee0bee0bee")]);
+        let seen = g(
+            "cpa_quota_last_observed_timestamp_seconds",
+            &[("credential", "0bee0bee0bee0bee")],
+        );
         assert!((seen - ((now - 10) as f64 + 0.5)).abs() < 1e-3);
-        assert_eq!(m.series("cpa_quota_last_observed_timestamp_seconds").len(), 3);
+        assert_eq!(
+            m.series("cpa_quota_last_observed_timestamp_seconds").len(),
+            3
+        );
     };
     check(&exporter.scrape().await);
 

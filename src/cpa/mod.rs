@@ -10,6 +10,10 @@ use reqwest::{redirect, StatusCode};
 
 use crate::config::{ApiVersion, Secret};
 
+pub mod mgmt;
+pub mod resp;
+pub mod source;
+
 /// Largest queue response accepted (a full batch of 1000 records is about 1.5 MB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
@@ -89,6 +93,9 @@ pub enum PopError {
     TooLarge(usize),
     #[error("CPA's queue response is not a JSON array")]
     NotAnArray,
+    /// A RESP reply that cannot be used (malformed, refused, or not RESP at all).
+    #[error("{0}")]
+    BadReply(String),
 }
 
 impl PopError {
@@ -99,7 +106,7 @@ impl PopError {
             PopError::ManagementDisabled => "management_disabled",
             PopError::RouteNotFound { .. } | PopError::Status(_) => "http_error",
             PopError::Unreachable(_) | PopError::Timeout => "unreachable",
-            PopError::TooLarge(_) | PopError::NotAnArray => "bad_response",
+            PopError::TooLarge(_) | PopError::NotAnArray | PopError::BadReply(_) => "bad_response",
         }
     }
 }
@@ -167,19 +174,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(opts: ClientOptions) -> Result<Client, reqwest::Error> {
-        let mut auth = HeaderValue::try_from(format!("Bearer {}", opts.key.expose()))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
-        auth.set_sensitive(true);
-        let mut headers = HeaderMap::new();
-        headers.insert(AUTHORIZATION, auth);
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .user_agent(concat!("cpa-usage-exporter/", env!("CARGO_PKG_VERSION")))
-            .redirect(redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
-            .timeout(opts.timeout)
-            .build()?;
+        let http = http_client(&opts.key, opts.timeout)?;
         Ok(Client {
             http,
             base_url: opts.base_url,
@@ -245,6 +240,27 @@ impl Client {
     }
 }
 
+/// The HTTP client every management call uses: the key as a sensitive bearer header, no proxy,
+/// no redirects (the key goes only to the configured origin), bounded connect and total time.
+pub(crate) fn http_client(
+    key: &Secret,
+    timeout: Duration,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut auth = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+        .unwrap_or_else(|_| HeaderValue::from_static(""));
+    auth.set_sensitive(true);
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, auth);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .user_agent(concat!("cpa-usage-exporter/", env!("CARGO_PKG_VERSION")))
+        .redirect(redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .timeout(timeout)
+        .build()
+}
+
 pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
     let v = headers.get(name)?.to_str().ok()?.trim();
     (!v.is_empty() && v.len() <= 64).then(|| v.to_owned())
@@ -284,8 +300,15 @@ pub fn classify_auth(status: u16, body: &[u8]) -> AuthCause {
         error: String,
     }
     let msg = serde_json::from_slice::<ErrorBody>(body)
-        .map(|b| b.error.to_ascii_lowercase())
+        .map(|b| b.error)
         .unwrap_or_default();
+    classify_auth_message(status, &msg)
+}
+
+/// CPA's auth error text (the HTTP `error` field, or what follows `ERR ` over RESP) into a cause.
+/// `status` is the HTTP status, or 401 for a refused RESP `AUTH`.
+pub fn classify_auth_message(status: u16, msg: &str) -> AuthCause {
+    let msg = msg.to_ascii_lowercase();
     if msg.contains("banned") {
         let retry_after = msg
             .split("try again in")

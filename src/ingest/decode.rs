@@ -168,7 +168,7 @@ pub struct RawRecord<'a> {
     pub endpoint: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub api_key: Option<Cow<'a, str>>,
-        #[serde(borrow)]
+    #[serde(borrow)]
     pub event_id: Option<Cow<'a, str>>,
     /// Only the quota and rate-limit headers; nothing else of `response_headers` is read.
     #[serde(deserialize_with = "super::quota::deserialize_quota_headers")]

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::value::RawValue;
 
+use crate::cost::{cost_nano_usd, Pricing};
 use crate::schema::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
 use crate::series::{Hist, LabelValues, Value};
 use decode::{Element, Num, RawRecord};
@@ -61,7 +62,7 @@ pub struct Batch {
     /// Elements in the popped array.
     pub elements: usize,
     pub ingested: u64,
-        /// Latest attempt start time among the records, Unix seconds.
+    /// Latest attempt start time among the records, Unix seconds.
     pub last_record_timestamp: Option<f64>,
     /// Latest quota observation per credential (`auth_index`).
     pub quota: HashMap<String, QuotaObservation>,
@@ -80,7 +81,8 @@ impl QuotaObservation {
     /// Merge another observation of the same credential: per field, the later value wins.
     pub fn merge(&mut self, other: &QuotaObservation) {
         if other.observed_at >= self.observed_at {
-            self.fields.extend(other.fields.iter().map(|(f, v)| (*f, *v)));
+            self.fields
+                .extend(other.fields.iter().map(|(f, v)| (*f, *v)));
             self.observed_at = other.observed_at;
             self.provider.clone_from(&other.provider);
         } else {
@@ -97,35 +99,42 @@ impl QuotaObservation {
 pub struct NotAnArray(#[source] serde_json::Error);
 
 /// Ingest an HTTP queue response (a JSON array). `seen` tells whether a dedup id was applied.
-pub fn ingest_body(body: &[u8], seen: impl Fn(u64) -> bool) -> Result<Batch, NotAnArray> {
+pub fn ingest_body(
+    body: &[u8],
+    pricing: &Pricing,
+    seen: impl Fn(u64) -> bool,
+) -> Result<Batch, NotAnArray> {
     let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(NotAnArray)?;
-    Ok(ingest_iter(
-        elements.iter().map(|e| Some(e.get())),
-        elements.len(),
-        seen,
-    ))
+    let texts = elements.iter().map(|e| Some(e.get()));
+    Ok(ingest_iter(texts, elements.len(), pricing, seen))
 }
 
 /// Ingest raw payloads, one per element (RESP). A payload that is not UTF-8 is not JSON either.
-pub fn ingest_elements(elements: &[Vec<u8>], seen: impl Fn(u64) -> bool) -> Batch {
+pub fn ingest_elements(
+    elements: &[Vec<u8>],
+    pricing: &Pricing,
+    seen: impl Fn(u64) -> bool,
+) -> Batch {
     let texts = elements.iter().map(|e| std::str::from_utf8(e).ok());
-    ingest_iter(texts, elements.len(), seen)
+    ingest_iter(texts, elements.len(), pricing, seen)
 }
 
 /// Ingest whatever a transport popped.
 pub fn ingest_payload(
     payload: &crate::cpa::Payload,
+    pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
 ) -> Result<Batch, NotAnArray> {
     match payload {
-        crate::cpa::Payload::JsonArray(body) => ingest_body(body, seen),
-        crate::cpa::Payload::Elements(elements) => Ok(ingest_elements(elements, seen)),
+        crate::cpa::Payload::JsonArray(body) => ingest_body(body, pricing, seen),
+        crate::cpa::Payload::Elements(elements) => Ok(ingest_elements(elements, pricing, seen)),
     }
 }
 
 fn ingest_iter<'a>(
     elements: impl Iterator<Item = Option<&'a str>>,
     count: usize,
+    pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
 ) -> Batch {
     let mut agg: HashMap<RecKey<'_>, RecAgg> = HashMap::new();
@@ -153,7 +162,7 @@ fn ingest_iter<'a>(
     }
     batch.ingested = outcomes[0];
     for (key, rec) in agg {
-        rec.emit(&key, &mut batch.delta);
+        rec.emit(&key, pricing, &mut batch.delta);
     }
     let names = [
         outcome::INGESTED,
@@ -199,7 +208,7 @@ fn decode_element_into<'a>(
         }
         batch.event_ids.push(h);
     }
-        let started = rec.timestamp.as_deref().and_then(decode::parse_rfc3339);
+    let started = rec.timestamp.as_deref().and_then(decode::parse_rfc3339);
     if let Some(ts) = started {
         batch.last_record_timestamp = Some(batch.last_record_timestamp.map_or(ts, |t| t.max(ts)));
     }
@@ -228,7 +237,11 @@ fn note_quota(
     if fields.is_empty() {
         return;
     }
-    let provider = rec.provider.as_deref().filter(|p| !p.is_empty()).unwrap_or("unknown");
+    let provider = rec
+        .provider
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .unwrap_or("unknown");
     let new = QuotaObservation {
         provider: labels::sanitize(provider).into_owned(),
         observed_at,
@@ -318,6 +331,10 @@ impl<'a> RecKey<'a> {
 #[derive(Default)]
 struct RecAgg {
     requests: u64,
+    /// Attempts that reported tokens (the ones a missing price leaves uncosted).
+    with_tokens: u64,
+    /// Successful attempts that reported no tokens.
+    zero_token_successes: u64,
     failures: Vec<(u16, u64)>,
     tokens: [u64; 6],
     latency: Option<Hist>,
@@ -336,6 +353,11 @@ fn to_labels(values: &[&str]) -> LabelValues {
 impl RecAgg {
     fn add(&mut self, o: &Observation) {
         self.requests += 1;
+        if o.tokens.total() > 0 {
+            self.with_tokens += 1;
+        } else if o.failed_status.is_none() {
+            self.zero_token_successes += 1;
+        }
         if let Some(code) = o.failed_status {
             match self.failures.iter_mut().find(|(c, _)| *c == code) {
                 Some((_, n)) => *n += 1,
@@ -354,7 +376,7 @@ impl RecAgg {
     }
 
     /// Project the record-level aggregate onto every family's label set.
-    fn emit(self, key: &RecKey<'_>, delta: &mut Delta) {
+    fn emit(self, key: &RecKey<'_>, pricing: &Pricing, delta: &mut Delta) {
         let api_key = if key.api_key.is_empty() {
             "none".to_owned()
         } else {
@@ -383,6 +405,25 @@ impl RecAgg {
             labels.push(&code);
             delta.add_count(Family::Failures, &labels, n);
         }
+        let by_model = [&*provider, &*model];
+        // Cost is linear in tokens, so pricing the summed buckets equals summing per record
+        // (up to one nano-USD of rounding per series and batch).
+        match pricing.lookup(&key.model, &key.requested_model) {
+            Some(price) => {
+                let nano = cost_nano_usd(price, &Tokens(self.tokens));
+                delta.add_count(
+                    Family::Cost,
+                    &[&provider, &model, &credential, &api_key],
+                    nano,
+                );
+            }
+            None => delta.add_count(Family::UnpricedRequests, &by_model, self.with_tokens),
+        }
+        delta.add_count(
+            Family::ZeroTokenRequests,
+            &by_model,
+            self.zero_token_successes,
+        );
         for (ty, n) in TOKEN_TYPES.into_iter().zip(self.tokens) {
             delta.add_count(
                 Family::Tokens,
@@ -432,7 +473,7 @@ mod tests {
             r#"[{REC},{failed},"garbage",{{"refresh":true}},7,{}]"#,
             serde_json::to_string(REC).unwrap()
         );
-        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let key = api_key_label_of("sk-client-key-1");
         let base = [
             "codex",
@@ -473,18 +514,21 @@ mod tests {
     fn event_ids_deduplicate_within_and_across_batches() {
         let with_id = REC.replace(r#""request_id""#, r#""event_id":"e1","request_id""#);
         let body = format!("[{with_id},{with_id}]");
-        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         assert_eq!(counter(&batch, Family::Records, &["ingested"]), 1);
         assert_eq!(counter(&batch, Family::Records, &["duplicate"]), 1);
         assert_eq!(batch.event_ids.len(), 1);
-        let again = ingest_body(body.as_bytes(), |h| h == batch.event_ids[0]).unwrap();
+        let again = ingest_body(body.as_bytes(), &Pricing::embedded(), |h| {
+            h == batch.event_ids[0]
+        })
+        .unwrap();
         assert_eq!(counter(&again, Family::Records, &["duplicate"]), 2);
     }
 
     #[test]
     fn secrets_never_reach_labels() {
         let body = format!("[{REC}]");
-        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         for (_, labels, _) in batch.delta.iter() {
             for v in labels.iter() {
                 for secret in ["sk-client-key-1", "alice", "203.0.113.7", "a1b2c3d4"] {
@@ -497,7 +541,7 @@ mod tests {
     #[test]
     fn empty_fields_get_documented_defaults() {
         let body = r#"[{"timestamp":"x","failed":true}]"#;
-        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let base = ["unknown", "unknown", "unknown", "none", "none", "unknown"];
         assert_eq!(counter(&batch, Family::Requests, &base), 1);
         let mut f = base.to_vec();
@@ -516,14 +560,14 @@ mod tests {
             b"[1]".to_vec(),
             br#"{"support_refresh":true}"#.to_vec(),
         ];
-        let batch = ingest_elements(&elements, |_| false);
+        let batch = ingest_elements(&elements, &Pricing::embedded(), |_| false);
         assert_eq!(counter(&batch, Family::Records, &["ingested"]), 1);
         assert_eq!(counter(&batch, Family::Records, &["control"]), 1);
         assert_eq!(counter(&batch, Family::InvalidRecords, &["not_json"]), 3);
         assert_eq!(counter(&batch, Family::InvalidRecords, &["not_object"]), 1);
     }
 
-        #[test]
+    #[test]
     fn quota_headers_are_kept_per_credential_latest_wins() {
         let rec = |ts: &str, pct: &str| {
             REC.replace("2026-08-22T14:39:03.512874113Z", ts).replace(
@@ -531,10 +575,17 @@ mod tests {
                 &format!(r#""response_headers":{{"X-Codex-Primary-Used-Percent":["{pct}"],"Cookie":["x"]}},"request_id""#),
             )
         };
-        let body = format!("[{},{}]", rec("2026-08-22T14:40:00Z", "50"), rec("2026-08-22T14:39:00Z", "40"));
-        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let body = format!(
+            "[{},{}]",
+            rec("2026-08-22T14:40:00Z", "50"),
+            rec("2026-08-22T14:39:00Z", "40")
+        );
+        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let q = &batch.quota["3f9c2a7d1b4e8c60"];
-        assert_eq!(q.fields[&quota::Field::UsedRatio(quota::Window::Primary)], 0.5);
+        assert_eq!(
+            q.fields[&quota::Field::UsedRatio(quota::Window::Primary)],
+            0.5
+        );
         assert_eq!(q.provider, "codex");
         // Observed at start + ttft (0.912 s).
         assert!((q.observed_at - (1_787_409_600.0 + 0.912)).abs() < 1e-6);
@@ -542,6 +593,6 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_an_array_is_an_error() {
-        assert!(ingest_body(br#"{"error":"x"}"#, |_| false).is_err());
+        assert!(ingest_body(br#"{"error":"x"}"#, &Pricing::embedded(), |_| false).is_err());
     }
 }

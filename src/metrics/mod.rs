@@ -1,6 +1,7 @@
 //! `/metrics`: stored counters and histograms rendered by a custom collector on every scrape,
 //! plus live gauges and counters of the exporter itself.
 
+pub mod cpa;
 mod process;
 mod quota;
 pub mod text;
@@ -51,11 +52,26 @@ pub struct Live {
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
+    /// What the drain loop last learned about the management key: 0 unknown, 1 accepted,
+    /// 2 refused. Other management calls wait for 1, so a wrong key is not tried twice.
+    key_state: std::sync::atomic::AtomicU8,
+    /// The drain loop's idle wait for the transport in use, in milliseconds; 0 = not yet known.
+    idle_ms: AtomicU64,
 }
+
+/// Every `result` of `cpa_exporter_polls_total`, exported from zero so `rate()` sees the first one.
+pub const POLL_RESULTS: [&str; 6] = [
+    "success",
+    "unreachable",
+    "unauthorized",
+    "management_disabled",
+    "http_error",
+    "bad_response",
+];
 
 impl Default for Live {
     fn default() -> Self {
-        Live {
+        let live = Live {
             cpa_up: Gauge::default(),
             polls: MetricFamily::default(),
             poll_duration: Histogram::new(POLL_BUCKETS),
@@ -63,7 +79,19 @@ impl Default for Live {
             store_errors: Counter::default(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
+            key_state: std::sync::atomic::AtomicU8::new(0),
+            idle_ms: AtomicU64::new(0),
+        };
+        // Counters start at zero rather than appearing with their first increment, so alerts
+        // and dashboards see every series (as node_exporter and statsd_exporter do).
+        for result in POLL_RESULTS {
+            live.polls.get_or_create(&[("result", result)]);
         }
+        for family in Family::ALL.into_iter().filter(|f| f.is_capped()) {
+            live.series_overflow
+                .get_or_create(&[("family", family.id())]);
+        }
+        live
     }
 }
 
@@ -97,6 +125,32 @@ impl Live {
     pub fn store_healthy(&self) -> bool {
         self.store_healthy.load(Ordering::Relaxed)
     }
+
+    /// Called by the drain loop: `true` after a successful pop, `false` after a 401/403.
+    pub fn set_key_accepted(&self, accepted: bool) {
+        self.key_state
+            .store(if accepted { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    pub fn set_idle_interval(&self, idle: Duration) {
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        self.idle_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The drain loop's idle wait, once it has polled successfully.
+    pub fn idle_interval(&self) -> Option<Duration> {
+        let ms = self.idle_ms.load(Ordering::Relaxed);
+        (ms != 0).then(|| Duration::from_millis(ms))
+    }
+
+    /// `None` until the drain loop has heard from CPA about the key.
+    pub fn key_accepted(&self) -> Option<bool> {
+        match self.key_state.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
 }
 
 /// What the drain loop, the collector and the HTTP server share.
@@ -106,6 +160,9 @@ pub struct Shared {
     pub live: Live,
     pub labels: LabelOptions,
     pub db_path: PathBuf,
+    cpa: Mutex<cpa::CpaView>,
+    /// Prices for `cpa_cost_usd_total`, used by the drain loop at ingest.
+    pub pricing: crate::cost::Pricing,
 }
 
 impl Shared {
@@ -115,7 +172,19 @@ impl Shared {
             live: Live::default(),
             labels,
             db_path,
+            cpa: Mutex::default(),
+            pricing: crate::cost::Pricing::embedded(),
         }
+    }
+
+    pub fn with_pricing(mut self, pricing: crate::cost::Pricing) -> Shared {
+        self.pricing = pricing;
+        self
+    }
+
+    /// What is known about CPA itself (build, settings, credentials).
+    pub fn cpa(&self) -> MutexGuard<'_, cpa::CpaView> {
+        self.cpa.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The committed state. A panic elsewhere while holding the lock must not stop scrapes.
@@ -154,6 +223,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "Failed commits to the state database (the batch is kept and retried)",
         live.store_errors.clone(),
     );
+    r.register_collector(Box::new(cpa::CpaCollector(shared.clone())));
     r.register_collector(Box::new(StoredCollector(shared)));
     r.register_collector(Box::new(process::ProcessCollector));
     r
@@ -242,7 +312,7 @@ impl prometheus_client::collector::Collector for StoredCollector {
             encode_family(
                 &mut enc,
                 family,
-                                &state.families[family as usize],
+                &state.families[family as usize],
                 &shared.labels,
             )?;
         }
@@ -251,8 +321,13 @@ impl prometheus_client::collector::Collector for StoredCollector {
     }
 }
 
-fn encode_value(m: &mut MetricEncoder, v: &Value, kind: Kind) -> Result<(), std::fmt::Error> {
+fn encode_value(m: &mut MetricEncoder, v: &Value, family: Family) -> Result<(), std::fmt::Error> {
+    let kind = family.kind();
     match (v, kind) {
+        (Value::Counter(n), _) if family.output_divisor().is_some() => {
+            let scaled = *n as f64 / family.output_divisor().unwrap_or(1.0);
+            m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&scaled, None)
+        }
         (Value::Counter(n), _) => {
             m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(n, None)
         }
@@ -294,7 +369,7 @@ fn encode_family(
                 .copied()
                 .zip(values.iter().map(|v| &**v))
                 .collect();
-            encode_value(&mut m.encode_family(&pairs)?, v, kind)?;
+            encode_value(&mut m.encode_family(&pairs)?, v, family)?;
         }
         return Ok(());
     }
@@ -310,10 +385,12 @@ fn encode_family(
             .iter()
             .map(|&(i, name)| {
                 let value = &*values[i];
-                match (name, opts.api_key_aliases.get(value)) {
-                    (label::API_KEY, Some(alias)) => alias.as_str(),
-                    _ => value,
-                }
+                let shown = match name {
+                    label::API_KEY => opts.api_key_aliases.get(value),
+                    label::CREDENTIAL => opts.credential_names.get(value),
+                    _ => None,
+                };
+                shown.map_or(value, String::as_str)
             })
             .collect();
         projected
@@ -327,7 +404,7 @@ fn encode_family(
             .map(|(_, n)| *n)
             .zip(values.iter().copied())
             .collect();
-        encode_value(&mut m.encode_family(&pairs)?, v, kind)?;
+        encode_value(&mut m.encode_family(&pairs)?, v, family)?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! Used by the `demo` subcommand (traffic without a real CPA) and by integration tests. Fidelity
 //! to `shared/cpa/API.md` matters more than convenience: quirks are reproduced on purpose.
 
+pub mod credentials;
 mod rng;
 pub mod server;
 pub mod workload;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+pub use credentials::SimCredential;
 use rng::Rng;
 pub use server::{FakeCpa, Fault, Routes, SimConfig, SimStats};
 pub use workload::{Expect, Generated, Truth, Workload, WorkloadMix, CLIENT_API_KEYS};
@@ -36,6 +38,7 @@ pub async fn run_traffic(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut workload = Workload::new(seed, WorkloadMix::default());
+    cpa.set_credentials(workload.credentials());
     let mut rng = Rng::new(seed ^ 0x7A3F_FC0D_E5B1_1D2C);
     let started = Instant::now();
     let mut burst_left = 0u32;

@@ -19,7 +19,12 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::credentials::{attempt_of, listing_json, SimCredential};
 use super::workload::CLIENT_API_KEYS;
+
+// CPA's RESP side of the same port; a child module so it shares the queue, the ban and the stats.
+#[path = "resp.rs"]
+mod resp;
 
 /// Failed logins from one IP before it is banned (CPA's `maxFailures`).
 const MAX_FAILURES: u32 = 5;
@@ -67,6 +72,11 @@ pub struct SimConfig {
     pub allow_remote: bool,
     /// Value of the `X-CPA-VERSION` header.
     pub version: String,
+    /// The credentials listing (v0 `auth-files`, v8 `credentials`).
+    pub credentials: Vec<SimCredential>,
+    /// Whether the API port also speaks RESP (false: as v7.1.17, whose port answers RESP bytes
+    /// like a malformed HTTP request, with a 400).
+    pub resp_enabled: bool,
 }
 
 impl Default for SimConfig {
@@ -79,6 +89,8 @@ impl Default for SimConfig {
             clients_are_remote: false,
             allow_remote: false,
             version: "v8.0.3".to_owned(),
+            credentials: Vec::new(),
+            resp_enabled: true,
         }
     }
 }
@@ -111,6 +123,15 @@ pub struct SimStats {
     pub auth_failure_times: Vec<Instant>,
     /// Requests refused because the client IP was banned.
     pub banned_requests: u64,
+    /// Management requests that passed the key check (each one a bcrypt compare in CPA).
+    pub authorized_requests: u64,
+    /// RESP connections accepted (HTTP ones are not counted).
+    pub resp_connections: u64,
+    /// Successful RESP `AUTH`s: one bcrypt compare each, once per connection.
+    pub resp_auths: u64,
+    /// Authenticated RESP pops (`LPOP`/`RPOP usage`, empty ones included): no bcrypt compare.
+    /// `queue_requests` counts HTTP pops only.
+    pub resp_pops: u64,
 }
 
 /// CPA's in-memory FIFO: items expire lazily, `retention` after they were queued.
@@ -250,6 +271,20 @@ impl FakeCpa {
         let now = Instant::now();
         let mut st = self.inner.shared.lock();
         st.expire(now);
+        // CPA counts every attempt on its credential, whether or not it publishes usage.
+        if !st.cfg.credentials.is_empty() {
+            if let Some((index, failed)) = attempt_of(element_json) {
+                let mut listed = st.cfg.credentials.iter_mut();
+                if let Some(c) = listed.find(|c| c.auth_index == index) {
+                    let counter = if failed {
+                        &mut c.failed
+                    } else {
+                        &mut c.success
+                    };
+                    *counter += 1;
+                }
+            }
+        }
         // CPA publishes only with a management secret and statistics enabled.
         if st.cfg.management_key.is_empty() || !st.cfg.usage_statistics_enabled {
             return;
@@ -282,6 +317,16 @@ impl FakeCpa {
         if key.is_empty() {
             st.queue.items.clear();
         }
+    }
+
+    /// Replaces the credentials listing (a status change, a removal, new counters).
+    pub fn set_credentials(&self, credentials: Vec<SimCredential>) {
+        self.inner.shared.lock().cfg.credentials = credentials;
+    }
+
+    /// The credentials listing, with the counters the pushed records have bumped.
+    pub fn credentials(&self) -> Vec<SimCredential> {
+        self.inner.shared.lock().cfg.credentials.clone()
     }
 
     /// Toggles `usage-statistics-enabled` at runtime (as an admin would).
@@ -322,6 +367,12 @@ async fn serve_conn(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // CPA's port mux: the first byte decides RESP or HTTP.
+    match resp::sniff(&stream, &shared).await {
+        resp::Sniff::Resp => return resp::serve(stream, ip, shared, stop).await,
+        resp::Sniff::Closed => return,
+        resp::Sniff::Http => {}
+    }
     let svc = service_fn(move |req| Arc::clone(&shared).handle(req, ip));
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::select! {
@@ -337,6 +388,7 @@ enum Mgmt {
     Config { v8: bool },
     StatsEnabled,
     ConfigPath(Vec<String>),
+    Credentials,
 }
 
 #[derive(Debug)]
@@ -358,6 +410,8 @@ fn route(method: &Method, path: &str, routes: Routes) -> Route {
         "/v0/management/usage-statistics-enabled" if routes.v0() => Mgmt::StatsEnabled,
         "/v8/management/observability/usage/queue" if routes.v8() => Mgmt::Queue,
         "/v8/management/config" if routes.v8() => Mgmt::Config { v8: true },
+        "/v0/management/auth-files" if routes.v0() => Mgmt::Credentials,
+        "/v8/management/credentials" if routes.v8() => Mgmt::Credentials,
         _ if routes.v8() => match path.strip_prefix("/v8/management/config/") {
             Some(rest) => Mgmt::ConfigPath(
                 rest.split('/')
@@ -429,6 +483,7 @@ impl Shared {
         let msg = match provided_key(headers) {
             Some(key) if key == st.cfg.management_key => {
                 st.attempts.remove(&ip);
+                st.stats.authorized_requests += 1;
                 return None;
             }
             Some(_) => "invalid management key",
@@ -443,6 +498,7 @@ impl Shared {
         let body = match mgmt {
             Mgmt::Queue => return self.serve_queue(query).await,
             Mgmt::Config { v8 } => config_json(&cfg, v8),
+            Mgmt::Credentials => listing_json(&cfg.credentials),
             Mgmt::StatsEnabled => {
                 json!({ "usage-statistics-enabled": cfg.usage_statistics_enabled })
             }

@@ -268,6 +268,21 @@ impl Workload {
         }
     }
 
+    /// CPA's credentials listing for this workload's upstream credentials: the OAuth accounts
+    /// (e-mails in their file names) and the Vertex service account. Config API keys are not in
+    /// CPA's listing, so they are not here either.
+    pub fn credentials(&self) -> Vec<super::SimCredential> {
+        self.credentials
+            .iter()
+            .filter_map(|c| {
+                let p = &PROVIDERS[c.provider];
+                let listed = p.auth_type == "oauth" || p.name == "vertex";
+                (listed && !c.auth_index.is_empty())
+                    .then(|| super::SimCredential::new(p.name, &c.auth_index, &c.source))
+            })
+            .collect()
+    }
+
     /// Generates the next element; its attempt ended at `now_unix_secs`.
     pub fn next(&mut self, now_unix_secs: f64) -> Generated {
         let m = self.mix;

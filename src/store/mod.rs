@@ -42,7 +42,7 @@ pub enum StoreError {
 pub struct Limits {
     /// Label sets per capped family; more fold into one `__other__` series.
     pub series_per_family: usize,
-        /// How many recent `event_id`s are remembered for deduplication.
+    /// How many recent `event_id`s are remembered for deduplication.
     pub dedup_window: usize,
     /// A credential's quota gauges are dropped after this long without an observation.
     pub quota_retention: std::time::Duration,
@@ -51,7 +51,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-                        series_per_family: 10_000,
+            series_per_family: 10_000,
             dedup_window: 100_000,
             quota_retention: std::time::Duration::from_secs(24 * 3600),
         }
@@ -69,7 +69,7 @@ pub struct Stored {
 #[derive(Debug, Default)]
 pub struct State {
     pub families: [BTreeMap<LabelValues, Stored>; Family::COUNT],
-        pub last_record_timestamp: Option<f64>,
+    pub last_record_timestamp: Option<f64>,
     /// Latest quota observation per credential.
     pub quota: BTreeMap<String, QuotaObservation>,
     /// Copied from [`Limits`] so readers can hide stale quota without a write.
@@ -107,7 +107,7 @@ pub struct Plan {
     writes: Vec<Write>,
     /// Records folded into the overflow series, per family.
     pub overflowed: [u64; Family::COUNT],
-        event_ids: Vec<(i64, u64)>,
+    event_ids: Vec<(i64, u64)>,
     last_record_timestamp: Option<f64>,
     /// Merged quota observations to write.
     quota: Vec<(String, QuotaObservation)>,
@@ -182,7 +182,7 @@ impl Store {
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
                  PRAGMA user_version = 1;",
             )?;
-                        tx.commit()?;
+            tx.commit()?;
         }
         if version < 2 {
             let tx = self.conn.transaction()?;
@@ -203,7 +203,7 @@ impl Store {
     }
 
     fn load(&self) -> Result<State, StoreError> {
-                let mut state = State {
+        let mut state = State {
             quota_retention: self.limits.quota_retention,
             ..State::default()
         };
@@ -249,7 +249,7 @@ impl Store {
                 [META_LAST_RECORD_TS],
                 |r| r.get::<_, f64>(0),
             )
-                        .optional()?;
+            .optional()?;
         let mut stmt = self
             .conn
             .prepare("SELECT credential, field, provider, value, observed_at FROM quota")?;
@@ -310,8 +310,12 @@ impl Store {
             };
             plan.writes[slot].value.merge(delta);
         }
-                for (credential, obs) in &batch.quota {
-            let mut merged = state.quota.get(credential).cloned().unwrap_or_else(|| obs.clone());
+        for (credential, obs) in &batch.quota {
+            let mut merged = state
+                .quota
+                .get(credential)
+                .cloned()
+                .unwrap_or_else(|| obs.clone());
             merged.merge(obs);
             plan.quota.push((credential.clone(), merged));
         }
@@ -363,7 +367,7 @@ impl Store {
                 let keep_from = last_seq - self.limits.dedup_window as i64;
                 tx.execute("DELETE FROM dedup WHERE seq <= ?1", [keep_from])?;
             }
-                        let mut put_quota = tx.prepare_cached(
+            let mut put_quota = tx.prepare_cached(
                 "INSERT INTO quota (credential, field, provider, value, observed_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (credential, field) DO UPDATE SET
@@ -371,11 +375,20 @@ impl Store {
             )?;
             for (credential, q) in &plan.quota {
                 for (field, value) in &q.fields {
-                    put_quota.execute(params![credential, field.key(), q.provider, value, q.observed_at])?;
+                    put_quota.execute(params![
+                        credential,
+                        field.key(),
+                        q.provider,
+                        value,
+                        q.observed_at
+                    ])?;
                 }
             }
             plan.quota_cutoff = now_unix as f64 - self.limits.quota_retention.as_secs_f64();
-            tx.execute("DELETE FROM quota WHERE observed_at < ?1", [plan.quota_cutoff])?;
+            tx.execute(
+                "DELETE FROM quota WHERE observed_at < ?1",
+                [plan.quota_cutoff],
+            )?;
             if let Some(ts) = plan.last_record_timestamp {
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES (?1, ?2)
@@ -407,7 +420,7 @@ impl Store {
                 state.dedup_set.remove(&id);
             }
         }
-                state.last_record_timestamp = plan.last_record_timestamp;
+        state.last_record_timestamp = plan.last_record_timestamp;
         state.quota.extend(plan.quota);
         let cutoff = plan.quota_cutoff;
         state.quota.retain(|_, q| q.observed_at >= cutoff);
@@ -530,7 +543,10 @@ mod tests {
     }
 
     fn ingest(store: &mut Store, state: &mut State, body: &str) {
-        let batch = ingest_body(body.as_bytes(), |h| state.seen(h)).unwrap();
+        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |h| {
+            state.seen(h)
+        })
+        .unwrap();
         let mut plan = store.plan(state, &batch);
         store.commit(&mut plan, 1).unwrap();
         store.apply(state, plan);
@@ -586,7 +602,12 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
         let body: Vec<String> = (0..10).map(|i| rec(&format!("m{i}"), None)).collect();
-        let batch = ingest_body(format!("[{}]", body.join(",")).as_bytes(), |_| false).unwrap();
+        let batch = ingest_body(
+            format!("[{}]", body.join(",")).as_bytes(),
+            &crate::cost::Pricing::embedded(),
+            |_| false,
+        )
+        .unwrap();
         let mut plan = store.plan(&state, &batch);
         assert_eq!(plan.overflowed[Family::Requests as usize], 7);
         store.commit(&mut plan, 1).unwrap();
@@ -605,7 +626,7 @@ mod tests {
             .any(|k| k[1].as_ref() == OVERFLOW_VALUE && k[4].as_ref() == "input"));
     }
 
-        #[test]
+    #[test]
     fn quota_survives_reopen_and_expires_after_the_retention() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
@@ -616,7 +637,10 @@ mod tests {
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let body = r#"[{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","auth_index":"c1",
             "response_headers":{"x-codex-primary-used-percent":["25"],"x-ratelimit-remaining-requests":["9"]}}]"#;
-        let batch = ingest_body(body.as_bytes(), |_| false).unwrap();
+        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
+            false
+        })
+        .unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1_787_409_600).unwrap();
         store.apply(&mut state, plan);
@@ -626,7 +650,7 @@ mod tests {
         assert_eq!(state.quota["c1"].fields.len(), 2);
         assert_eq!(state.quota["c1"].provider, "codex");
         // Two hours later, an unrelated batch commits: the stale observation goes.
-        let batch = ingest_body(b"[]", |_| false).unwrap();
+        let batch = ingest_body(b"[]", &crate::cost::Pricing::embedded(), |_| false).unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1_787_409_600 + 7200).unwrap();
         store.apply(&mut state, plan);

@@ -1,6 +1,8 @@
 //! Test harness: the real exporter binary against the fake CPA, scraped over HTTP.
 #![allow(dead_code)]
 
+pub mod promql;
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -359,4 +361,62 @@ pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool)
 /// Elements the exporter accounted for (every outcome).
 pub fn accounted(m: &Metrics) -> f64 {
     m.sum("cpa_exporter_records_total", &[])
+}
+
+/// Every sample name the exporter can expose, read from a running `demo`: the names of samples
+/// present, plus the names implied by `# TYPE` lines (a family with no series yet, and a
+/// histogram's `_bucket`/`_sum`/`_count`). Dashboards and rules must only use these.
+pub async fn demo_metric_names() -> std::collections::BTreeSet<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--rate", "300"])
+        .env_clear()
+        .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CPA_EXPORTER_DB", dir.path().join("demo.db"))
+        .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
+        .env("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut text = String::new();
+    let ready = eventually(Duration::from_secs(30), async || {
+        text = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        let m = Metrics::parse(&text);
+        // The credentials and settings gauges arrive with the poller's first round.
+        m.sum("cpa_request_failures_total", &[]) > 0.0
+            && m.sum("cpa_time_to_first_token_seconds_count", &[]) > 0.0
+            && text.contains("# TYPE cpa_credential_status")
+            && text.contains("# TYPE cpa_info")
+            && text.contains("# TYPE cpa_usage_statistics_enabled")
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready, "demo produced no failures and TTFT within 30 s");
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(ty)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if ty == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            } else {
+                names.insert(name.to_owned());
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_owned());
+        }
+    }
+    names
 }

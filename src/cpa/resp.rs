@@ -1,0 +1,979 @@
+//! RESP transport: one persistent connection to CPA's API port, `AUTH` as the very first command,
+//! then `LPOP usage <count>` on every poll (`shared/cpa/API.md` 1.2).
+//!
+//! Each authenticated HTTP poll costs CPA one bcrypt comparison; over RESP the key is checked
+//! once per connection and a pop costs nothing. The client is a deliberately small RESP2 subset:
+//! stock Redis clients open with `HELLO`, `PING` or `CLIENT SETINFO`, and CPA counts any command
+//! before `AUTH` as a failed login toward its IP ban.
+//!
+//! Replies are parsed strictly and within limits: [`parse_reply`] is a pure function that never
+//! panics, whatever the bytes. The key is written to the socket and nowhere else: errors carry a
+//! classification, never the text CPA sent in answer to `AUTH`.
+
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::{classify_auth_message, AuthCause, Payload, PopError, Popped, Via};
+use crate::config::Secret;
+
+/// Arrays nested deeper than this are refused. CPA's pop replies are flat (depth 1).
+pub const MAX_DEPTH: usize = 4;
+/// Longest status, error or integer line accepted.
+pub const MAX_LINE: usize = 4096;
+/// Largest reply accepted to `AUTH` (CPA answers `+OK` or a one-line error).
+const AUTH_REPLY_LIMIT: usize = 64 * 1024;
+/// Longest piece of CPA's error text kept in a `LPOP` error.
+const MAX_ERROR_TEXT: usize = 160;
+/// The one queue CPA serves (`LPOP` on any other key: `-ERR unsupported channel`).
+const USAGE_KEY: &[u8] = b"usage";
+
+// ---------------------------------------------------------------------------------------------
+// Reply parser (pure, bounded, total)
+// ---------------------------------------------------------------------------------------------
+
+/// One RESP2 reply, borrowing from the read buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// `+OK`
+    Simple(&'a [u8]),
+    /// `-ERR ...`, `-NOAUTH ...`
+    Error(&'a [u8]),
+    /// `:42`
+    Integer(i64),
+    /// `$5\r\nhello`; `None` is the nil bulk string `$-1`.
+    Bulk(Option<&'a [u8]>),
+    /// `*2\r\n...`; `None` is the nil array `*-1`.
+    Array(Option<Vec<Reply<'a>>>),
+}
+
+/// One RESP2 reply, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedReply {
+    Simple(Vec<u8>),
+    Error(Vec<u8>),
+    Integer(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<OwnedReply>>),
+}
+
+impl Reply<'_> {
+    pub fn to_owned_reply(&self) -> OwnedReply {
+        match self {
+            Reply::Simple(s) => OwnedReply::Simple(s.to_vec()),
+            Reply::Error(s) => OwnedReply::Error(s.to_vec()),
+            Reply::Integer(n) => OwnedReply::Integer(*n),
+            Reply::Bulk(b) => OwnedReply::Bulk(b.map(<[u8]>::to_vec)),
+            Reply::Array(items) => OwnedReply::Array(
+                items
+                    .as_ref()
+                    .map(|items| items.iter().map(Reply::to_owned_reply).collect()),
+            ),
+        }
+    }
+}
+
+/// The result of parsing a buffer that may hold only part of a reply.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// A whole reply and the number of bytes it took.
+    Complete(Reply<'a>, usize),
+    /// More bytes are needed: parse again once the buffer holds at least this many.
+    Incomplete(usize),
+}
+
+/// Why bytes are not an acceptable RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the reply does not start like RESP (first byte {0:#04x})")]
+    NotResp(u8),
+    #[error("unknown RESP type byte {0:#04x}")]
+    UnknownType(u8),
+    #[error("a line is not terminated by CRLF")]
+    BadLineEnd,
+    #[error("a line is longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    #[error("an invalid integer or length")]
+    BadInteger,
+    #[error("a bulk string is not followed by CRLF")]
+    BadBulkEnd,
+    #[error("the reply exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("arrays nested deeper than {MAX_DEPTH}")]
+    TooDeep,
+    #[error("bytes follow the reply")]
+    TrailingBytes,
+    #[error("an unexpected reply type")]
+    UnexpectedReply,
+}
+
+fn is_type_byte(b: u8) -> bool {
+    matches!(b, b'+' | b'-' | b':' | b'$' | b'*')
+}
+
+/// Parse one reply from the start of `buf`. A reply (or the bytes it needs) larger than
+/// `max_bytes` is an error, so a caller that reads until [`Parsed::Incomplete`] is satisfied
+/// never buffers more than `max_bytes`. Never panics.
+pub fn parse_reply(buf: &[u8], max_bytes: usize) -> Result<Parsed<'_>, ProtocolError> {
+    match buf.first() {
+        None => return Ok(Parsed::Incomplete(1)),
+        Some(&b) if !is_type_byte(b) => return Err(ProtocolError::NotResp(b)),
+        Some(_) => {}
+    }
+    let parser = Parser { buf, max_bytes };
+    Ok(match parser.value(0, 0)? {
+        Step::Done(reply, end) => Parsed::Complete(reply, end),
+        Step::Need(n) => Parsed::Incomplete(n),
+    })
+}
+
+enum Step<'a> {
+    Done(Reply<'a>, usize),
+    Need(usize),
+}
+
+struct Parser<'a> {
+    buf: &'a [u8],
+    max_bytes: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn need(&self, n: usize) -> Result<Step<'a>, ProtocolError> {
+        if n > self.max_bytes {
+            Err(ProtocolError::TooLarge(self.max_bytes))
+        } else {
+            Ok(Step::Need(n))
+        }
+    }
+
+    /// The value starting at `pos`; `depth` counts the arrays around it.
+    fn value(&self, pos: usize, depth: usize) -> Result<Step<'a>, ProtocolError> {
+        let Some(&ty) = self.buf.get(pos) else {
+            return self.need(pos.saturating_add(1));
+        };
+        if !is_type_byte(ty) {
+            return Err(ProtocolError::UnknownType(ty));
+        }
+        let Some((line, next)) = self.line(pos + 1)? else {
+            return self.need(self.buf.len().saturating_add(1));
+        };
+        match ty {
+            b'+' => Ok(Step::Done(Reply::Simple(line), next)),
+            b'-' => Ok(Step::Done(Reply::Error(line), next)),
+            b':' => Ok(Step::Done(Reply::Integer(parse_int(line)?), next)),
+            b'$' => self.bulk(parse_len(line)?, next),
+            _ => self.array(parse_len(line)?, next, depth),
+        }
+    }
+
+    /// The line starting at `start` and the position after its CRLF; `None` while incomplete.
+    fn line(&self, start: usize) -> Result<Option<(&'a [u8], usize)>, ProtocolError> {
+        let rest = self.buf.get(start..).unwrap_or_default();
+        let window = &rest[..rest.len().min(MAX_LINE + 1)];
+        match window.iter().position(|b| *b == b'\r' || *b == b'\n') {
+            Some(i) if window[i] == b'\n' => Err(ProtocolError::BadLineEnd),
+            Some(i) => match rest.get(i + 1) {
+                None => Ok(None),
+                Some(b'\n') => Ok(Some((&rest[..i], start + i + 2))),
+                Some(_) => Err(ProtocolError::BadLineEnd),
+            },
+            None if window.len() > MAX_LINE => Err(ProtocolError::LineTooLong),
+            None => Ok(None),
+        }
+    }
+
+    fn bulk(&self, len: Option<usize>, start: usize) -> Result<Step<'a>, ProtocolError> {
+        let Some(len) = len else {
+            return Ok(Step::Done(Reply::Bulk(None), start));
+        };
+        let too_large = ProtocolError::TooLarge(self.max_bytes);
+        let body_end = start.checked_add(len).ok_or(too_large.clone())?;
+        let end = body_end.checked_add(2).ok_or(too_large)?;
+        if self.buf.len() < end {
+            return self.need(end);
+        }
+        if &self.buf[body_end..end] != b"\r\n" {
+            return Err(ProtocolError::BadBulkEnd);
+        }
+        Ok(Step::Done(
+            Reply::Bulk(Some(&self.buf[start..body_end])),
+            end,
+        ))
+    }
+
+    fn array(
+        &self,
+        len: Option<usize>,
+        start: usize,
+        depth: usize,
+    ) -> Result<Step<'a>, ProtocolError> {
+        let Some(len) = len else {
+            return Ok(Step::Done(Reply::Array(None), start));
+        };
+        if depth >= MAX_DEPTH {
+            return Err(ProtocolError::TooDeep);
+        }
+        // Every element takes at least 3 bytes (`+\r\n`): refuse impossible counts before
+        // allocating anything for them.
+        let least = len
+            .checked_mul(3)
+            .and_then(|n| n.checked_add(start))
+            .ok_or(ProtocolError::TooLarge(self.max_bytes))?;
+        if least > self.max_bytes {
+            return Err(ProtocolError::TooLarge(self.max_bytes));
+        }
+        let mut items = Vec::with_capacity(len.min(1024));
+        let mut pos = start;
+        for _ in 0..len {
+            match self.value(pos, depth + 1)? {
+                Step::Done(item, end) => {
+                    items.push(item);
+                    pos = end;
+                }
+                Step::Need(n) => return Ok(Step::Need(n)),
+            }
+        }
+        Ok(Step::Done(Reply::Array(Some(items)), pos))
+    }
+}
+
+/// `:` integers: an optional `-` and 1 to 19 digits.
+fn parse_int(line: &[u8]) -> Result<i64, ProtocolError> {
+    let digits = line.strip_prefix(b"-").unwrap_or(line);
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(ProtocolError::BadInteger);
+    }
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(ProtocolError::BadInteger)
+}
+
+/// `$` and `*` lengths: `-1` (nil) or 1 to 18 digits.
+fn parse_len(line: &[u8]) -> Result<Option<usize>, ProtocolError> {
+    if line == b"-1" {
+        return Ok(None);
+    }
+    if line.is_empty() || line.len() > 18 || !line.iter().all(u8::is_ascii_digit) {
+        return Err(ProtocolError::BadInteger);
+    }
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Some)
+        .ok_or(ProtocolError::BadInteger)
+}
+
+/// A command as CPA reads it: an array of bulk strings.
+pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// A failed RESP exchange, with the detail transport selection needs.
+#[derive(Debug, thiserror::Error)]
+pub enum RespError {
+    /// Connect, TLS or socket failure (the OS or TLS reason, never data).
+    #[error("{0}")]
+    Io(String),
+    #[error("CPA did not answer within the timeout")]
+    Timeout,
+    #[error("{}", if *.during_auth {
+        "CPA closed the RESP connection without answering AUTH (management disabled, or a CPA whose API port does not speak RESP)"
+    } else {
+        "CPA closed the RESP connection"
+    })]
+    Closed { during_auth: bool },
+    /// The port answered the first command in something other than RESP (an HTTP 400, a TLS
+    /// alert): a CPA without RESP, such as v7.1.17.
+    #[error("CPA's API port does not speak RESP (it answered like HTTP or TLS, as v7.1.17 does): set CPA_TRANSPORT=http (or auto), or an https URL if CPA serves TLS")]
+    NotResp,
+    /// `-ERR unknown command` in answer to AUTH.
+    #[error("CPA's RESP endpoint does not know AUTH: set CPA_TRANSPORT=http (or auto)")]
+    Unsupported,
+    /// `-ERR redis usage output disabled in home mode`.
+    #[error("CPA runs in home mode, which serves no usage queue")]
+    HomeMode,
+    #[error("{0}")]
+    Auth(AuthCause),
+    /// A `-ERR` in answer to LPOP, sanitized.
+    #[error("CPA refused LPOP: {0}")]
+    Refused(String),
+    #[error("CPA's RESP reply is malformed: {0}")]
+    Protocol(ProtocolError),
+}
+
+impl RespError {
+    /// Whether the answer to AUTH shows that this port does not speak RESP at all, so `auto`
+    /// should use HTTP (none of these costs a failed login).
+    pub fn means_no_resp(&self) -> bool {
+        matches!(
+            self,
+            RespError::NotResp | RespError::Unsupported | RespError::Closed { during_auth: true }
+        )
+    }
+
+    fn io(e: io::Error) -> RespError {
+        // The innermost cause ("Connection refused (os error 111)") is what an operator can act
+        // on; socket errors never contain the bytes written, so the key cannot leak through it.
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        RespError::Io(cause.to_string())
+    }
+}
+
+impl From<ProtocolError> for RespError {
+    fn from(e: ProtocolError) -> RespError {
+        match e {
+            ProtocolError::NotResp(_) => RespError::NotResp,
+            other => RespError::Protocol(other),
+        }
+    }
+}
+
+impl From<RespError> for PopError {
+    fn from(e: RespError) -> PopError {
+        match e {
+            RespError::Io(msg) => PopError::Unreachable(msg),
+            RespError::Closed { .. } => PopError::Unreachable(e.to_string()),
+            RespError::Timeout => PopError::Timeout,
+            RespError::HomeMode => PopError::ManagementDisabled,
+            RespError::Auth(cause) => PopError::Auth(cause),
+            RespError::Protocol(ProtocolError::TooLarge(n)) => PopError::TooLarge(n),
+            RespError::NotResp
+            | RespError::Unsupported
+            | RespError::Refused(_)
+            | RespError::Protocol(_) => PopError::BadReply(e.to_string()),
+        }
+    }
+}
+
+/// The cause of a `-ERR` in answer to AUTH. CPA sends its HTTP error texts (`invalid management
+/// key`, `IP banned ... Try again in 29m41s`, ...) after `ERR `; the text itself is not kept.
+fn auth_refusal(msg: &[u8]) -> RespError {
+    let text = String::from_utf8_lossy(msg).to_ascii_lowercase();
+    let text = text.trim();
+    let text = text.strip_prefix("err").map_or(text, str::trim_start);
+    if text.contains("unknown command") {
+        RespError::Unsupported
+    } else if text.contains("home mode") {
+        RespError::HomeMode
+    } else if text.contains("remote management key not set") {
+        RespError::Auth(AuthCause::RemoteManagementDisabled)
+    } else {
+        // Anything else CPA refuses AUTH with counts as a failed login: treat it as a wrong key
+        // (status 401), so the ban-safe backoff applies.
+        RespError::Auth(classify_auth_message(401, text))
+    }
+}
+
+/// Printable, bounded CPA error text, with the key removed should CPA ever echo it.
+fn sanitize(msg: &[u8], key: &Secret) -> String {
+    let mut text: String = String::from_utf8_lossy(msg)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if !key.expose().is_empty() && text.contains(key.expose()) {
+        text = text.replace(key.expose(), "<redacted>");
+    }
+    match text.char_indices().nth(MAX_ERROR_TEXT) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------------------
+
+pub struct RespOptions {
+    /// CPA base URL (`http://host:port` or `https://host:port`); the path is ignored.
+    pub base_url: String,
+    pub key: Secret,
+    /// Bound of each exchange (connect: at most 10 s of it).
+    pub timeout: Duration,
+    /// Largest reply accepted (the same bound as an HTTP body).
+    pub max_reply_bytes: usize,
+}
+
+/// A CPA URL the RESP client cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("CPA URL `{0}` cannot be used for RESP: {1}")]
+    Url(String, String),
+    #[error("cannot set up TLS for RESP: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+#[derive(Debug, Clone)]
+enum Host {
+    Name(String),
+    Ip(IpAddr),
+}
+
+struct Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// An open, authenticated connection and its read buffer.
+struct Conn {
+    io: Box<dyn Io>,
+    buf: Vec<u8>,
+}
+
+/// Pops CPA's usage queue over RESP, reconnecting (and re-authenticating) after any failure.
+pub struct RespClient {
+    host: Host,
+    port: u16,
+    tls: Option<Tls>,
+    key: Secret,
+    timeout: Duration,
+    max_reply_bytes: usize,
+    conn: Option<Conn>,
+}
+
+impl RespClient {
+    pub fn new(opts: RespOptions) -> Result<RespClient, SetupError> {
+        let bad = |why: &str| SetupError::Url(opts.base_url.clone(), why.to_owned());
+        let url = reqwest::Url::parse(&opts.base_url).map_err(|e| bad(&e.to_string()))?;
+        let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host"))?;
+        // IPv6 literals come bracketed (`[::1]`).
+        let host = match host.trim_start_matches('[').trim_end_matches(']').parse() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Name(host.to_owned()),
+        };
+        let tls = match url.scheme() {
+            "https" => Some(Tls {
+                connector: tls_connector()?,
+                name: match &host {
+                    Host::Name(n) => {
+                        ServerName::try_from(n.clone()).map_err(|e| bad(&e.to_string()))?
+                    }
+                    Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+                },
+            }),
+            "http" => None,
+            _ => return Err(bad("the scheme must be http or https")),
+        };
+        Ok(RespClient {
+            host,
+            port,
+            tls,
+            key: opts.key,
+            timeout: opts.timeout,
+            max_reply_bytes: opts.max_reply_bytes,
+            conn: None,
+        })
+    }
+
+    /// Whether a connection is open and authenticated.
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Pop up to `count` elements, connecting and authenticating first when needed.
+    pub async fn pop(&mut self, count: usize) -> Result<Popped, PopError> {
+        self.try_pop(count).await.map_err(PopError::from)
+    }
+
+    /// [`RespClient::pop`] with the RESP-level detail. On any error the connection is dropped;
+    /// the next call reconnects. A kept connection that turns out dead (CPA restarted since the
+    /// last poll) is replaced at once, once: a new connection costs one AUTH, never a failure.
+    pub async fn try_pop(&mut self, count: usize) -> Result<Popped, RespError> {
+        let reused = self.conn.is_some();
+        match self.pop_once(count).await {
+            Err(RespError::Io(_) | RespError::Closed { during_auth: false }) if reused => {
+                debug!("the RESP connection to CPA went away; reconnecting");
+                self.pop_once(count).await
+            }
+            other => other,
+        }
+    }
+
+    async fn pop_once(&mut self, count: usize) -> Result<Popped, RespError> {
+        // Take the connection out: it goes back only after a clean exchange, so an error (or a
+        // timeout, which drops this future's state) never leaves a half-read stream behind.
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.open().await?,
+        };
+        let elements = conn
+            .lpop(count, self.timeout, self.max_reply_bytes, &self.key)
+            .await?;
+        self.conn = Some(conn);
+        Ok(Popped {
+            payload: Payload::Elements(elements),
+            via: Via::Resp,
+            cpa_version: None,
+            cpa_commit: None,
+        })
+    }
+
+    /// Connect (TCP, then TLS for https) and send AUTH as the very first command.
+    async fn open(&self) -> Result<Conn, RespError> {
+        let connect_timeout = self.timeout.min(Duration::from_secs(10));
+        let connect = async {
+            match &self.host {
+                Host::Name(name) => TcpStream::connect((name.as_str(), self.port)).await,
+                Host::Ip(ip) => TcpStream::connect((*ip, self.port)).await,
+            }
+        };
+        let tcp = tokio::time::timeout(connect_timeout, connect)
+            .await
+            .map_err(|_| RespError::Timeout)?
+            .map_err(RespError::io)?;
+        // Commands are one small write each; do not let Nagle hold them.
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let handshake = tls.connector.connect(tls.name.clone(), tcp);
+                Box::new(
+                    tokio::time::timeout(connect_timeout, handshake)
+                        .await
+                        .map_err(|_| RespError::Timeout)?
+                        .map_err(RespError::io)?,
+                )
+            }
+        };
+        let mut conn = Conn {
+            io,
+            buf: Vec::new(),
+        };
+        conn.auth(&self.key, self.timeout).await?;
+        debug!(
+            port = self.port,
+            tls = self.tls.is_some(),
+            "RESP connection to CPA authenticated"
+        );
+        Ok(conn)
+    }
+}
+
+impl Conn {
+    async fn auth(&mut self, key: &Secret, timeout: Duration) -> Result<(), RespError> {
+        let command = encode_command(&[b"AUTH", key.expose().as_bytes()]);
+        let reply = self
+            .request(&command, timeout, AUTH_REPLY_LIMIT)
+            .await
+            .map_err(|e| match e {
+                RespError::Closed { .. } => RespError::Closed { during_auth: true },
+                other => other,
+            })?;
+        match reply {
+            OwnedReply::Simple(s) if s.eq_ignore_ascii_case(b"OK") => Ok(()),
+            OwnedReply::Error(msg) => Err(auth_refusal(&msg)),
+            _ => Err(RespError::Protocol(ProtocolError::UnexpectedReply)),
+        }
+    }
+
+    async fn lpop(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+        max_bytes: usize,
+        key: &Secret,
+    ) -> Result<Vec<Vec<u8>>, RespError> {
+        let count = count.max(1).to_string();
+        let command = encode_command(&[b"LPOP", USAGE_KEY, count.as_bytes()]);
+        match self.request(&command, timeout, max_bytes).await? {
+            OwnedReply::Array(None) | OwnedReply::Bulk(None) => Ok(Vec::new()),
+            OwnedReply::Bulk(Some(one)) => Ok(vec![one]),
+            OwnedReply::Array(Some(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    OwnedReply::Bulk(Some(payload)) => Ok(payload),
+                    _ => Err(RespError::Protocol(ProtocolError::UnexpectedReply)),
+                })
+                .collect(),
+            OwnedReply::Error(msg) => Err(pop_refusal(&msg, key)),
+            _ => Err(RespError::Protocol(ProtocolError::UnexpectedReply)),
+        }
+    }
+
+    /// Write one command and read its reply, both within `timeout`.
+    async fn request(
+        &mut self,
+        command: &[u8],
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<OwnedReply, RespError> {
+        let exchange = async {
+            self.io.write_all(command).await.map_err(RespError::io)?;
+            self.io.flush().await.map_err(RespError::io)?;
+            self.read_reply(max_bytes).await
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| RespError::Timeout)?
+    }
+
+    async fn read_reply(&mut self, max_bytes: usize) -> Result<OwnedReply, RespError> {
+        self.buf.clear();
+        let mut needed = 1usize;
+        loop {
+            while self.buf.len() < needed {
+                let want = (needed - self.buf.len()).clamp(4096, 1 << 20);
+                self.buf.reserve(want);
+                let n = self
+                    .io
+                    .read_buf(&mut self.buf)
+                    .await
+                    .map_err(RespError::io)?;
+                if n == 0 {
+                    return Err(RespError::Closed { during_auth: false });
+                }
+            }
+            match parse_reply(&self.buf, max_bytes)? {
+                Parsed::Complete(reply, len) if len == self.buf.len() => {
+                    let owned = reply.to_owned_reply();
+                    self.buf.clear();
+                    return Ok(owned);
+                }
+                // One command, one reply: anything after it is not CPA speaking.
+                Parsed::Complete(..) => return Err(ProtocolError::TrailingBytes.into()),
+                Parsed::Incomplete(n) => needed = n,
+            }
+        }
+    }
+}
+
+/// The cause of a `-ERR` in answer to LPOP.
+fn pop_refusal(msg: &[u8], key: &Secret) -> RespError {
+    let lower = String::from_utf8_lossy(msg).to_ascii_lowercase();
+    if lower.starts_with("noauth") {
+        // CPA forgot the connection's AUTH: a fresh connection authenticates again.
+        RespError::Closed { during_auth: false }
+    } else if lower.contains("banned") {
+        auth_refusal(msg)
+    } else {
+        RespError::Refused(sanitize(msg, key))
+    }
+}
+
+fn tls_connector() -> Result<TlsConnector, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    fn complete(buf: &[u8]) -> Reply<'_> {
+        match parse_reply(buf, MAX) {
+            Ok(Parsed::Complete(r, len)) => {
+                assert_eq!(len, buf.len());
+                r
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_what_cpa_sends() {
+        assert_eq!(complete(b"+OK\r\n"), Reply::Simple(b"OK"));
+        assert_eq!(
+            complete(b"-ERR invalid management key\r\n"),
+            Reply::Error(b"ERR invalid management key")
+        );
+        assert_eq!(complete(b"*0\r\n"), Reply::Array(Some(vec![])));
+        assert_eq!(complete(b"*-1\r\n"), Reply::Array(None));
+        assert_eq!(complete(b"$-1\r\n"), Reply::Bulk(None));
+        assert_eq!(complete(b":-7\r\n"), Reply::Integer(-7));
+        assert_eq!(
+            complete(b"*2\r\n$7\r\n{\"a\":1}\r\n$0\r\n\r\n"),
+            Reply::Array(Some(vec![
+                Reply::Bulk(Some(b"{\"a\":1}")),
+                Reply::Bulk(Some(b""))
+            ]))
+        );
+        // Binary-safe: CR and LF inside a bulk string are data.
+        assert_eq!(complete(b"$4\r\na\r\nb\r\n"), Reply::Bulk(Some(b"a\r\nb")));
+    }
+
+    #[test]
+    fn partial_replies_say_how_much_more_is_needed() {
+        let full = b"*2\r\n$3\r\nabc\r\n$5\r\nhello\r\n";
+        for cut in 0..full.len() {
+            match parse_reply(&full[..cut], MAX) {
+                Ok(Parsed::Incomplete(n)) => assert!(n > cut && n <= full.len(), "{cut}: {n}"),
+                other => panic!("{cut}: {other:?}"),
+            }
+        }
+        assert_eq!(parse_reply(b"$100\r\n", MAX), Ok(Parsed::Incomplete(108)));
+    }
+
+    #[test]
+    fn garbage_and_abuse_are_refused() {
+        use ProtocolError::*;
+        let err = |b: &[u8]| parse_reply(b, 64).unwrap_err();
+        assert_eq!(err(b"HTTP/1.1 400 Bad Request\r\n"), NotResp(b'H'));
+        assert_eq!(err(b"*1\r\n?\r\n"), UnknownType(b'?'));
+        assert_eq!(err(b"+OK\n"), BadLineEnd);
+        assert_eq!(err(b"+OK\rX"), BadLineEnd);
+        assert_eq!(err(b"$3\r\nabcXY"), BadBulkEnd);
+        assert_eq!(err(b"$-2\r\n"), BadInteger);
+        assert_eq!(err(b"$+3\r\n"), BadInteger);
+        assert_eq!(err(b":12a\r\n"), BadInteger);
+        assert_eq!(err(b":-\r\n"), BadInteger);
+        assert_eq!(err(b"$999999999999999999\r\n"), TooLarge(64));
+        assert_eq!(err(b"*1000\r\n"), TooLarge(64));
+        assert_eq!(err(b"$60\r\n"), TooLarge(64));
+        assert_eq!(err(b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n"), TooDeep);
+        let long = [b"+".as_slice(), &[b'a'; MAX_LINE + 1]].concat();
+        assert_eq!(parse_reply(&long, MAX).unwrap_err(), LineTooLong);
+    }
+
+    #[test]
+    fn commands_are_arrays_of_bulk_strings() {
+        assert_eq!(
+            encode_command(&[b"LPOP", b"usage", b"10"]),
+            b"*3\r\n$4\r\nLPOP\r\n$5\r\nusage\r\n$2\r\n10\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_errors_map_to_causes() {
+        let cause = |m: &str| match auth_refusal(m.as_bytes()) {
+            RespError::Auth(c) => Some(c),
+            _ => None,
+        };
+        assert_eq!(
+            cause("ERR invalid management key"),
+            Some(AuthCause::WrongKey)
+        );
+        assert_eq!(
+            cause("ERR missing management key"),
+            Some(AuthCause::MissingKey)
+        );
+        assert_eq!(
+            cause("ERR remote management disabled"),
+            Some(AuthCause::RemoteManagementDisabled)
+        );
+        assert_eq!(
+            cause("ERR IP banned due to too many failed attempts. Try again in 29m41s"),
+            Some(AuthCause::IpBanned {
+                retry_after: Some(Duration::from_secs(29 * 60 + 41))
+            })
+        );
+        assert_eq!(cause("ERR something new"), Some(AuthCause::WrongKey));
+        assert!(matches!(
+            auth_refusal(b"ERR unknown command 'auth'"),
+            RespError::Unsupported
+        ));
+        assert!(matches!(
+            auth_refusal(b"ERR redis usage output disabled in home mode"),
+            RespError::HomeMode
+        ));
+    }
+
+    #[test]
+    fn error_text_is_bounded_and_never_holds_the_key() {
+        let key = Secret::new("sekrit-key");
+        let s = sanitize(b"ERR odd sekrit-key\r\n\x07", &key);
+        assert_eq!(s, "ERR odd <redacted>???");
+        assert!(sanitize(&[b'x'; 1000], &key).len() <= MAX_ERROR_TEXT + 3);
+    }
+
+    #[test]
+    fn urls_give_host_port_and_tls() {
+        let client = |url: &str| {
+            RespClient::new(RespOptions {
+                base_url: url.into(),
+                key: Secret::new("k"),
+                timeout: Duration::from_secs(1),
+                max_reply_bytes: MAX,
+            })
+        };
+        let c = client("http://127.0.0.1:8317").unwrap();
+        assert_eq!((c.port, c.tls.is_some()), (8317, false));
+        let c = client("https://cpa.example.com").unwrap();
+        assert_eq!((c.port, c.tls.is_some()), (443, true));
+        let c = client("https://[::1]:9000").unwrap();
+        assert!(matches!(c.host, Host::Ip(IpAddr::V6(_))));
+        assert!(client("ftp://x").is_err());
+    }
+
+    /// A scripted server: answers each command with the next canned reply, records commands.
+    async fn scripted(replies: Vec<&'static [u8]>) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for reply in replies {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+                s.write_all(reply).await.unwrap();
+            }
+            seen
+        });
+        (url, task)
+    }
+
+    fn client(url: &str) -> RespClient {
+        RespClient::new(RespOptions {
+            base_url: url.into(),
+            key: Secret::new("the-key"),
+            timeout: Duration::from_secs(2),
+            max_reply_bytes: MAX,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn auth_first_then_lpop_on_the_same_connection() {
+        let (url, server) =
+            scripted(vec![b"+OK\r\n", b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n", b"*0\r\n"]).await;
+        let mut c = client(&url);
+        let p = c.try_pop(5).await.unwrap();
+        assert!(
+            matches!(p.payload, Payload::Elements(ref e) if e == &[b"1".to_vec(), b"2".to_vec()])
+        );
+        assert_eq!(p.via, Via::Resp);
+        let p = c.try_pop(5).await.unwrap();
+        assert!(matches!(p.payload, Payload::Elements(ref e) if e.is_empty()));
+        let seen = server.await.unwrap();
+        assert!(seen.starts_with(b"*2\r\n$4\r\nAUTH\r\n$7\r\nthe-key\r\n*3\r\n$4\r\nLPOP\r\n"));
+    }
+
+    #[tokio::test]
+    async fn an_http_answer_means_no_resp() {
+        let (url, _server) = scripted(vec![
+            b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n",
+        ])
+        .await;
+        let e = client(&url).try_pop(1).await.unwrap_err();
+        assert!(e.means_no_resp(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_is_an_auth_error_without_the_key() {
+        let (url, _server) = scripted(vec![b"-ERR invalid management key\r\n"]).await;
+        let mut c = client(&url);
+        let e = c.pop(1).await.unwrap_err();
+        assert!(matches!(e, PopError::Auth(AuthCause::WrongKey)), "{e}");
+        assert!(!e.to_string().contains("the-key"));
+        assert!(!c.is_connected());
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_since_the_last_poll_is_replaced_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut auths = 0;
+            for batch in [&b"*1\r\n$1\r\na\r\n"[..], b"*1\r\n$1\r\nb\r\n"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                for reply in [&b"+OK\r\n"[..], batch] {
+                    let mut buf = [0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap();
+                    auths += usize::from(buf[..n].starts_with(b"*2\r\n$4\r\nAUTH"));
+                    s.write_all(reply).await.unwrap();
+                }
+                // CPA restarts: the connection closes between two polls.
+            }
+            auths
+        });
+        let mut c = client(&url);
+        for want in [b"a", b"b"] {
+            let p = c.try_pop(1).await.unwrap();
+            assert!(matches!(p.payload, Payload::Elements(ref e) if e == &[want.to_vec()]));
+        }
+        assert_eq!(server.await.unwrap(), 2, "one AUTH per connection");
+    }
+
+    #[tokio::test]
+    async fn tls_to_a_plain_port_is_an_io_error() {
+        let (url, _server) = scripted(vec![b"HTTP/1.1 400 Bad Request\r\n\r\n"]).await;
+        let e = client(&url.replace("http://", "https://"))
+            .try_pop(1)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RespError::Io(_)), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_parser_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_reply(&bytes, 256);
+        }
+
+        #[test]
+        fn arrays_of_bulk_strings_round_trip_at_any_cut(
+            items in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48), 0..12),
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let args: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+            let wire = encode_command(&args);
+            let expected = Reply::Array(Some(items.iter().map(|i| Reply::Bulk(Some(i.as_slice()))).collect()));
+            proptest::prop_assert_eq!(parse_reply(&wire, MAX), Ok(Parsed::Complete(expected, wire.len())));
+            let cut = cut % wire.len();
+            match parse_reply(&wire[..cut], MAX) {
+                Ok(Parsed::Incomplete(n)) => proptest::prop_assert!(n > cut && n <= wire.len()),
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_and_timeouts() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = client(&format!("http://127.0.0.1:{port}"))
+            .pop(1)
+            .await
+            .unwrap_err();
+        assert_eq!(e.result_label(), "unreachable");
+        // A server that accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let _hold = tokio::spawn(async move {
+            let _conn = listener.accept().await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let mut c = client(&url);
+        c.timeout = Duration::from_millis(200);
+        assert!(matches!(c.pop(1).await, Err(PopError::Timeout)));
+    }
+}

@@ -1,0 +1,330 @@
+//! CPA's own state as gauges: its build, its usage settings and its credentials. Rendered from a
+//! snapshot ([`CpaView`]) that the settings/credentials poller and the drain loop update.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use super::{encode_gauge, Shared};
+use crate::config::LabelOptions;
+use crate::cpa::mgmt::{Credential, Status, UsageSettings};
+use crate::ingest::labels::sanitize;
+
+pub const CPA_INFO: &str = "cpa_info";
+pub const STATISTICS_ENABLED: &str = "cpa_usage_statistics_enabled";
+/// `_seconds` is appended by the unit.
+pub const QUEUE_RETENTION: &str = "cpa_usage_queue_retention";
+pub const CREDENTIAL_INFO: &str = "cpa_credential_info";
+pub const CREDENTIAL_STATUS: &str = "cpa_credential_status";
+pub const CREDENTIAL_UNAVAILABLE: &str = "cpa_credential_unavailable";
+pub const CREDENTIAL_DISABLED: &str = "cpa_credential_disabled";
+/// `_seconds` is appended by the unit.
+pub const CREDENTIAL_NEXT_RETRY: &str = "cpa_credential_next_retry_timestamp";
+
+/// What is known about CPA right now. Each part is absent until first read.
+#[derive(Debug, Default)]
+pub struct CpaView {
+    /// (version, commit) from the `X-CPA-*` headers.
+    identity: Option<(String, String)>,
+    settings: Option<UsageSettings>,
+    credentials: Option<Vec<Credential>>,
+}
+
+impl CpaView {
+    /// Record CPA's build; a response without `X-CPA-VERSION` changes nothing.
+    pub fn set_identity(&mut self, version: Option<&str>, commit: Option<&str>) {
+        if let Some(version) = version {
+            self.identity = Some((
+                sanitize(version).into_owned(),
+                sanitize(commit.unwrap_or("unknown")).into_owned(),
+            ));
+        }
+    }
+
+    pub fn set_settings(&mut self, settings: UsageSettings) {
+        self.settings = Some(settings);
+    }
+
+    /// Replace the listing: credentials no longer listed disappear from the next scrape.
+    pub fn set_credentials(&mut self, credentials: Vec<Credential>) {
+        self.credentials = Some(credentials);
+    }
+
+    pub fn settings(&self) -> Option<UsageSettings> {
+        self.settings
+    }
+}
+
+#[derive(Debug)]
+pub struct CpaCollector(pub Arc<Shared>);
+
+impl prometheus_client::collector::Collector for CpaCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = self.0.cpa();
+        if let Some((version, commit)) = &view.identity {
+            let mut m = enc.encode_descriptor(
+                CPA_INFO,
+                "CPA's build, from its X-CPA-VERSION and X-CPA-COMMIT headers; constant 1",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [("version", version.as_str()), ("commit", commit.as_str())];
+            m.encode_family(&labels)?.encode_gauge(&1i64)?;
+        }
+        if let Some(settings) = &view.settings {
+            encode_settings(&mut enc, settings)?;
+        }
+        if let Some(credentials) = &view.credentials {
+            encode_credentials(&mut enc, credentials, &self.0.labels)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode_settings(
+    enc: &mut DescriptorEncoder,
+    settings: &UsageSettings,
+) -> Result<(), std::fmt::Error> {
+    if let Some(enabled) = settings.statistics_enabled {
+        encode_gauge(
+            enc,
+            STATISTICS_ENABLED,
+            "Whether CPA's usage-statistics-enabled is on (1); with 0 CPA publishes no usage",
+            None,
+            if enabled { 1.0 } else { 0.0 },
+        )?;
+    }
+    encode_gauge(
+        enc,
+        QUEUE_RETENTION,
+        "How long CPA keeps a queued usage record (redis-usage-queue-retention-seconds, effective value)",
+        Some(Unit::Seconds),
+        settings.retention.as_secs_f64(),
+    )
+}
+
+/// One credential's label values, as shown.
+struct Shown<'a> {
+    credential: String,
+    provider: String,
+    name: String,
+    c: &'a Credential,
+}
+
+/// Label values of every credential, unique by (credential, provider): the first entry wins if
+/// two auth indexes are given the same display name.
+fn shown<'a>(credentials: &'a [Credential], opts: &LabelOptions) -> Vec<Shown<'a>> {
+    let mut out: BTreeMap<(String, String), Shown<'a>> = BTreeMap::new();
+    for c in credentials {
+        let credential = credential_label(&c.auth_index, opts);
+        let provider = if c.provider.is_empty() {
+            "unknown".to_owned()
+        } else {
+            sanitize(&c.provider).into_owned()
+        };
+        let name = if opts.unmask_credential_names {
+            &c.name.raw
+        } else {
+            &c.name.masked
+        };
+        out.entry((credential.clone(), provider.clone()))
+            .or_insert(Shown {
+                credential,
+                provider,
+                name: sanitize(name).into_owned(),
+                c,
+            });
+    }
+    out.into_values().collect()
+}
+
+/// `auth_index`, or its configured display name.
+pub fn credential_label(auth_index: &str, opts: &LabelOptions) -> String {
+    let index = sanitize(auth_index);
+    match opts.credential_names.get(index.as_ref()) {
+        Some(name) => name.clone(),
+        None => index.into_owned(),
+    }
+}
+
+fn encode_credentials(
+    enc: &mut DescriptorEncoder,
+    credentials: &[Credential],
+    opts: &LabelOptions,
+) -> Result<(), std::fmt::Error> {
+    let shown = shown(credentials, opts);
+    let mut m = enc.encode_descriptor(
+        CREDENTIAL_INFO,
+        "A credential in CPA's credentials listing, with its display name; constant 1",
+        None,
+        MetricType::Gauge,
+    )?;
+    for s in &shown {
+        let labels = [
+            ("credential", s.credential.as_str()),
+            ("provider", s.provider.as_str()),
+            ("name", s.name.as_str()),
+        ];
+        m.encode_family(&labels)?.encode_gauge(&1i64)?;
+    }
+    let mut m = enc.encode_descriptor(
+        CREDENTIAL_STATUS,
+        "CPA's status of a credential: 1 for the current one of active, pending, refreshing, error, disabled, unknown",
+        None,
+        MetricType::Gauge,
+    )?;
+    for s in &shown {
+        for status in Status::ALL {
+            let labels = [
+                ("credential", s.credential.as_str()),
+                ("provider", s.provider.as_str()),
+                ("status", status.as_str()),
+            ];
+            let v = i64::from(s.c.status == status);
+            m.encode_family(&labels)?.encode_gauge(&v)?;
+        }
+    }
+    encode_flag(
+        enc,
+        &shown,
+        CREDENTIAL_UNAVAILABLE,
+        "Whether CPA holds the credential back (cooldown or quota block)",
+        |c| c.unavailable,
+    )?;
+    encode_flag(
+        enc,
+        &shown,
+        CREDENTIAL_DISABLED,
+        "Whether the credential is disabled in CPA",
+        |c| c.disabled,
+    )?;
+    let mut m = enc.encode_descriptor(
+        CREDENTIAL_NEXT_RETRY,
+        "When CPA will next try a held-back credential, Unix seconds (absent when CPA gives no time)",
+        Some(&Unit::Seconds),
+        MetricType::Gauge,
+    )?;
+    for s in &shown {
+        if let Some(t) = s.c.next_retry_after {
+            let labels = [
+                ("credential", s.credential.as_str()),
+                ("provider", s.provider.as_str()),
+            ];
+            m.encode_family(&labels)?.encode_gauge(&t)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_flag(
+    enc: &mut DescriptorEncoder,
+    shown: &[Shown<'_>],
+    name: &str,
+    help: &str,
+    flag: impl Fn(&Credential) -> bool,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for s in shown {
+        let labels = [
+            ("credential", s.credential.as_str()),
+            ("provider", s.provider.as_str()),
+        ];
+        m.encode_family(&labels)?
+            .encode_gauge(&i64::from(flag(s.c)))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cpa::mgmt::Name;
+    use crate::metrics::text::{render, Format};
+    use crate::store::{Limits, Store};
+
+    fn credential(index: &str, status: Status) -> Credential {
+        Credential {
+            auth_index: index.to_owned(),
+            provider: "codex".to_owned(),
+            name: Name {
+                raw: "codex-alice@example.com.json".to_owned(),
+                masked: "codex-a***@example.com.json".to_owned(),
+            },
+            status,
+            disabled: false,
+            unavailable: true,
+            next_retry_after: Some(1_787_400_000.0),
+            success: 1,
+            failed: 0,
+        }
+    }
+
+    fn scrape(labels: LabelOptions, fill: impl FnOnce(&mut CpaView)) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (_store, state) = Store::open(&path, Limits::default()).unwrap();
+        let shared = Arc::new(Shared::new(state, labels, path));
+        fill(&mut shared.cpa());
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(CpaCollector(shared)));
+        render(&r, Format::Text004).unwrap()
+    }
+
+    #[test]
+    fn nothing_is_rendered_until_known() {
+        assert_eq!(scrape(LabelOptions::default(), |_| {}), "");
+    }
+
+    #[test]
+    fn gauges_render_with_masked_names_and_display_names() {
+        let mut opts = LabelOptions::default();
+        opts.credential_names
+            .insert("bb22".to_owned(), "team-b".to_owned());
+        let text = scrape(opts, |v| {
+            v.set_identity(Some("v8.0.3"), None);
+            v.set_settings(UsageSettings {
+                statistics_enabled: Some(false),
+                retention: Duration::from_secs(60),
+            });
+            v.set_credentials(vec![
+                credential("aa11", Status::Error),
+                credential("bb22", Status::Active),
+            ]);
+        });
+        for line in [
+            r#"cpa_info{version="v8.0.3",commit="unknown"} 1"#,
+            "cpa_usage_statistics_enabled 0",
+            "cpa_usage_queue_retention_seconds 60",
+            r#"cpa_credential_info{credential="aa11",provider="codex",name="codex-a***@example.com.json"} 1"#,
+            r#"cpa_credential_status{credential="aa11",provider="codex",status="error"} 1"#,
+            r#"cpa_credential_status{credential="aa11",provider="codex",status="active"} 0"#,
+            r#"cpa_credential_status{credential="team-b",provider="codex",status="active"} 1"#,
+            r#"cpa_credential_unavailable{credential="team-b",provider="codex"} 1"#,
+            r#"cpa_credential_disabled{credential="aa11",provider="codex"} 0"#,
+            r#"cpa_credential_next_retry_timestamp_seconds{credential="aa11",provider="codex"} 1787400000"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(!text.contains("alice"));
+    }
+
+    #[test]
+    fn unmasking_is_a_switch() {
+        let opts = LabelOptions {
+            unmask_credential_names: true,
+            ..LabelOptions::default()
+        };
+        let text = scrape(opts, |v| {
+            v.set_credentials(vec![credential("aa11", Status::Active)])
+        });
+        assert!(
+            text.contains(r#"name="codex-alice@example.com.json""#),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! Slow management reads beside the drain loop: CPA's usage settings every few minutes and its
+//! credentials listing every 30 s, published through [`crate::metrics::cpa::CpaView`].
+//!
+//! Ban safety: every call here is a bcrypt-checked login on CPA's side, and 5 failed logins ban
+//! the IP for 30 minutes. So the poller calls nothing until the drain loop has seen the key
+//! accepted, pauses while the drain loop sees it refused, and after a 401/403 of its own waits
+//! like the drain loop does (5 min doubling to 1 h, or until a ban lifts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, Secret};
+use crate::cpa::mgmt::{Call, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
+use crate::cpa::ClientOptions;
+use crate::drain::{auth_wait, sleep_or_shutdown};
+use crate::metrics::Shared;
+
+/// How often the poller looks again while waiting for the drain loop to vouch for the key.
+const KEY_WAIT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy)]
+pub struct PollerOptions {
+    pub settings_interval: Duration,
+    /// `None`: the credentials listing is not read.
+    pub credentials_interval: Option<Duration>,
+    /// The drain loop's idle wait, compared with CPA's queue retention until the drain loop
+    /// reports the one of the transport it actually uses.
+    pub idle_interval: Duration,
+}
+
+/// Start the poller for `config`'s CPA. `idle_interval` is the drain loop's, for the transport
+/// in use. Stops when `shutdown` turns true; abort the handle to cancel a read in flight (reads
+/// are not destructive).
+pub fn spawn(
+    config: &Config,
+    key: Secret,
+    shared: Arc<Shared>,
+    idle_interval: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, reqwest::Error> {
+    let client = MgmtClient::new(ClientOptions {
+        base_url: config.cpa_url.clone(),
+        key,
+        api_version: config.api_version,
+        timeout: config.http_timeout,
+        max_body_bytes: MAX_MGMT_BODY_BYTES,
+    })?;
+    let opts = PollerOptions {
+        settings_interval: config.settings_interval,
+        credentials_interval: config.credentials_interval,
+        idle_interval,
+    };
+    Ok(tokio::spawn(run(client, shared, opts, shutdown)))
+}
+
+pub async fn run(
+    mut client: MgmtClient,
+    shared: Arc<Shared>,
+    opts: PollerOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut poller = Poller::new(opts);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let wait = poller.step(&mut client, &shared).await;
+        if sleep_or_shutdown(wait, &mut shutdown).await {
+            break;
+        }
+    }
+    debug!("management poller stopped");
+}
+
+/// What the warnings were last about, so each is logged once per change.
+#[derive(Debug, Default)]
+struct Said {
+    statistics_enabled: Option<bool>,
+    /// (retention, idle interval) the "poll interval too long" warning was given for.
+    short_retention: Option<(Duration, Duration)>,
+    /// Last failure kind per call (settings, credentials); `None` while it succeeds.
+    failing: [Option<&'static str>; 2],
+    credentials_read: bool,
+}
+
+struct Poller {
+    opts: PollerOptions,
+    next_settings: Instant,
+    next_credentials: Option<Instant>,
+    auth_failures: u32,
+    blocked_until: Option<Instant>,
+    said: Said,
+}
+
+impl Poller {
+    fn new(opts: PollerOptions) -> Poller {
+        let now = Instant::now();
+        Poller {
+            opts,
+            next_settings: now,
+            next_credentials: opts.credentials_interval.map(|_| now),
+            auth_failures: 0,
+            blocked_until: None,
+            said: Said::default(),
+        }
+    }
+
+    /// Make whatever calls are due; returns how long to sleep before the next step.
+    async fn step(&mut self, client: &mut MgmtClient, shared: &Shared) -> Duration {
+        if shared.live.key_accepted() != Some(true) {
+            return KEY_WAIT;
+        }
+        if self.is_blocked() {
+            return self.until_next();
+        }
+        if Instant::now() >= self.next_settings {
+            self.next_settings = Instant::now() + self.opts.settings_interval;
+            let result = client.usage_settings().await;
+            publish_identity(client, shared);
+            if let Some(settings) = self.settled(Call::Settings, result) {
+                shared.cpa().set_settings(settings);
+                let idle = shared.live.idle_interval();
+                self.warn_about(settings, idle.unwrap_or(self.opts.idle_interval));
+            }
+        }
+        if let (Some(next), Some(every)) = (self.next_credentials, self.opts.credentials_interval) {
+            if Instant::now() >= next && !self.is_blocked() {
+                self.next_credentials = Some(Instant::now() + every);
+                let result = client.credentials().await;
+                publish_identity(client, shared);
+                if let Some(list) = self.settled(Call::Credentials, result) {
+                    self.note_credentials(list.len(), client);
+                    shared.cpa().set_credentials(list);
+                }
+            }
+        }
+        self.until_next()
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.blocked_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn until_next(&self) -> Duration {
+        let mut next = self.next_settings;
+        if let Some(c) = self.next_credentials {
+            next = next.min(c);
+        }
+        if let Some(b) = self.blocked_until {
+            next = next.max(b);
+        }
+        next.saturating_duration_since(Instant::now())
+    }
+
+    /// Log a failure once per change of its kind (a refused key every time: those are rare and
+    /// each one counts towards CPA's ban) and start the auth backoff; pass a success through.
+    fn settled<T>(&mut self, call: Call, result: Result<T, MgmtError>) -> Option<T> {
+        let slot = call as usize;
+        match result {
+            Ok(v) => {
+                if self.said.failing[slot].take().is_some() {
+                    info!(
+                        call = call.name(),
+                        "CPA's {} can be read again",
+                        call.name()
+                    );
+                }
+                self.auth_failures = 0;
+                self.blocked_until = None;
+                Some(v)
+            }
+            Err(e) => {
+                if let Some(cause) = e.auth() {
+                    self.auth_failures += 1;
+                    let wait = auth_wait(cause, self.auth_failures);
+                    self.blocked_until = Some(Instant::now() + wait);
+                    let retry_in = humantime::format_duration(wait).to_string();
+                    error!(call = call.name(), retry_in, "{e}");
+                } else if self.said.failing[slot] != Some(e.kind()) {
+                    warn!(call = call.name(), "cannot read CPA's {}: {e}", call.name());
+                } else {
+                    debug!(call = call.name(), "cannot read CPA's {}: {e}", call.name());
+                }
+                self.said.failing[slot] = Some(e.kind());
+                None
+            }
+        }
+    }
+
+    fn note_credentials(&mut self, count: usize, client: &MgmtClient) {
+        let route = client.route().map_or("unknown", |r| r.name());
+        if !self.said.credentials_read {
+            self.said.credentials_read = true;
+            let every = self
+                .opts
+                .credentials_interval
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_default();
+            info!(
+                route,
+                credentials = count,
+                every,
+                "reading CPA's credentials listing"
+            );
+        } else {
+            debug!(route, credentials = count, "credentials listing read");
+        }
+    }
+
+    fn warn_about(&mut self, settings: UsageSettings, idle: Duration) {
+        self.say_statistics(settings.statistics_enabled);
+        self.say_retention(settings.retention, idle);
+    }
+
+    fn say_statistics(&mut self, enabled: Option<bool>) {
+        let before = self.said.statistics_enabled;
+        if enabled.is_none() || enabled == before {
+            return;
+        }
+        self.said.statistics_enabled = enabled;
+        if enabled == Some(false) {
+            warn!(
+                "usage statistics are off in CPA (usage-statistics-enabled: false): CPA publishes no usage and the usage counters stay flat; set usage-statistics-enabled: true (v8: observability.usage.usage-statistics-enabled)"
+            );
+        } else if before == Some(false) {
+            info!("usage statistics are on again in CPA");
+        }
+    }
+
+    fn say_retention(&mut self, retention: Duration, idle: Duration) {
+        if idle.saturating_mul(4) <= retention {
+            if self.said.short_retention.take().is_some() {
+                info!(
+                    retention = %humantime::format_duration(retention),
+                    poll_interval = %humantime::format_duration(idle),
+                    "CPA's queue retention is now well above the idle poll interval"
+                );
+            }
+            return;
+        }
+        if self.said.short_retention == Some((retention, idle)) {
+            return;
+        }
+        self.said.short_retention = Some((retention, idle));
+        warn!(
+            retention = %humantime::format_duration(retention),
+            poll_interval = %humantime::format_duration(idle),
+            "the idle poll interval is longer than a quarter of CPA's queue retention: records can expire before they are popped; raise redis-usage-queue-retention-seconds in CPA or lower --poll-interval"
+        );
+    }
+}
+
+fn publish_identity(client: &MgmtClient, shared: &Shared) {
+    let id = client.identity();
+    shared
+        .cpa()
+        .set_identity(id.version.as_deref(), id.commit.as_deref());
+}

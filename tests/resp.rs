@@ -1,0 +1,331 @@
+//! The RESP transport, end to end: the real binary against the fake CPA's RESP side (AUTH first,
+//! `LPOP usage N`), compared with HTTP on the same workload, with `auto` selection, a wrong key,
+//! dropped connections, a CPA restart, and what each transport costs CPA.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, SimStats, WorkloadMix};
+
+const KEY: &str = "test-management-key";
+
+fn sim_config(resp_enabled: bool) -> SimConfig {
+    SimConfig {
+        management_key: KEY.to_owned(),
+        resp_enabled,
+        ..SimConfig::default()
+    }
+}
+
+async fn fake_cpa(resp_enabled: bool) -> FakeCpa {
+    FakeCpa::start(sim_config(resp_enabled))
+        .await
+        .expect("fake CPA")
+}
+
+fn setup<'a>(
+    cpa: &FakeCpa,
+    key: &'a str,
+    dir: &'a tempfile::TempDir,
+    name: &str,
+    transport: Option<&str>,
+) -> Setup<'a> {
+    let mut extra = Vec::new();
+    if let Some(t) = transport {
+        extra.push(("CPA_TRANSPORT", t.to_owned()));
+    }
+    Setup {
+        cpa_url: cpa.url(),
+        key,
+        db: Box::leak(dir.path().join("state.db").into_boxed_path()),
+        log: dir.path().join(format!("{name}.log")),
+        extra,
+    }
+}
+
+async fn drained(exporter: &Exporter, cpa: &FakeCpa, elements: f64) -> Metrics {
+    let ok = eventually(Duration::from_secs(30), async || {
+        cpa.stats().queued == 0 && accounted(&exporter.scrape().await) >= elements
+    })
+    .await;
+    assert!(ok, "not drained; log:\n{}", exporter.log_text());
+    exporter.scrape().await
+}
+
+fn merge(into: &mut Expected, more: Expected) {
+    let add = |a: &mut BTreeMap<Vec<String>, f64>, b: BTreeMap<Vec<String>, f64>| {
+        for (k, v) in b {
+            *a.entry(k).or_default() += v;
+        }
+    };
+    add(&mut into.requests, more.requests);
+    add(&mut into.failures, more.failures);
+    add(&mut into.tokens, more.tokens);
+    for (k, v) in more.outcomes {
+        *into.outcomes.entry(k).or_default() += v;
+    }
+    into.latency_count += more.latency_count;
+    into.ttft_count += more.ttft_count;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_and_http_produce_identical_counters_for_the_same_workload() {
+    let mix = WorkloadMix {
+        duplicate_event_id: 0.03,
+        string_wrapped: 0.08,
+        control: 0.02,
+        invalid: 0.03,
+        ..WorkloadMix::default()
+    };
+    let n = 3_000;
+    let batch = 250;
+    let mut observed = Vec::new();
+    for transport in ["resp", "http"] {
+        let cpa = fake_cpa(true).await;
+        let dir = tempfile::tempdir().unwrap();
+        let expected = push_workload(&cpa, 42, mix, n);
+        let mut s = setup(&cpa, KEY, &dir, transport, Some(transport));
+        s.extra.push(("CPA_EXPORTER_BATCH_SIZE", batch.to_string()));
+        let exporter = Exporter::spawn(&s);
+        let m = drained(&exporter, &cpa, n as f64).await;
+        let seen = Expected::observed(&m);
+        assert_eq!(seen.outcomes, expected.outcomes, "{transport}");
+        assert_eq!(seen.invalid, expected.invalid, "{transport}");
+        assert_eq!(seen.requests, expected.requests, "{transport}");
+        assert_eq!(seen.failures, expected.failures, "{transport}");
+        assert_eq!(seen.tokens, expected.tokens, "{transport}");
+        assert_eq!(seen.latency_count, expected.latency_count, "{transport}");
+        assert_eq!(seen.ttft_count, expected.ttft_count, "{transport}");
+        assert!(
+            exporter.log_text().contains(&format!(
+                "route=\"{}\"",
+                if transport == "resp" { "resp" } else { "v8" }
+            )),
+            "{}",
+            exporter.log_text()
+        );
+        let stats = cpa.stats();
+        // AUTH went first: not a single failed login.
+        assert_eq!(stats.auth_failures, 0, "{transport}");
+        if transport == "resp" {
+            assert_eq!((stats.resp_connections, stats.resp_auths), (1, 1));
+            assert!(stats.resp_pops >= (n / batch) as u64);
+            assert_eq!(stats.queue_requests, 0, "no HTTP pops over RESP");
+        } else {
+            assert_eq!(stats.resp_connections, 0);
+            assert!(stats.queue_requests >= (n / batch) as u64);
+        }
+        observed.push(seen);
+    }
+    assert_eq!(observed[0], observed[1], "RESP and HTTP disagree");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_picks_resp_when_cpa_speaks_it_and_http_when_it_does_not() {
+    for resp_enabled in [true, false] {
+        let name = if resp_enabled { "resp" } else { "no-resp" };
+        let cpa = fake_cpa(resp_enabled).await;
+        let dir = tempfile::tempdir().unwrap();
+        let expected = push_workload(&cpa, 7, WorkloadMix::default(), 500);
+        // No CPA_TRANSPORT: `auto` is the default.
+        let exporter = Exporter::spawn(&setup(&cpa, KEY, &dir, name, None));
+        let m = drained(&exporter, &cpa, 500.0).await;
+        assert_eq!(Expected::observed(&m).requests, expected.requests, "{name}");
+        let stats = cpa.stats();
+        let log = exporter.log_text();
+        assert_eq!(
+            stats.auth_failures, 0,
+            "{name}: the probe cost no failed login"
+        );
+        if resp_enabled {
+            assert!(log.contains("CPA speaks RESP"), "{log}");
+            assert!(log.contains("route=\"resp\""), "{log}");
+            assert_eq!((stats.resp_auths, stats.queue_requests), (1, 0));
+        } else {
+            assert!(log.contains("does not speak RESP"), "{log}");
+            assert!(
+                log.contains("using HTTP for the life of the process"),
+                "{log}"
+            );
+            assert_eq!(stats.resp_connections, 0);
+            assert!(stats.queue_requests > 0);
+            // Decided once: later polls never probe RESP again.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert_eq!(
+                log.matches("using HTTP for the life of the process")
+                    .count(),
+                1
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_over_resp_is_one_attempt_and_never_tried_over_http() {
+    for transport in ["resp", "auto"] {
+        let cpa = fake_cpa(true).await;
+        let dir = tempfile::tempdir().unwrap();
+        let wrong = "not-the-key-4242";
+        let exporter = Exporter::spawn(&setup(&cpa, wrong, &dir, transport, Some(transport)));
+        let said = eventually(Duration::from_secs(10), async || {
+            exporter.log_text().contains("wrong key")
+        })
+        .await;
+        assert!(said, "{transport}: {}", exporter.log_text());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let stats = cpa.stats();
+        assert_eq!(
+            stats.auth_failures, 1,
+            "{transport}: exactly one failed login, far under CPA's 5-failure ban"
+        );
+        assert_eq!(
+            (stats.resp_auths, stats.queue_requests),
+            (0, 0),
+            "{transport}"
+        );
+        let m = exporter.scrape().await;
+        assert_eq!(m.get("cpa_up"), Some(0.0));
+        assert_eq!(
+            m.sum("cpa_exporter_polls_total", &[("result", "unauthorized")]),
+            1.0,
+            "{transport}"
+        );
+        let log = exporter.log_text();
+        assert!(
+            !log.contains(wrong),
+            "{transport}: the key leaked into the log"
+        );
+        if transport == "auto" {
+            assert!(log.contains("not trying HTTP"), "{log}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_reconnects_after_dropped_connections_and_a_restart_without_losing_counts() {
+    let cpa = fake_cpa(true).await;
+    let addr: SocketAddr = cpa.url().trim_start_matches("http://").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected = push_workload(&cpa, 5, WorkloadMix::default(), 1_000);
+    let mut s = setup(&cpa, KEY, &dir, "reconnect", Some("resp"));
+    s.extra.push(("CPA_EXPORTER_BATCH_SIZE", "100".into()));
+    let exporter = Exporter::spawn(&s);
+    drained(&exporter, &cpa, 1_000.0).await;
+
+    // CPA drops the connection on every pop for a while: nothing is popped, the exporter says
+    // it is down, then reconnects (and authenticates again) once pops work.
+    cpa.set_fault(Some(Fault::ResetConnection));
+    merge(
+        &mut expected,
+        push_workload(&cpa, 6, WorkloadMix::default(), 500),
+    );
+    let down = eventually(Duration::from_secs(10), async || {
+        exporter.scrape().await.get("cpa_up") == Some(0.0)
+    })
+    .await;
+    assert!(down, "{}", exporter.log_text());
+    cpa.set_fault(None);
+    drained(&exporter, &cpa, 1_500.0).await;
+    let stats = cpa.stats();
+    assert!(stats.resp_auths >= 2, "reconnected: {stats:?}");
+    assert_eq!(stats.auth_failures, 0);
+
+    // CPA restarts on the same port (its queue starts empty).
+    cpa.shutdown();
+    let restarted = restart_on(addr).await;
+    merge(
+        &mut expected,
+        push_workload(&restarted, 8, WorkloadMix::default(), 300),
+    );
+    let m = drained(&exporter, &restarted, 1_800.0).await;
+    let seen = Expected::observed(&m);
+    assert_eq!(seen.requests, expected.requests, "committed counts kept");
+    assert_eq!(seen.tokens, expected.tokens);
+    assert_eq!(accounted(&m), 1_800.0);
+    assert_eq!(restarted.stats().resp_auths, 1);
+    assert_eq!(restarted.stats().auth_failures, 0);
+}
+
+async fn restart_on(addr: SocketAddr) -> FakeCpa {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match FakeCpa::start_on(sim_config(true), addr).await {
+            Ok(cpa) => return cpa,
+            Err(e) if Instant::now() > deadline => panic!("cannot restart the fake CPA: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// An exporter with the built-in idle interval (the harness pins 200 ms).
+fn spawn_with_default_interval(
+    cpa: &FakeCpa,
+    dir: &tempfile::TempDir,
+    transport: &str,
+) -> Exporter {
+    let port = free_port();
+    let log = dir.path().join(format!("{transport}.log"));
+    let child = Command::new(BIN)
+        .env_clear()
+        .env("CPA_URL", cpa.url())
+        .env("CPA_MANAGEMENT_KEY", KEY)
+        .env(
+            "CPA_EXPORTER_DB",
+            dir.path().join(format!("{transport}.db")),
+        )
+        .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CPA_TRANSPORT", transport)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn exporter");
+    Exporter { child, port, log }
+}
+
+/// CPA-side cost of each transport at its default idle interval, measured on the fake CPA over
+/// a window and extrapolated to a minute. Run with `--nocapture` to see the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpa_side_cost_per_minute_at_default_intervals() {
+    let window = Duration::from_secs(15);
+    let http_cpa = fake_cpa(true).await;
+    let resp_cpa = fake_cpa(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = spawn_with_default_interval(&http_cpa, &dir, "http");
+    let resp = spawn_with_default_interval(&resp_cpa, &dir, "resp");
+    let started = eventually(Duration::from_secs(20), async || {
+        http_cpa.stats().queue_requests > 0 && resp_cpa.stats().resp_pops > 0
+    })
+    .await;
+    assert!(started, "{}\n{}", http.log_text(), resp.log_text());
+    let (h0, r0, t0) = (http_cpa.stats(), resp_cpa.stats(), Instant::now());
+    tokio::time::sleep(window).await;
+    let (h1, r1, secs) = (
+        http_cpa.stats(),
+        resp_cpa.stats(),
+        t0.elapsed().as_secs_f64(),
+    );
+    let per_min = |a: u64, b: u64| (b - a) as f64 * 60.0 / secs;
+    let bcrypt = |s: &SimStats| s.queue_requests + s.resp_auths + s.auth_failures;
+    let http_polls = per_min(h0.queue_requests, h1.queue_requests);
+    let http_bcrypt = per_min(bcrypt(&h0), bcrypt(&h1));
+    let resp_pops = per_min(r0.resp_pops, r1.resp_pops);
+    let resp_bcrypt = per_min(bcrypt(&r0), bcrypt(&r1));
+    eprintln!(
+        "CPA-side cost over {secs:.1} s, per minute: HTTP {http_polls:.1} queue polls = {http_bcrypt:.1} bcrypt checks; \
+         RESP {resp_pops:.1} pops, {resp_bcrypt:.1} bcrypt checks ({} AUTH on {} connection in all)",
+        r1.resp_auths, r1.resp_connections
+    );
+    // HTTP at 5 s: 12 polls a minute, each one bcrypt check.
+    assert!((8.0..=16.0).contains(&http_polls), "{http_polls}");
+    assert_eq!(http_polls, http_bcrypt);
+    // RESP at 1 s: about 60 pops a minute and no bcrypt check after the one AUTH.
+    assert!((45.0..=66.0).contains(&resp_pops), "{resp_pops}");
+    assert_eq!(resp_bcrypt, 0.0);
+    assert_eq!((r1.resp_auths, r1.resp_connections), (1, 1));
+}
