@@ -85,10 +85,11 @@ impl Default for Live {
         // Counters start at zero rather than appearing with their first increment, so alerts
         // and dashboards see every series (as node_exporter and statsd_exporter do).
         for result in POLL_RESULTS {
-            live.polls.get_or_create(&[("result", result)]);
+            let _ = live.polls.get_or_create(&[("result", result)]);
         }
         for family in Family::ALL.into_iter().filter(|f| f.is_capped()) {
-            live.series_overflow
+            let _ = live
+                .series_overflow
                 .get_or_create(&[("family", family.id())]);
         }
         live

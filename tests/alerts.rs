@@ -1,0 +1,456 @@
+//! The alerting files under `alerts/`: Prometheus' and Alertmanager's own checkers, the promtool
+//! unit tests, the conventions every alert follows, and the metric names the rules read, which
+//! must all exist in the exporter's output (a renamed metric breaks this test).
+//!
+//! `promtool` and `amtool` are needed; without them the tool checks are skipped, except under CI
+//! (the `CI` environment variable set), where a missing tool fails the test.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_norway::Value;
+
+const RUNBOOK: &str =
+    "https://github.com/cpa-usage-exporter/cpa-usage-exporter/blob/main/docs/runbook.md#";
+const SEVERITIES: [&str; 3] = ["critical", "warning", "info"];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Files in `dir` whose names end with `suffix`, sorted.
+fn files(dir: &str, suffix: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.to_str().is_some_and(|s| s.ends_with(suffix)))
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no {suffix} files in {dir}");
+    out
+}
+
+fn rule_files() -> Vec<PathBuf> {
+    files("alerts", ".rules.yml")
+}
+
+fn test_files() -> Vec<PathBuf> {
+    files("alerts/tests", ".yml")
+}
+
+fn yaml(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn text(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Whether `tool` can run. Missing: a failure under CI, a skip (with a note) elsewhere.
+fn have(tool: &str) -> bool {
+    match Command::new(tool).arg("--version").output() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{tool} is required under CI but cannot run: {e}"
+            );
+            eprintln!("skipping: {tool} is not installed ({e})");
+            false
+        }
+    }
+}
+
+/// Run a command from the repository root; panic with its output unless it succeeds.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{program} {} failed:\n{said}",
+        args.join(" ")
+    );
+    said
+}
+
+fn rel(path: &Path) -> String {
+    path.strip_prefix(root())
+        .unwrap_or(path)
+        .to_str()
+        .expect("utf-8 path")
+        .to_owned()
+}
+
+/// One rule of a rules file.
+struct Rule {
+    file: String,
+    /// `record` or `alert` name.
+    name: String,
+    alert: bool,
+    expr: String,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().expect("string key").to_owned(),
+                        v.as_str().expect("string value").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn rules() -> Vec<Rule> {
+    let mut out = Vec::new();
+    for path in rule_files() {
+        let doc = yaml(&path);
+        let groups = doc["groups"].as_sequence().expect("groups");
+        for group in groups {
+            for rule in group["rules"].as_sequence().expect("rules") {
+                let (name, alert) = match (rule["alert"].as_str(), rule["record"].as_str()) {
+                    (Some(a), None) => (a, true),
+                    (None, Some(r)) => (r, false),
+                    _ => panic!(
+                        "{}: a rule needs exactly one of alert/record",
+                        path.display()
+                    ),
+                };
+                out.push(Rule {
+                    file: rel(&path),
+                    name: name.to_owned(),
+                    alert,
+                    expr: rule["expr"].as_str().expect("expr").to_owned(),
+                    labels: string_map(&rule["labels"]),
+                    annotations: string_map(&rule["annotations"]),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn promtool_accepts_every_rules_file() {
+    if !have("promtool") {
+        return;
+    }
+    for file in rule_files() {
+        let said = run("promtool", &["check", "rules", &rel(&file)]);
+        assert!(said.contains("SUCCESS"), "{said}");
+    }
+}
+
+#[test]
+fn promtool_unit_tests_pass() {
+    if !have("promtool") {
+        return;
+    }
+    for file in test_files() {
+        let said = run("promtool", &["test", "rules", &rel(&file)]);
+        assert!(said.contains("SUCCESS"), "{said}");
+    }
+}
+
+#[test]
+fn alertmanager_example_is_valid_and_routes_by_severity() {
+    if !have("amtool") {
+        return;
+    }
+    let config = "--config.file=alerts/alertmanager.yml";
+    run("amtool", &["check-config", "alerts/alertmanager.yml"]);
+    for (labels, receivers) in [
+        (
+            ["alertname=CPAUnreachable", "severity=critical"],
+            "im-bots,critical",
+        ),
+        (
+            ["alertname=CPAHighFailureRatio", "severity=warning"],
+            "im-bots,warning",
+        ),
+        (["alertname=CPACredentialDisabled", "severity=info"], "info"),
+        (["alertname=Watchdog", "severity=none"], "webhook"),
+    ] {
+        let verify = format!("--verify.receivers={receivers}");
+        let mut args = vec!["config", "routes", "test", config, verify.as_str()];
+        args.extend(labels);
+        run("amtool", &args);
+    }
+}
+
+#[test]
+fn every_alert_follows_the_conventions_and_has_a_runbook_section() {
+    let runbook = text("docs/runbook.md");
+    let headings: BTreeSet<&str> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(str::trim)
+        .collect();
+    let rules = rules();
+    let mut alerts = BTreeSet::new();
+    for r in rules.iter().filter(|r| r.alert) {
+        let at = format!("{} ({})", r.name, r.file);
+        assert!(
+            r.name.starts_with("CPA")
+                && r.name.chars().all(|c| c.is_ascii_alphanumeric())
+                && r.name[3..].starts_with(|c: char| c.is_ascii_uppercase()),
+            "{at}: alert names are CamelCase with a CPA prefix"
+        );
+        let severity = r.labels.get("severity").map(String::as_str);
+        assert!(
+            severity.is_some_and(|s| SEVERITIES.contains(&s)),
+            "{at}: severity must be one of {SEVERITIES:?}, is {severity:?}"
+        );
+        let summary = &r.annotations["summary"];
+        assert!(
+            !summary.contains("{{") && summary.ends_with('.'),
+            "{at}: the summary is one static sentence: {summary}"
+        );
+        let description = &r.annotations["description"];
+        assert!(
+            description.contains("{{ $labels.") || description.contains("{{ $value"),
+            "{at}: the description names what and how much: {description}"
+        );
+        let url = &r.annotations["runbook_url"];
+        assert_eq!(
+            url,
+            &format!("{RUNBOOK}{}", r.name.to_lowercase()),
+            "{at}: runbook_url"
+        );
+        assert!(
+            headings.contains(r.name.as_str()),
+            "{at}: docs/runbook.md needs a section `## {}`",
+            r.name
+        );
+        alerts.insert(r.name.clone());
+    }
+    // No runbook section for an alert that does not exist.
+    for h in headings.iter().filter(|h| h.starts_with("CPA")) {
+        assert!(
+            alerts.contains(*h),
+            "docs/runbook.md: `## {h}` has no alert"
+        );
+    }
+    // Recording rules: level:metric:operations; nothing else has colons.
+    for r in rules.iter().filter(|r| !r.alert) {
+        assert_eq!(
+            r.name.matches(':').count(),
+            2,
+            "{}: recording rule names are level:metric:operations",
+            r.name
+        );
+        // Aggregations name job and instance; rules over recorded series inherit them.
+        assert!(
+            (r.expr.contains("job") && r.expr.contains("instance"))
+                || metric_names(&r.expr).iter().all(|n| n.contains(':')),
+            "{}: keeps job and instance",
+            r.name
+        );
+    }
+    let alerting = text("docs/alerting.md");
+    for r in &rules {
+        assert!(
+            alerting.contains(&format!("`{}`", r.name)),
+            "docs/alerting.md does not mention `{}`",
+            r.name
+        );
+    }
+}
+
+/// Every alert (and each of its severities) is shown firing, and shown not firing; every
+/// recording rule is evaluated by a test.
+#[test]
+fn every_alert_and_recording_rule_has_unit_tests() {
+    let mut fired: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut quiet: BTreeSet<String> = BTreeSet::new();
+    let mut exprs = String::new();
+    for path in test_files() {
+        let doc = yaml(&path);
+        for file in doc["rule_files"].as_sequence().expect("rule_files") {
+            let file = path.parent().unwrap().join(file.as_str().unwrap());
+            assert!(
+                file.exists(),
+                "{}: {} is missing",
+                path.display(),
+                file.display()
+            );
+        }
+        for t in doc["tests"].as_sequence().expect("tests") {
+            for a in t["alert_rule_test"].as_sequence().into_iter().flatten() {
+                let name = a["alertname"].as_str().expect("alertname").to_owned();
+                let exp = a["exp_alerts"].as_sequence().expect("exp_alerts");
+                if exp.is_empty() {
+                    quiet.insert(name.clone());
+                }
+                for e in exp {
+                    let severity = e["exp_labels"]["severity"].as_str().unwrap_or("");
+                    fired.insert((name.clone(), severity.to_owned()));
+                }
+            }
+            for p in t["promql_expr_test"].as_sequence().into_iter().flatten() {
+                exprs.push_str(p["expr"].as_str().expect("expr"));
+                exprs.push('\n');
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for r in rules() {
+        if r.alert {
+            let severity = r.labels["severity"].clone();
+            if !fired.contains(&(r.name.clone(), severity.clone())) {
+                missing.push(format!("{} ({severity}) is never shown firing", r.name));
+            }
+            if !quiet.contains(&r.name) {
+                missing.push(format!("{} is never shown not firing", r.name));
+            }
+        } else if !metric_names(&exprs).contains(&r.name) {
+            missing.push(format!("recording rule {} is never evaluated", r.name));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "missing unit tests:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn render_sh_rewrites_for_and_job_in_copies_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    run(
+        "sh",
+        &["alerts/render.sh", "--for", "0s", "--job", "cpa-e2e", out],
+    );
+    for file in rule_files() {
+        let shipped = std::fs::read_to_string(&file).unwrap();
+        let copy = std::fs::read_to_string(dir.path().join(file.file_name().unwrap())).unwrap();
+        let (a, b): (Vec<&str>, Vec<&str>) = (shipped.lines().collect(), copy.lines().collect());
+        assert_eq!(a.len(), b.len());
+        for (a, b) in a.iter().zip(&b) {
+            if a.trim_start().starts_with("for: ") {
+                assert_eq!(b.trim(), "for: 0s", "{}", file.display());
+            } else if a.contains(r#"job="cpa-usage-exporter""#) {
+                assert_eq!(*b, a.replace("cpa-usage-exporter", "cpa-e2e"));
+            } else {
+                assert_eq!(a, b, "{}: only `for:` and the job change", file.display());
+            }
+        }
+        if have("promtool") {
+            let copy = dir.path().join(file.file_name().unwrap());
+            run("promtool", &["check", "rules", copy.to_str().unwrap()]);
+        }
+    }
+    assert!(
+        Command::new("sh")
+            .args(["alerts/render.sh", "--for", "soon", out])
+            .current_dir(root())
+            .output()
+            .unwrap()
+            .status
+            .code()
+            == Some(2),
+        "a bad duration is refused"
+    );
+}
+
+/// Every metric a rule or an annotation's query reads exists in the exporter's output; every
+/// recording rule read is defined.
+#[tokio::test]
+async fn every_metric_in_the_rules_exists_in_the_exporter_output() {
+    let rules = rules();
+    let records: BTreeSet<&str> = rules
+        .iter()
+        .filter(|r| !r.alert)
+        .map(|r| r.name.as_str())
+        .collect();
+    // Series that Prometheus itself makes.
+    let prometheus: BTreeSet<&str> = ["up", "ALERTS", "ALERTS_FOR_STATE"].into();
+    let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in &rules {
+        let mut queries = vec![r.expr.clone()];
+        for a in r.annotations.values() {
+            // Template queries are the backquoted strings.
+            queries.extend(a.split('`').skip(1).step_by(2).map(str::to_owned));
+        }
+        for q in &queries {
+            for name in metric_names(q) {
+                used.entry(name).or_default().insert(r.name.clone());
+            }
+        }
+    }
+    assert!(used.contains_key("cpa_requests_total") && used.contains_key("cpa_up"));
+
+    let undefined: Vec<String> = used
+        .iter()
+        .filter(|(n, _)| n.contains(':') && !records.contains(n.as_str()))
+        .map(|(n, by)| format!("{n} (used by {by:?})"))
+        .collect();
+    assert!(
+        undefined.is_empty(),
+        "recording rules used but not defined:\n{}",
+        undefined.join("\n")
+    );
+
+    let exposed = common::demo_metric_names().await;
+    let missing: Vec<String> = used
+        .iter()
+        .filter(|(n, _)| !n.contains(':') && !prometheus.contains(n.as_str()))
+        .filter(|(n, _)| !exposed.contains(n.as_str()))
+        .map(|(n, by)| format!("{n} (used by {by:?})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics the rules read but the exporter does not expose:\n{}\n\nexposed: {exposed:?}",
+        missing.join("\n")
+    );
+}
+
+/// Metric names (and recording-rule names) a PromQL expression reads, by the shared tokenizer
+/// that the dashboard and end-to-end tests use as well.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    common::promql::metric_names(expr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn metric_names_reads_promql_carefully() {
+    let expr = r#"
+        # a comment naming not_a_metric
+        sum by (job, instance, le) (rate(cpa_a_bucket{le="+Inf", x=~"a}b"}[5m] offset 1d))
+          / ignoring (class) group_left () (level:cpa_b:rate5m > bool 0)
+        or on (job) label_replace(cpa_c, "class", "x", "", "")
+        and max without (quantile) (histogram_quantile(0.95, cpa_d[1h:5m])) * 1e3 + Inf
+        unless absent(up{job="j"}) or vector(1) or topk(3, cpa_e) or time() - cpa_f @ 100
+    "#;
+    let got: Vec<String> = metric_names(expr).into_iter().collect();
+    assert_eq!(
+        got,
+        [
+            "cpa_a_bucket",
+            "cpa_c",
+            "cpa_d",
+            "cpa_e",
+            "cpa_f",
+            "level:cpa_b:rate5m",
+            "up"
+        ]
+    );
+}
