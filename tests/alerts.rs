@@ -249,12 +249,17 @@ fn every_alert_follows_the_conventions_and_has_a_runbook_section() {
             "docs/runbook.md: `## {h}` has no alert"
         );
     }
-    // Recording rules: level:metric:operations; nothing else has colons.
+    // Recording rules: cpa:level:metric:operations; nothing else has colons.
     for r in rules.iter().filter(|r| !r.alert) {
+        assert!(
+            r.name.starts_with("cpa:"),
+            "{}: recording rules carry the cpa: prefix",
+            r.name
+        );
         assert_eq!(
             r.name.matches(':').count(),
-            2,
-            "{}: recording rule names are level:metric:operations",
+            3,
+            "{}: recording rule names are cpa:level:metric:operations",
             r.name
         );
         // Aggregations name job and instance; rules over recorded series inherit them.
@@ -435,7 +440,7 @@ fn metric_names_reads_promql_carefully() {
     let expr = r#"
         # a comment naming not_a_metric
         sum by (job, instance, le) (rate(cpa_a_bucket{le="+Inf", x=~"a}b"}[5m] offset 1d))
-          / ignoring (class) group_left () (level:cpa_b:rate5m > bool 0)
+          / ignoring (class) group_left () (cpa:level:b:rate5m > bool 0)
         or on (job) label_replace(cpa_c, "class", "x", "", "")
         and max without (quantile) (histogram_quantile(0.95, cpa_d[1h:5m])) * 1e3 + Inf
         unless absent(up{job="j"}) or vector(1) or topk(3, cpa_e) or time() - cpa_f @ 100
@@ -444,12 +449,12 @@ fn metric_names_reads_promql_carefully() {
     assert_eq!(
         got,
         [
+            "cpa:level:b:rate5m",
             "cpa_a_bucket",
             "cpa_c",
             "cpa_d",
             "cpa_e",
             "cpa_f",
-            "level:cpa_b:rate5m",
             "up"
         ]
     );
