@@ -73,13 +73,7 @@ async fn fake_cpa(routes: Routes, version: &str) -> FakeCpa {
 }
 
 fn setup<'a>(cpa: &FakeCpa, key: &'a str, dir: &'a tempfile::TempDir, name: &str) -> Setup<'a> {
-    Setup {
-        cpa_url: cpa.url(),
-        key,
-        db: Box::leak(dir.path().join("state.db").into_boxed_path()),
-        log: dir.path().join(format!("{name}.log")),
-        extra: vec![("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s".to_owned())],
-    }
+    Setup::in_dir(cpa, key, dir, name).with_env("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s")
 }
 
 type Series = BTreeMap<BTreeMap<String, String>, f64>;

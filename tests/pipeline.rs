@@ -21,39 +21,14 @@ async fn fake_cpa(routes: Routes) -> FakeCpa {
     .expect("fake CPA")
 }
 
-fn setup<'a>(cpa: &FakeCpa, key: &'a str, dir: &'a tempfile::TempDir, name: &str) -> Setup<'a> {
-    Setup {
-        cpa_url: cpa.url(),
-        key,
-        db: Box::leak(dir.path().join("state.db").into_boxed_path()),
-        log: dir.path().join(format!("{name}.log")),
-        extra: Vec::new(),
-    }
-}
-
-async fn drained(exporter: &Exporter, cpa: &FakeCpa, elements: f64) -> Metrics {
-    let ok = eventually(Duration::from_secs(30), async || {
-        cpa.stats().queued == 0 && accounted(&exporter.scrape().await) >= elements
-    })
-    .await;
-    assert!(ok, "not drained; log:\n{}", exporter.log_text());
-    exporter.scrape().await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_totals_for_a_generated_workload() {
     let cpa = fake_cpa(Routes::Both).await;
     let dir = tempfile::tempdir().unwrap();
-    let mix = WorkloadMix {
-        duplicate_event_id: 0.03,
-        string_wrapped: 0.08,
-        control: 0.02,
-        invalid: 0.03,
-        ..WorkloadMix::default()
-    };
+    let mix = edge_case_mix();
     let n = 5_000;
     let expected = push_workload(&cpa, 42, mix, n);
-    let mut s = setup(&cpa, KEY, &dir, "exact");
+    let mut s = Setup::in_dir(&cpa, KEY, &dir, "exact");
     s.extra.push(("CPA_EXPORTER_BATCH_SIZE", "300".into()));
     let exporter = Exporter::spawn(&s);
     let m = drained(&exporter, &cpa, n as f64).await;
@@ -85,7 +60,7 @@ async fn auto_routes_find_v0_and_v8_cpa() {
         let dir = tempfile::tempdir().unwrap();
         let expected = push_workload(&cpa, 7, WorkloadMix::default(), 500);
         // HTTP routes: `auto` would pick RESP, which has no routes.
-        let mut s = setup(&cpa, KEY, &dir, version);
+        let mut s = Setup::in_dir(&cpa, KEY, &dir, version);
         s.extra.push(("CPA_TRANSPORT", "http".into()));
         let exporter = Exporter::spawn(&s);
         let m = drained(&exporter, &cpa, 500.0).await;
@@ -101,7 +76,7 @@ async fn auto_routes_find_v0_and_v8_cpa() {
     // A fixed version that CPA does not have is reported, not guessed around.
     let cpa = fake_cpa(Routes::V8).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = setup(&cpa, KEY, &dir, "fixed");
+    let mut s = Setup::in_dir(&cpa, KEY, &dir, "fixed");
     s.extra.push(("CPA_API_VERSION", "v0".into()));
     s.extra.push(("CPA_TRANSPORT", "http".into()));
     let exporter = Exporter::spawn(&s);
@@ -159,7 +134,7 @@ async fn refusals_are_explained_and_never_hammered() {
     for case in cases {
         let cpa = FakeCpa::start(case.cfg).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let exporter = Exporter::spawn(&setup(&cpa, case.key, &dir, case.name));
+        let exporter = Exporter::spawn(&Setup::in_dir(&cpa, case.key, &dir, case.name));
         let said = eventually(Duration::from_secs(10), async || {
             exporter.log_text().contains(case.says)
         })
@@ -203,7 +178,7 @@ async fn an_already_banned_ip_is_waited_out() {
             .await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let exporter = Exporter::spawn(&setup(&cpa, KEY, &dir, "banned"));
+    let exporter = Exporter::spawn(&Setup::in_dir(&cpa, KEY, &dir, "banned"));
     let said = eventually(Duration::from_secs(10), async || {
         exporter.log_text().contains("banned this IP")
     })
@@ -220,7 +195,7 @@ async fn sigterm_finishes_the_batch_in_hand_and_loses_nothing() {
     let n = 20_000;
     let expected = push_workload(&cpa, 3, WorkloadMix::default(), n);
     cpa.set_fault(Some(Fault::Delay(Duration::from_millis(150))));
-    let mut s = setup(&cpa, KEY, &dir, "term");
+    let mut s = Setup::in_dir(&cpa, KEY, &dir, "term");
     s.extra.push(("CPA_EXPORTER_BATCH_SIZE", "500".into()));
     let exporter = Exporter::spawn(&s);
     let started = eventually(Duration::from_secs(10), async || cpa.stats().popped > 0).await;
@@ -251,7 +226,7 @@ async fn sigkill_mid_drain_loses_at_most_the_batch_in_flight_and_never_double_co
     let batch = 400u64;
     push_workload(&cpa, 11, WorkloadMix::default(), n);
     cpa.set_fault(Some(Fault::Delay(Duration::from_millis(40))));
-    let mut s = setup(&cpa, KEY, &dir, "kill");
+    let mut s = Setup::in_dir(&cpa, KEY, &dir, "kill");
     s.extra.push(("CPA_EXPORTER_BATCH_SIZE", batch.to_string()));
     let kills = 10u64;
     let mut last = 0.0;
@@ -286,7 +261,7 @@ async fn an_unreachable_cpa_shows_as_down_while_stored_counters_are_served() {
     let cpa = fake_cpa(Routes::Both).await;
     let dir = tempfile::tempdir().unwrap();
     push_workload(&cpa, 5, WorkloadMix::default(), 300);
-    let s = setup(&cpa, KEY, &dir, "down");
+    let s = Setup::in_dir(&cpa, KEY, &dir, "down");
     let exporter = Exporter::spawn(&s);
     let before = drained(&exporter, &cpa, 300.0).await;
     cpa.shutdown();
@@ -361,7 +336,7 @@ async fn label_options_and_series_limit_keep_sums_exact() {
         format!("series-limit: 10\nlabels:\n  drop: [endpoint, requested_model]\n  api-key-aliases:\n    {alias_key}: team-a\n"),
     )
     .unwrap();
-    let mut s = setup(&cpa, KEY, &dir, "labels");
+    let mut s = Setup::in_dir(&cpa, KEY, &dir, "labels");
     s.extra
         .push(("CPA_EXPORTER_CONFIG", config.display().to_string()));
     let exporter = Exporter::spawn(&s);
@@ -399,7 +374,7 @@ async fn secrets_never_reach_logs_metrics_pages_or_the_database() {
         ..WorkloadMix::default()
     };
     push_workload(&cpa, 13, mix, 2_000);
-    let mut s = setup(&cpa, KEY, &dir, "secrets");
+    let mut s = Setup::in_dir(&cpa, KEY, &dir, "secrets");
     s.extra.push(("CPA_EXPORTER_LOG_LEVEL", "trace".into()));
     let exporter = Exporter::spawn(&s);
     drained(&exporter, &cpa, 2_000.0).await;

@@ -35,26 +35,11 @@ fn setup<'a>(
     name: &str,
     transport: Option<&str>,
 ) -> Setup<'a> {
-    let mut extra = Vec::new();
-    if let Some(t) = transport {
-        extra.push(("CPA_TRANSPORT", t.to_owned()));
+    let s = Setup::in_dir(cpa, key, dir, name);
+    match transport {
+        Some(t) => s.with_env("CPA_TRANSPORT", t),
+        None => s,
     }
-    Setup {
-        cpa_url: cpa.url(),
-        key,
-        db: Box::leak(dir.path().join("state.db").into_boxed_path()),
-        log: dir.path().join(format!("{name}.log")),
-        extra,
-    }
-}
-
-async fn drained(exporter: &Exporter, cpa: &FakeCpa, elements: f64) -> Metrics {
-    let ok = eventually(Duration::from_secs(30), async || {
-        cpa.stats().queued == 0 && accounted(&exporter.scrape().await) >= elements
-    })
-    .await;
-    assert!(ok, "not drained; log:\n{}", exporter.log_text());
-    exporter.scrape().await
 }
 
 fn merge(into: &mut Expected, more: Expected) {
@@ -75,13 +60,7 @@ fn merge(into: &mut Expected, more: Expected) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resp_and_http_produce_identical_counters_for_the_same_workload() {
-    let mix = WorkloadMix {
-        duplicate_event_id: 0.03,
-        string_wrapped: 0.08,
-        control: 0.02,
-        invalid: 0.03,
-        ..WorkloadMix::default()
-    };
+    let mix = edge_case_mix();
     let n = 3_000;
     let batch = 250;
     let mut observed = Vec::new();

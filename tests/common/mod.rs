@@ -36,6 +36,52 @@ pub struct Setup<'a> {
     pub extra: Vec<(&'a str, String)>,
 }
 
+impl<'a> Setup<'a> {
+    /// The usual setup: the fake CPA's URL, the database and the log inside `dir`.
+    pub fn in_dir(
+        cpa: &FakeCpa,
+        key: &'a str,
+        dir: &'a tempfile::TempDir,
+        name: &str,
+    ) -> Setup<'a> {
+        Setup {
+            cpa_url: cpa.url(),
+            key,
+            // Lives as long as the test process; tests restart the exporter on the same file.
+            db: Box::leak(dir.path().join("state.db").into_boxed_path()),
+            log: dir.path().join(format!("{name}.log")),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn with_env(mut self, name: &'a str, value: impl Into<String>) -> Setup<'a> {
+        self.extra.push((name, value.into()));
+        self
+    }
+}
+
+/// A workload rich in the awkward cases: duplicates, string elements, control payloads and
+/// invalid elements, on top of the default mix.
+pub fn edge_case_mix() -> WorkloadMix {
+    WorkloadMix {
+        duplicate_event_id: 0.03,
+        string_wrapped: 0.08,
+        control: 0.02,
+        invalid: 0.03,
+        ..WorkloadMix::default()
+    }
+}
+
+/// Wait until the fake CPA's queue is empty and the exporter accounted for `elements`.
+pub async fn drained(exporter: &Exporter, cpa: &FakeCpa, elements: f64) -> Metrics {
+    let ok = eventually(Duration::from_secs(30), async || {
+        cpa.stats().queued == 0 && accounted(&exporter.scrape().await) >= elements
+    })
+    .await;
+    assert!(ok, "not drained; log:\n{}", exporter.log_text());
+    exporter.scrape().await
+}
+
 impl Exporter {
     pub fn spawn(setup: &Setup<'_>) -> Exporter {
         let port = free_port();
