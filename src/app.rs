@@ -10,7 +10,6 @@ use tracing::info;
 
 use crate::config::{Config, Secret, Transport};
 use crate::cpa::source::{AnySource, BuildError, SourceOptions};
-use crate::cpa::DEFAULT_MAX_BODY_BYTES;
 use crate::drain::{self, DrainOptions};
 use crate::metrics::{self, Shared};
 use crate::store::Store;
@@ -34,21 +33,30 @@ pub enum StartError {
     Client(#[from] reqwest::Error),
     #[error("{0}")]
     Transport(#[from] BuildError),
+    #[error("web config file (--web.config.file / CPA_EXPORTER_WEB_CONFIG)")]
+    WebConfig(#[from] crate::http::WebConfigError),
 }
 
-/// Resolves once SIGTERM or SIGINT arrives.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+/// Resolves once SIGTERM or SIGINT arrives. The handlers are installed by the call, not at the
+/// first poll: a signal during start-up (store, listener) then stops the exporter cleanly
+/// instead of killing it with the default action. Call it inside the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    async fn recv(signal: std::io::Result<Signal>) {
+        match signal {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
+    }
+    let term = recv(signal(SignalKind::terminate()));
+    let int = recv(signal(SignalKind::interrupt()));
+    async move {
+        tokio::select! {
+            _ = term => {},
+            _ = int => {},
+        }
     }
 }
 
@@ -94,6 +102,10 @@ pub async fn run_with_key(
     key: Secret,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let protection = match &config.web_config_file {
+        Some(path) => crate::http::Protection::load(path)?,
+        None => crate::http::Protection::default(),
+    };
     let (store, state) = Store::open(&config.db, config.limits)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -108,9 +120,10 @@ pub async fn run_with_key(
         transport: config.transport,
         api_version: config.api_version,
         timeout: config.http_timeout,
-        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: config.max_response_bytes,
         http_idle: config.idle_interval(false),
         resp_idle: config.idle_interval(true),
+        proxy: config.cpa_proxy.clone(),
     })?;
     let poll_interval = client.idle_interval();
     let pricing = load_pricing(&config)?;
@@ -131,6 +144,9 @@ pub async fn run_with_key(
             Transport::Resp => "resp",
         },
         poll_interval = %poll_interval_text(&config),
+        tls = protection.is_tls(),
+        auth = protection.requires_auth(),
+        cpa_proxy = config.cpa_proxy.is_some(),
         "cpa-usage-exporter {} started",
         env!("CARGO_PKG_VERSION")
     );
@@ -138,7 +154,11 @@ pub async fn run_with_key(
         listener,
         shared.clone(),
         registry,
-        ready_window(&config),
+        crate::http::ServeOptions {
+            ready_window: ready_window(&config),
+            protection,
+            limits: crate::http::ConnLimits::default(),
+        },
         stop_rx.clone(),
     ));
     let poller = crate::poller::spawn(
@@ -148,7 +168,7 @@ pub async fn run_with_key(
         poll_interval,
         stop_rx.clone(),
     )?;
-    let drain = drain::run(
+    let drain = drain::spawn(
         client,
         store,
         shared,

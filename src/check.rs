@@ -151,6 +151,7 @@ impl Checker<'_> {
             api_version: config.api_version,
             timeout: config.http_timeout,
             max_body_bytes,
+            proxy: config.cpa_proxy.clone(),
         };
         // /healthz needs no key; without one the client sends an empty bearer there.
         let any_key = key.clone().unwrap_or_else(|| Secret::new(""));
@@ -523,7 +524,7 @@ async fn pop_and_commit(
 ) -> Result<usize, PopCommitError> {
     let popped = client.pop(count).await?;
     let batch = ingest::ingest_payload(&popped.payload, &crate::cost::Pricing::embedded(), |id| {
-        state.seen(id)
+        store.seen(id)
     })
     .map_err(|_| PopError::NotAnArray)?;
     let mut plan = store.plan(state, &batch);

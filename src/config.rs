@@ -59,6 +59,10 @@ pub enum Command {
         #[arg(long, default_value = "15s", value_name = "DURATION")]
         consumer_window: humantime::Duration,
     },
+    /// Exit 0 if the exporter on the listen address answers /healthz with 200, else 1. For
+    /// container HEALTHCHECKs: the runtime image has no shell, curl or wget.
+    #[command(hide = true)]
+    Healthcheck,
 }
 
 /// Settings that may come from flags or the environment. All are strings here and parsed in
@@ -153,6 +157,32 @@ pub struct Flags {
         value_name = "DURATION"
     )]
     pub http_timeout: Option<String>,
+    /// Proxy for requests to CPA (http:// or https:// URL). Default: none; proxy environment
+    /// variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) are ignored for CPA.
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_CPA_PROXY",
+        global = true,
+        value_name = "URL"
+    )]
+    pub cpa_proxy: Option<String>,
+    /// Web configuration file (Prometheus exporter-toolkit format): TLS, basic auth, bearer token.
+    #[arg(
+        long = "web.config.file",
+        alias = "web-config-file",
+        env = "CPA_EXPORTER_WEB_CONFIG",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub web_config_file: Option<String>,
+    /// Largest queue response accepted from CPA, e.g. 64MiB (records in a larger one are lost).
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_MAX_RESPONSE_BYTES",
+        global = true,
+        value_name = "BYTES"
+    )]
+    pub max_response_bytes: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(
         long,
@@ -239,6 +269,13 @@ pub struct Config {
     /// Model name as CPA reports it -> name in the price table.
     pub model_aliases: HashMap<String, String>,
     pub http_timeout: Duration,
+    /// Proxy for requests to CPA; `None`: direct (proxy environment variables are ignored).
+    /// A secret because the URL may carry proxy credentials.
+    pub cpa_proxy: Option<Secret>,
+    /// Exporter-toolkit web configuration: TLS and credentials for the HTTP endpoints.
+    pub web_config_file: Option<PathBuf>,
+    /// Largest queue response (HTTP body or RESP reply) accepted from CPA.
+    pub max_response_bytes: usize,
     pub log_level: tracing::Level,
     pub log_format: LogFormat,
     pub labels: LabelOptions,
@@ -379,6 +416,13 @@ const TIMEOUT: Spec = spec(
     "CPA_EXPORTER_HTTP_TIMEOUT",
     Some("30s"),
 );
+const CPA_PROXY: Spec = spec("CPA proxy", "cpa_proxy", "CPA_EXPORTER_CPA_PROXY", None);
+const WEB_CONFIG: Spec = spec(
+    "web config file",
+    "web_config_file",
+    "CPA_EXPORTER_WEB_CONFIG",
+    None,
+);
 const LOG_LEVEL: Spec = spec(
     "log level",
     "log_level",
@@ -395,8 +439,17 @@ const LOG_FORMAT: Spec = spec(
 const SERIES_LIMIT: Spec = spec("series limit", "series_limit", "", Some("10000"));
 const DEDUP_WINDOW: Spec = spec("dedup window", "dedup_window", "", Some("100000"));
 const QUOTA_RETENTION: Spec = spec("quota retention", "quota_retention", "", Some("24h"));
+const SERIES_RETIREMENT: Spec = spec("series retirement", "series_retirement", "", Some("30d"));
+const MAX_RESPONSE: Spec = spec(
+    "maximum response size",
+    "max_response_bytes",
+    "CPA_EXPORTER_MAX_RESPONSE_BYTES",
+    Some("64MiB"),
+);
 
-const SCALARS: [&Spec; 18] = [
+const SCALARS: [&Spec; 22] = [
+    &CPA_PROXY,
+    &WEB_CONFIG,
     &CPA_URL,
     &KEY,
     &KEY_FILE,
@@ -415,6 +468,8 @@ const SCALARS: [&Spec; 18] = [
     &SERIES_LIMIT,
     &DEDUP_WINDOW,
     &QUOTA_RETENTION,
+    &SERIES_RETIREMENT,
+    &MAX_RESPONSE,
 ];
 /// Sections of the file that are not scalars.
 const SECTIONS: [&str; 2] = ["labels", "model-aliases"];
@@ -669,6 +724,32 @@ impl Config {
         let http_timeout = parse_duration(&v, Duration::from_secs(1), Duration::from_secs(300))
             .map_err(|p| err(&TIMEOUT, &raw, p))?;
 
+        let raw = pick(&CPA_PROXY, &flags.cpa_proxy);
+        let cpa_proxy = match raw.value.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(v) => Some(parse_proxy(v).map_err(|p| err(&CPA_PROXY, &raw, p))?),
+        };
+        // RESP is a raw TCP protocol: it cannot go through an HTTP proxy, and `auto` would probe
+        // it directly, bypassing the proxy. With a proxy, CPA is reached over HTTP only.
+        let transport = match (transport, &cpa_proxy) {
+            (Transport::Resp, Some(_)) => {
+                return Err(err(
+                    &CPA_PROXY,
+                    &raw,
+                    "RESP cannot go through an HTTP proxy: use --transport http (or auto)".into(),
+                ))
+            }
+            (Transport::Auto, Some(_)) => Transport::Http,
+            (t, _) => t,
+        };
+
+        let raw = pick(&WEB_CONFIG, &flags.web_config_file);
+        let web_config_file = match raw.value.as_deref().map(str::trim) {
+            None => None,
+            Some("") => return Err(err(&WEB_CONFIG, &raw, "is empty".into())),
+            Some(p) => Some(PathBuf::from(p)),
+        };
+
         let (v, raw) = required(&LOG_LEVEL, pick(&LOG_LEVEL, &flags.log_level))?;
         let log_level = v.parse::<tracing::Level>().map_err(|_| {
             err(
@@ -694,6 +775,24 @@ impl Config {
         let (v, raw) = required(&SERIES_LIMIT, pick(&SERIES_LIMIT, &None))?;
         let series_per_family =
             parse_int(&v, 10, 1_000_000).map_err(|p| err(&SERIES_LIMIT, &raw, p))? as usize;
+        let (v, raw) = required(&SERIES_RETIREMENT, pick(&SERIES_RETIREMENT, &None))?;
+        let series_retirement = match v.trim() {
+            "0" | "off" => None,
+            _ => Some(
+                parse_duration(
+                    &v,
+                    Duration::from_secs(60),
+                    Duration::from_secs(3650 * 86_400),
+                )
+                .map_err(|p| err(&SERIES_RETIREMENT, &raw, format!("{p}, or 0/off")))?,
+            ),
+        };
+        let (v, raw) = required(
+            &MAX_RESPONSE,
+            pick(&MAX_RESPONSE, &flags.max_response_bytes),
+        )?;
+        let max_response_bytes =
+            parse_bytes(&v, 64 * 1024, 1 << 30).map_err(|p| err(&MAX_RESPONSE, &raw, p))?;
         let (v, raw) = required(&DEDUP_WINDOW, pick(&DEDUP_WINDOW, &None))?;
         let dedup_window =
             parse_int(&v, 0, 10_000_000).map_err(|p| err(&DEDUP_WINDOW, &raw, p))? as usize;
@@ -714,6 +813,9 @@ impl Config {
             prices_file,
             model_aliases: file.model_aliases.clone().into_iter().collect(),
             http_timeout,
+            cpa_proxy,
+            web_config_file,
+            max_response_bytes,
             log_level,
             log_format,
             labels,
@@ -721,6 +823,7 @@ impl Config {
                 series_per_family,
                 dedup_window,
                 quota_retention,
+                series_retirement,
             },
         })
     }
@@ -804,6 +907,21 @@ fn parse_url(v: &str) -> Result<String, String> {
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
+/// A proxy URL. The value is never quoted back: it may carry credentials.
+fn parse_proxy(v: &str) -> Result<Secret, String> {
+    let url = reqwest::Url::parse(v).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("the scheme must be http or https".into());
+    }
+    if url.host_str().is_none() {
+        return Err("the URL has no host".into());
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err("expected scheme://[user:password@]host:port, without a path".into());
+    }
+    Ok(Secret::new(v))
+}
+
 fn parse_listen(v: &str) -> Result<SocketAddr, String> {
     // `:9317` (Go style, as node_exporter accepts) means all interfaces.
     let full = if v.starts_with(':') {
@@ -820,6 +938,35 @@ fn parse_int(v: &str, min: u64, max: u64) -> Result<u64, String> {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(format!(
             "`{v}`: expected a whole number from {min} to {max}"
+        )),
+    }
+}
+
+/// A size in bytes: a whole number, optionally with a KiB, MiB or GiB suffix.
+fn parse_bytes(v: &str, min: usize, max: usize) -> Result<usize, String> {
+    let t = v.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&t[..i], t[i..].trim()),
+        None => (t, ""),
+    };
+    let scale: usize = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        _ => 0,
+    };
+    let human = |n: usize| format!("{} MiB", n as f64 / 1048576.0);
+    match digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+    {
+        Some(n) if scale > 0 && (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{v}`: expected a size from {} to {} (a number of bytes, or with KiB, MiB, GiB)",
+            human(min),
+            human(max)
         )),
     }
 }
@@ -944,6 +1091,47 @@ mod tests {
     }
 
     #[test]
+    fn response_limit_and_series_retirement() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.max_response_bytes, 64 << 20);
+        assert_eq!(
+            c.limits.series_retirement,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        let c = resolve(&["--max-response-bytes", "512KiB"]).unwrap();
+        assert_eq!(c.max_response_bytes, 512 << 10);
+        assert_eq!(
+            resolve(&["--max-response-bytes", "1048576"])
+                .unwrap()
+                .max_response_bytes,
+            1 << 20
+        );
+        for bad in ["1KiB", "2GiB", "lots", "1.5MiB", "5 parsecs"] {
+            let e = resolve(&["--max-response-bytes", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("maximum response size"), "{bad}: {e}");
+        }
+        for (text, want) in [
+            ("off", None),
+            ("0", None),
+            ("90d", Some(Duration::from_secs(90 * 86_400))),
+        ] {
+            let f = file(&format!("series-retirement: {text}\n"));
+            let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+            assert_eq!(c.limits.series_retirement, want, "{text}");
+        }
+        let f = file("series-retirement: 10s\n");
+        let e = resolve(&["--config", f.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("series retirement") && e.contains("0/off"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn label_options_accept_plain_keys_and_hashes() {
         let f = file(
             "labels:\n  drop: [endpoint]\n  api-key-aliases:\n    sk-team-a: team-a\n    sha256:ABCDEF012345: team-b\n",
@@ -966,5 +1154,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("label to drop") && e.contains("provider"), "{e}");
+    }
+
+    #[test]
+    fn a_proxy_is_opt_in_means_http_and_never_prints() {
+        assert!(resolve(&[]).unwrap().cpa_proxy.is_none());
+        let c = resolve(&["--cpa-proxy", "http://user:proxy-pass@10.0.0.1:3128"]).unwrap();
+        assert_eq!(c.transport, Transport::Http);
+        assert!(!format!("{c:?}").contains("proxy-pass"));
+        let e = resolve(&[
+            "--cpa-proxy",
+            "http://u:proxy-pass@h:1",
+            "--transport",
+            "resp",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("CPA proxy") && e.contains("RESP"), "{e}");
+        let e = resolve(&["--cpa-proxy", "socks5://u:proxy-pass@h:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CPA proxy") && !e.contains("proxy-pass"), "{e}");
+        let c = resolve(&["--web.config.file", "/etc/web.yml"]).unwrap();
+        assert_eq!(c.web_config_file, Some(PathBuf::from("/etc/web.yml")));
     }
 }

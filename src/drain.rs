@@ -14,9 +14,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::cpa::{AuthCause, Client, PopError, Popped};
 use crate::ingest::{self, Batch};
-use crate::metrics::Shared;
+use crate::metrics::{unix_now, Shared};
 use crate::schema::Family;
 use crate::store::Store;
+
+/// At most one warning a minute about malformed elements; the rest go to debug.
+const INVALID_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Anything that pops the usage queue (HTTP, RESP, scripted sources in tests).
 pub trait Source {
@@ -67,6 +70,45 @@ enum Health {
     Down(&'static str),
 }
 
+/// Run the loop on a thread and runtime of its own; the returned future ends with it. Scrapes
+/// render on the server's runtime and are CPU-bound: with the loop there, a crowd of them
+/// would keep its sockets and timers waiting (CPA's records expire from its queue).
+pub fn spawn<S: Source + Send + 'static>(
+    source: S,
+    store: Store,
+    shared: Arc<Shared>,
+    opts: DrainOptions,
+    shutdown: watch::Receiver<bool>,
+) -> impl Future<Output = ()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(run(source, store, shared, opts, shutdown)),
+                Err(e) => error!("cannot start the drain loop's runtime: {e}"),
+            }
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = &started {
+        error!("cannot start the drain loop's thread: {e}");
+    }
+    async move {
+        // Err: the thread ended without saying so (it panicked); either way the loop is over.
+        let _ = done_rx.await;
+        // The thread has ended or is ending. A panic there is one here, as if the loop had run
+        // on this task: the process fails and its supervisor restarts it.
+        if let Ok(thread) = started {
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
 pub async fn run<S: Source>(
     mut source: S,
     mut store: Store,
@@ -77,17 +119,28 @@ pub async fn run<S: Source>(
     let mut health = Health::Up;
     let mut failures = 0u32;
     let mut first_success = true;
+    let mut notes = Notes::default();
+    // Stale series are retired at start and then every tenth of the retirement (at most 1 h).
+    let mut next_retire = Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
         }
+        if let Some(after) = store.limits().series_retirement {
+            if Instant::now() >= next_retire {
+                retire(&mut store, &shared, after);
+                next_retire = Instant::now() + retire_every(after);
+            }
+        }
         let started = Instant::now();
         let popped = source.pop(opts.batch_size).await;
         let outcome = match popped {
-            Ok(popped) => match commit_popped(&popped, &mut store, &shared, &mut shutdown).await {
-                Some(elements) => Ok((popped, elements)),
-                None => Err(PopError::NotAnArray),
-            },
+            Ok(popped) => {
+                match commit_popped(&popped, &mut store, &shared, &mut shutdown, &mut notes).await {
+                    Some(elements) => Ok((popped, elements)),
+                    None => Err(PopError::NotAnArray),
+                }
+            }
             Err(e) => Err(e),
         };
         let wait = match outcome {
@@ -129,6 +182,11 @@ pub async fn run<S: Source>(
                     shared.live.set_key_accepted(false);
                     // Rare by construction (minutes apart), and each one matters: always log.
                     error!(retry_in, "{e}");
+                } else if let Some(fix) = lost_records_hint(&e) {
+                    // CPA removed those records before answering: each occurrence is a loss.
+                    error!(retry_in, "{e}; the records in it are lost{fix}");
+                } else if matches!(e, PopError::NotAnArray) {
+                    // Already said, with the size, where the body was read.
                 } else if health != Health::Down(result) {
                     warn!(retry_in, "{e}");
                 } else {
@@ -143,6 +201,102 @@ pub async fn run<S: Source>(
         }
     }
     info!("drain loop stopped");
+}
+
+/// For pop errors that lose the records CPA handed out, what to change (if anything).
+fn lost_records_hint(e: &PopError) -> Option<&'static str> {
+    match e {
+        PopError::TooLarge(_) => Some(": lower batch-size or raise max-response-bytes"),
+        PopError::Interrupted(_) => Some(""),
+        _ => None,
+    }
+}
+
+/// How often stale series are looked for: a tenth of the retirement, between 1 s and 1 h.
+fn retire_every(after: Duration) -> Duration {
+    (after / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// Run blocking store work without stalling the runtime's other tasks (when it has others).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Delete series no record updated within the retirement, from the store and then from memory.
+fn retire(store: &mut Store, shared: &Shared, after: Duration) {
+    let retired = match blocking(|| store.retire(unix_now() as i64)) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("cannot retire stale series (will try again later): {e}");
+            return;
+        }
+    };
+    if retired.series.is_empty() {
+        return;
+    }
+    shared.state_mut().forget(&retired);
+    for family in Family::ALL {
+        let n = retired.series.iter().filter(|(f, _)| *f == family).count() as u64;
+        if n > 0 {
+            shared
+                .live
+                .series_retired
+                .get_or_create(&[("family", family.id())])
+                .inc_by(n);
+        }
+    }
+    info!(
+        series = retired.series.len(),
+        series_retirement = %humantime::format_duration(after),
+        "retired series that no record updated within series-retirement; a retired counter that comes back restarts at zero"
+    );
+}
+
+/// What the loop remembers to keep its logs short.
+#[derive(Debug, Default)]
+struct Notes {
+    last_invalid_warning: Option<Instant>,
+    /// Families whose series limit was reached, said once per process.
+    overflow_said: [bool; Family::COUNT],
+}
+
+/// Say that a batch held malformed elements: a warning at most once a minute, else debug.
+fn note_invalid(batch: &Batch, notes: &mut Notes) {
+    let invalid: u64 = batch.invalid.values().sum();
+    if invalid == 0 && batch.repaired_utf8 == 0 {
+        return;
+    }
+    let reasons = batch
+        .invalid
+        .iter()
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let due = notes
+        .last_invalid_warning
+        .is_none_or(|t| t.elapsed() >= INVALID_LOG_EVERY);
+    let message = "a batch from CPA held elements that are not valid usage records (counted in cpa_exporter_invalid_records_total by reason) or bytes that are not UTF-8 (replaced by U+FFFD); the rest of the batch is kept";
+    if due {
+        notes.last_invalid_warning = Some(Instant::now());
+        warn!(
+            invalid,
+            reasons,
+            repaired_utf8 = batch.repaired_utf8,
+            elements = batch.elements,
+            "{message}"
+        );
+    } else {
+        debug!(
+            invalid,
+            reasons,
+            repaired_utf8 = batch.repaired_utf8,
+            elements = batch.elements,
+            "{message}"
+        );
+    }
 }
 
 pub(crate) fn auth_wait(cause: &AuthCause, failures: u32) -> Duration {
@@ -176,11 +330,10 @@ async fn commit_popped(
     store: &mut Store,
     shared: &Shared,
     shutdown: &mut watch::Receiver<bool>,
+    notes: &mut Notes,
 ) -> Option<usize> {
-    let batch = {
-        let state = shared.state();
-        ingest::ingest_payload(&popped.payload, &shared.pricing, |id| state.seen(id))
-    };
+    // Decoding needs no lock: the dedup window belongs to the store, which only this loop uses.
+    let batch = ingest::ingest_payload(&popped.payload, &shared.pricing, |id| store.seen(id));
     let batch = match batch {
         Ok(b) => b,
         Err(e) => {
@@ -192,8 +345,9 @@ async fn commit_popped(
             return None;
         }
     };
+    note_invalid(&batch, notes);
     if batch.elements > 0 {
-        commit_until_done(&batch, store, shared, shutdown).await;
+        commit_until_done(&batch, store, shared, shutdown, notes).await;
     }
     Some(batch.elements)
 }
@@ -204,6 +358,7 @@ async fn commit_until_done(
     store: &mut Store,
     shared: &Shared,
     shutdown: &mut watch::Receiver<bool>,
+    notes: &mut Notes,
 ) {
     let mut attempts = 0u32;
     loop {
@@ -211,8 +366,8 @@ async fn commit_until_done(
             let state = shared.state();
             store.plan(&state, batch)
         };
-        let now = crate::metrics::unix_now() as i64;
-        match tokio::task::block_in_place(|| store.commit(&mut plan, now)) {
+        let now = unix_now() as i64;
+        match blocking(|| store.commit(&mut plan, now)) {
             Ok(()) => {
                 for family in Family::ALL {
                     let n = plan.overflowed[family as usize];
@@ -222,9 +377,16 @@ async fn commit_until_done(
                             .series_overflow
                             .get_or_create(&[("family", family.id())])
                             .inc_by(n);
+                        if !std::mem::replace(&mut notes.overflow_said[family as usize], true) {
+                            warn!(
+                                family = family.id(),
+                                series_limit = store.limits().series_per_family,
+                                "the family reached its series limit: new label sets are folded into one __other__ series (sums stay exact; counted in cpa_exporter_series_overflow_total)"
+                            );
+                        }
                     }
                 }
-                store.apply(&mut shared.state(), plan);
+                store.apply(&mut shared.state_mut(), plan);
                 shared.live.set_store_healthy(true);
                 debug!(
                     elements = batch.elements,

@@ -37,6 +37,9 @@ fn main() -> ExitCode {
         Err(e) => return report(&e),
     };
     init_logging(&config);
+    if let Some(Command::Healthcheck) = command {
+        return healthcheck(config.listen, listens_with_tls(&config));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -53,8 +56,8 @@ fn main() -> ExitCode {
     }
     let result = runtime.block_on(async move {
         match command {
-            // `check` has returned above.
-            None | Some(Command::Check { .. }) => app::run(config).await,
+            // `check` and `healthcheck` have returned above.
+            None | Some(Command::Check { .. } | Command::Healthcheck) => app::run(config).await,
             Some(Command::Demo { rate }) => {
                 // The demo keeps its own state file and polls faster, unless told otherwise.
                 if config.db.as_os_str() == config::DEFAULT_DB {
@@ -68,6 +71,89 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e),
+    }
+}
+
+/// `healthcheck`: GET /healthz on the listen address (loopback when it listens on every
+/// address), with plain std I/O so the distroless image needs no curl. Exit 0 on a 200.
+/// Whether the web config puts TLS on the listener (then the healthcheck must speak it too).
+fn listens_with_tls(config: &Config) -> bool {
+    config.web_config_file.as_deref().is_some_and(|path| {
+        cpa_usage_exporter::http::web_config::WebConfig::load(path)
+            .map(|w| w.tls.is_some())
+            .unwrap_or(false)
+    })
+}
+
+/// `healthcheck` over TLS: liveness on loopback, so the certificate is not verified (it names
+/// the public host, not 127.0.0.1). Listeners that require client certificates cannot be
+/// checked this way; disable the image's HEALTHCHECK for them.
+fn healthcheck_tls(addr: std::net::SocketAddr, timeout: Duration) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .no_proxy()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let resp = client
+            .get(format!("https://{addr}/healthz"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!("HTTP/1.1 {}", resp.status().as_u16()))
+    })
+}
+
+fn healthcheck(listen: std::net::SocketAddr, tls: bool) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let timeout = Duration::from_secs(3);
+    let status_line = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = Vec::new();
+        let mut buf = [0u8; 256];
+        while !head.contains(&b'\n') && head.len() < 1024 {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&head);
+        Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+    };
+    let scheme = if tls { "https" } else { "http" };
+    let result = if tls {
+        healthcheck_tls(addr, timeout)
+    } else {
+        status_line().map_err(|e| e.to_string())
+    };
+    match result {
+        Ok(line) if line.split_whitespace().nth(1) == Some("200") => ExitCode::SUCCESS,
+        Ok(line) => {
+            eprintln!("unhealthy: {scheme}://{addr}/healthz answered `{line}`");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {scheme}://{addr}/healthz: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -49,6 +49,7 @@ pub fn spawn(
         api_version: config.api_version,
         timeout: config.http_timeout,
         max_body_bytes: MAX_MGMT_BODY_BYTES,
+        proxy: config.cpa_proxy.clone(),
     })?;
     let opts = PollerOptions {
         settings_interval: config.settings_interval,

@@ -206,4 +206,7 @@ pub mod reason {
     pub const BAD_FIELD: &str = "bad_field";
     /// A token count or latency that is negative, fractional, non-numeric or absurdly large.
     pub const INVALID_NUMBER: &str = "invalid_number";
+    /// An element nesting objects and arrays deeper than
+    /// [`crate::ingest::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
+    pub const TOO_DEEP: &str = "too_deep";
 }

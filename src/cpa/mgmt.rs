@@ -190,7 +190,7 @@ pub struct MgmtClient {
 impl MgmtClient {
     pub fn new(opts: ClientOptions) -> Result<MgmtClient, reqwest::Error> {
         Ok(MgmtClient {
-            http: http_client(&opts.key, opts.timeout)?,
+            http: http_client(&opts.key, opts.timeout, opts.proxy.as_ref())?,
             base_url: opts.base_url,
             api_version: opts.api_version,
             resolved: None,

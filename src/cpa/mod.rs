@@ -89,8 +89,11 @@ pub enum PopError {
     Unreachable(String),
     #[error("CPA did not answer within the timeout")]
     Timeout,
-    #[error("CPA's response exceeds {0} bytes")]
+    #[error("CPA's response exceeds {0} bytes (max-response-bytes)")]
     TooLarge(usize),
+    /// The connection broke after the response started (reset or closed mid-body).
+    #[error("CPA's response broke off mid-body: {0}")]
+    Interrupted(String),
     #[error("CPA's queue response is not a JSON array")]
     NotAnArray,
     /// A RESP reply that cannot be used (malformed, refused, or not RESP at all).
@@ -106,7 +109,10 @@ impl PopError {
             PopError::ManagementDisabled => "management_disabled",
             PopError::RouteNotFound { .. } | PopError::Status(_) => "http_error",
             PopError::Unreachable(_) | PopError::Timeout => "unreachable",
-            PopError::TooLarge(_) | PopError::NotAnArray | PopError::BadReply(_) => "bad_response",
+            PopError::TooLarge(_)
+            | PopError::Interrupted(_)
+            | PopError::NotAnArray
+            | PopError::BadReply(_) => "bad_response",
         }
     }
 }
@@ -161,6 +167,8 @@ pub struct ClientOptions {
     pub api_version: ApiVersion,
     pub timeout: Duration,
     pub max_body_bytes: usize,
+    /// Proxy for every request to CPA (`--cpa-proxy`); `None`: direct, whatever the environment.
+    pub proxy: Option<Secret>,
 }
 
 pub struct Client {
@@ -174,7 +182,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(opts: ClientOptions) -> Result<Client, reqwest::Error> {
-        let http = http_client(&opts.key, opts.timeout)?;
+        let http = http_client(&opts.key, opts.timeout, opts.proxy.as_ref())?;
         Ok(Client {
             http,
             base_url: opts.base_url,
@@ -240,25 +248,32 @@ impl Client {
     }
 }
 
-/// The HTTP client every management call uses: the key as a sensitive bearer header, no proxy,
-/// no redirects (the key goes only to the configured origin), bounded connect and total time.
+/// The HTTP client every management call uses: the key as a sensitive bearer header, no
+/// redirects (the key goes only to the configured origin), bounded connect and total time.
+/// Proxy environment variables are ignored; only an explicitly configured proxy is used.
 pub(crate) fn http_client(
     key: &Secret,
     timeout: Duration,
+    proxy: Option<&Secret>,
 ) -> Result<reqwest::Client, reqwest::Error> {
     let mut auth = HeaderValue::try_from(format!("Bearer {}", key.expose()))
         .unwrap_or_else(|_| HeaderValue::from_static(""));
     auth.set_sensitive(true);
     let mut headers = HeaderMap::new();
     headers.insert(AUTHORIZATION, auth);
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .default_headers(headers)
         .user_agent(concat!("cpa-usage-exporter/", env!("CARGO_PKG_VERSION")))
         .redirect(redirect::Policy::none())
         .no_proxy()
         .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .timeout(timeout)
-        .build()
+        .timeout(timeout);
+    let builder = match proxy {
+        // `Proxy::all` takes credentials from the URL; its errors never quote the URL.
+        Some(url) => builder.proxy(reqwest::Proxy::all(url.expose())?),
+        None => builder,
+    };
+    builder.build()
 }
 
 pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -284,7 +299,11 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u
         return Err(PopError::TooLarge(limit));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+    let broken = |e: reqwest::Error| match transport_error(e) {
+        PopError::Unreachable(cause) => PopError::Interrupted(cause),
+        other => other,
+    };
+    while let Some(chunk) = resp.chunk().await.map_err(broken)? {
         if body.len() + chunk.len() > limit {
             return Err(PopError::TooLarge(limit));
         }

@@ -931,7 +931,108 @@ mod tests {
         assert!(matches!(e, RespError::Io(_)), "{e}");
     }
 
+    /// Any reply, nested up to `MAX_DEPTH + 1` arrays (one level more than is accepted).
+    fn any_reply() -> impl proptest::strategy::Strategy<Value = OwnedReply> {
+        use proptest::prelude::*;
+        let line = "[^\r\n]{0,24}".prop_map(String::into_bytes);
+        let leaf = prop_oneof![
+            line.clone().prop_map(OwnedReply::Simple),
+            line.prop_map(OwnedReply::Error),
+            any::<i64>().prop_map(OwnedReply::Integer),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))
+                .prop_map(OwnedReply::Bulk),
+            Just(OwnedReply::Array(None)),
+        ];
+        leaf.prop_recursive(MAX_DEPTH as u32 + 1, 48, 6, |inner| {
+            proptest::collection::vec(inner, 0..6).prop_map(|v| OwnedReply::Array(Some(v)))
+        })
+    }
+
+    fn encode_reply(reply: &OwnedReply, out: &mut Vec<u8>) {
+        match reply {
+            OwnedReply::Simple(s) => out.extend([b"+", &s[..], b"\r\n"].concat()),
+            OwnedReply::Error(s) => out.extend([b"-", &s[..], b"\r\n"].concat()),
+            OwnedReply::Integer(n) => out.extend(format!(":{n}\r\n").into_bytes()),
+            OwnedReply::Bulk(None) => out.extend(b"$-1\r\n"),
+            OwnedReply::Bulk(Some(b)) => {
+                out.extend(format!("${}\r\n", b.len()).into_bytes());
+                out.extend(b);
+                out.extend(b"\r\n");
+            }
+            OwnedReply::Array(None) => out.extend(b"*-1\r\n"),
+            OwnedReply::Array(Some(items)) => {
+                out.extend(format!("*{}\r\n", items.len()).into_bytes());
+                for item in items {
+                    encode_reply(item, out);
+                }
+            }
+        }
+    }
+
+    /// Arrays nested in `reply` (0 for a scalar or a nil array).
+    fn arrays_deep(reply: &OwnedReply) -> usize {
+        match reply {
+            OwnedReply::Array(Some(items)) => 1 + items.iter().map(arrays_deep).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     proptest::proptest! {
+        /// Every reply round-trips, at any cut the parser asks for more (never past the end),
+        /// and bytes after a reply are left for the caller to refuse.
+        #[test]
+        fn any_reply_round_trips_or_is_refused_for_depth(
+            reply in any_reply(),
+            cut in proptest::prelude::any::<usize>(),
+            trailing in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+        ) {
+            let mut wire = Vec::new();
+            encode_reply(&reply, &mut wire);
+            let parsed = parse_reply(&wire, MAX);
+            if arrays_deep(&reply) > MAX_DEPTH {
+                proptest::prop_assert_eq!(parsed, Err(ProtocolError::TooDeep));
+                return Ok(());
+            }
+            match parsed {
+                Ok(Parsed::Complete(r, len)) => {
+                    proptest::prop_assert_eq!(r.to_owned_reply(), reply.clone());
+                    proptest::prop_assert_eq!(len, wire.len());
+                }
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+            let cut = cut % wire.len();
+            match parse_reply(&wire[..cut], MAX) {
+                Ok(Parsed::Incomplete(n)) => proptest::prop_assert!(n > cut && n <= wire.len()),
+                other => proptest::prop_assert!(false, "cut {}: {:?}", cut, other),
+            }
+            let mut longer = wire.clone();
+            longer.extend(&trailing);
+            match parse_reply(&longer, MAX) {
+                Ok(Parsed::Complete(_, len)) => proptest::prop_assert_eq!(len, wire.len()),
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        /// A reader that feeds the parser until it stops asking never holds more than the
+        /// limit: the parser refuses instead of asking for more than `max_bytes`.
+        #[test]
+        fn the_parser_never_asks_for_more_than_the_limit(
+            reply in any_reply(),
+            max in 0usize..2048,
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let mut wire = Vec::new();
+            encode_reply(&reply, &mut wire);
+            let cut = cut % (wire.len() + 1);
+            match parse_reply(&wire[..cut], max) {
+                Ok(Parsed::Incomplete(n)) => proptest::prop_assert!(n <= max, "asked {} > {}", n, max),
+                Ok(Parsed::Complete(..))
+                | Err(ProtocolError::TooLarge(_))
+                | Err(ProtocolError::TooDeep) => {}
+                Err(e) => proptest::prop_assert!(false, "{}", e),
+            }
+        }
+
         #[test]
         fn the_parser_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let _ = parse_reply(&bytes, 256);

@@ -30,6 +30,8 @@ pub struct SourceOptions {
     /// Idle wait between polls over HTTP and over RESP (see `Config::idle_interval`).
     pub http_idle: Duration,
     pub resp_idle: Duration,
+    /// Proxy for HTTP requests to CPA (`--cpa-proxy`); the configuration forbids RESP with one.
+    pub proxy: Option<Secret>,
 }
 
 /// The CPA client cannot be built from the configuration.
@@ -67,6 +69,7 @@ impl AnySource {
                 api_version: opts.api_version,
                 timeout: opts.timeout,
                 max_body_bytes: opts.max_body_bytes,
+                proxy: opts.proxy.clone(),
             })
         };
         let resp = || {

@@ -1,20 +1,46 @@
 //! HTTP endpoints: `/` (landing page), `/metrics`, `/healthz` (alive), `/readyz` (store healthy
 //! and CPA polled recently).
+//!
+//! Optional protection from an exporter-toolkit web configuration file ([`web_config`]): TLS
+//! with certificate reload ([`tls`]), basic auth and a bearer token ([`auth`]). `/healthz`
+//! always stays open, so liveness probes need no credentials; every other path (including
+//! unknown ones) answers 401 with `WWW-Authenticate` without valid credentials.
+//!
+//! A slow or hostile client cannot hold the server ([`ConnLimits`]):
+//! - at most `max_connections` are served at once; more wait in the kernel's accept queue and
+//!   are taken in arrival order as slots free;
+//! - the TLS handshake, and each request's headers, must arrive within `header_read_timeout`;
+//!   the same bound closes a keep-alive connection idle between requests;
+//! - a connection older than `max_age` is asked to close after the response in progress (an idle
+//!   one closes at once), and is dropped `close_grace` later whatever it is doing, so a client
+//!   that never reads its response frees its slot within `max_age + close_grace`.
+//!
+//! The default bounds free every slot held by idle connections within 10 s, so a scrape
+//! waits at most about two header timeouts behind any number of idle connections.
+
+pub mod auth;
+pub mod tls;
+pub mod web_config;
 
 use std::convert::Infallible;
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use flate2::write::GzEncoder;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, VARY};
+use hyper::header::{
+    HeaderName, HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, VARY,
+    WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn};
@@ -22,10 +48,86 @@ use tracing::{debug, warn};
 use crate::metrics::text::{render, Format};
 use crate::metrics::{unix_now, Shared};
 
-/// Concurrent connections served; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 128;
-/// A client must send its request headers within this time (slow-loris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub use web_config::{WebConfig, WebConfigError};
+
+/// Bounds on what one client can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// The TLS handshake, and each request's headers, must arrive within this time; also the
+    /// idle time allowed between two requests on a keep-alive connection.
+    pub header_read_timeout: Duration,
+    /// Age at which a connection is asked to close after its current response.
+    pub max_age: Duration,
+    /// How long after `max_age` a connection is dropped regardless.
+    pub close_grace: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 128,
+            header_read_timeout: Duration::from_secs(10),
+            max_age: Duration::from_secs(60),
+            close_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How the endpoints are protected (from `--web.config.file`); the default protects nothing.
+#[derive(Default)]
+pub struct Protection {
+    tls: Option<tls::TlsReloader>,
+    auth: Option<auth::Authenticator>,
+    /// Added to every response (`http_server_config.headers`).
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Protection {
+    /// Read the web configuration file and everything it names (certificate, key, client CA,
+    /// bearer token). Any problem stops the exporter at start, naming the key at fault.
+    pub fn load(path: &Path) -> Result<Protection, WebConfigError> {
+        Protection::from_config(WebConfig::load(path)?)
+    }
+
+    pub fn from_config(config: WebConfig) -> Result<Protection, WebConfigError> {
+        let err = |problem: String| WebConfigError {
+            path: config.path.clone(),
+            problem,
+        };
+        let tls = config
+            .tls
+            .clone()
+            .map(tls::TlsReloader::new)
+            .transpose()
+            .map_err(err)?;
+        let auth = if config.requires_auth() {
+            Some(
+                auth::Authenticator::new(
+                    config.basic_auth_users.clone(),
+                    config.bearer_token_file.clone(),
+                )
+                .map_err(err)?,
+            )
+        } else {
+            None
+        };
+        Ok(Protection {
+            tls,
+            auth,
+            headers: config.headers,
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub fn requires_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+}
 
 #[derive(Clone)]
 struct Ctx {
@@ -33,24 +135,41 @@ struct Ctx {
     registry: Arc<Registry>,
     /// `/readyz` fails when the last successful poll is older than this.
     ready_window: Duration,
+    protection: Arc<Protection>,
+}
+
+pub struct ServeOptions {
+    /// `/readyz` fails when the last successful poll is older than this.
+    pub ready_window: Duration,
+    pub protection: Protection,
+    pub limits: ConnLimits,
 }
 
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     registry: Registry,
-    ready_window: Duration,
+    options: ServeOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let limits = options.limits;
     let ctx = Ctx {
         shared,
         registry: Arc::new(registry),
-        ready_window,
+        ready_window: options.ready_window,
+        protection: Arc::new(options.protection),
     };
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    if ctx.protection.requires_auth() && !ctx.protection.is_tls() {
+        warn!("the endpoints require credentials but TLS is off: credentials cross the network in clear text (add tls_server_config to the web config)");
+    }
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
         };
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -67,20 +186,73 @@ pub async fn serve(
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(&ctx, &req)) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                debug!("connection ended: {e}");
+            let _permit = permit;
+            match &ctx.protection.tls {
+                None => serve_connection(stream, ctx, limits).await,
+                Some(tls) => {
+                    let acceptor = tls.acceptor();
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(stream, ctx, limits).await,
+                        Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
+                        Err(_) => debug!("TLS handshake timed out"),
+                    }
+                }
             }
-            drop(permit);
         });
     }
+}
+
+/// Serve HTTP/1.1 on one connection within the bounds of `limits`.
+async fn serve_connection<I>(io: I, ctx: Ctx, limits: ConnLimits)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(respond(&ctx, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = tokio::time::sleep(limits.max_age) => {
+            // Finish the response in progress (an idle connection closes at once)...
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(limits.close_grace, conn.as_mut()).await {
+                Ok(r) => r,
+                // ...but a client that does not read it loses the connection.
+                Err(_) => {
+                    debug!("connection dropped: still busy past its maximum age");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!("connection ended: {e}");
+    }
+}
+
+async fn respond(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut resp = match &ctx.protection.auth {
+        Some(auth) if req.uri().path() != "/healthz" && !auth.allows(req.headers()).await => {
+            debug!(path = req.uri().path(), "request without valid credentials");
+            let mut r = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+            for challenge in &auth.challenges {
+                r.headers_mut().append(WWW_AUTHENTICATE, challenge.clone());
+            }
+            r
+        }
+        _ => handle(ctx, &req),
+    };
+    for (name, value) in &ctx.protection.headers {
+        resp.headers_mut().insert(name.clone(), value.clone());
+    }
+    resp
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

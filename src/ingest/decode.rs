@@ -211,8 +211,12 @@ fn decode_wrapped(inner: &str) -> Element<'static> {
             Err(_) => Element::Invalid(reason::NOT_JSON),
         };
     }
+    // The same depth rule as for elements; `Value` would also stop at serde_json's limit (128).
+    if super::split::nesting(trimmed.as_bytes()) > super::split::MAX_ELEMENT_DEPTH {
+        return Element::Invalid(reason::TOO_DEEP);
+    }
     match serde_json::from_str::<serde_json::value::Value>(trimmed) {
-        Err(_) => Element::Invalid(reason::NOT_JSON),
+        Err(e) => Element::Invalid(syntax_reason(&e)),
         // Rare path: decoding from a `Value` yields owned strings, free of the local buffer.
         Ok(value) => match RawRecord::deserialize(value) {
             Ok(rec) => classify(rec),
@@ -224,9 +228,18 @@ fn decode_wrapped(inner: &str) -> Element<'static> {
 fn decode_object(raw: &str) -> Element<'_> {
     match serde_json::from_str::<RawRecord<'_>>(raw) {
         Ok(rec) => classify(rec),
-        // Syntax errors only occur over RESP, where elements are not pre-validated.
-        Err(e) if e.is_syntax() || e.is_eof() => Element::Invalid(reason::NOT_JSON),
+        Err(e) if e.is_syntax() || e.is_eof() => Element::Invalid(syntax_reason(&e)),
         Err(_) => Element::Invalid(reason::BAD_FIELD),
+    }
+}
+
+/// serde_json reports a number beyond f64 (`1e400`) as a syntax error; in a record that can only
+/// be a count, so it is an invalid number rather than broken JSON.
+fn syntax_reason(e: &serde_json::Error) -> &'static str {
+    if e.to_string().starts_with("number out of range") {
+        reason::INVALID_NUMBER
+    } else {
+        reason::NOT_JSON
     }
 }
 

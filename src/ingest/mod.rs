@@ -6,13 +6,14 @@
 
 pub mod decode;
 pub mod labels;
+#[cfg(test)]
+mod props;
 pub mod quota;
+pub mod split;
 pub mod tokens;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-
-use serde_json::value::RawValue;
 
 use crate::cost::{cost_nano_usd, Pricing};
 use crate::schema::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
@@ -66,6 +67,10 @@ pub struct Batch {
     pub last_record_timestamp: Option<f64>,
     /// Latest quota observation per credential (`auth_index`).
     pub quota: HashMap<String, QuotaObservation>,
+    /// Elements counted as invalid, by reason (also in the delta; kept here for the log line).
+    pub invalid: BTreeMap<&'static str, u64>,
+    /// Elements whose bytes were not UTF-8 and were decoded with U+FFFD in their place.
+    pub repaired_utf8: u64,
 }
 
 /// Quota and rate-limit values a credential's responses reported, as of `observed_at`.
@@ -95,8 +100,27 @@ impl QuotaObservation {
 
 /// The response body was not a JSON array: nothing in it can be attributed to records.
 #[derive(Debug, thiserror::Error)]
-#[error("CPA's queue response is not a JSON array ({0})")]
-pub struct NotAnArray(#[source] serde_json::Error);
+#[error("CPA's queue response is not a JSON array: {0}")]
+pub struct NotAnArray(#[source] pub split::SplitError);
+
+/// One element's text, ready to decode.
+enum Text<'a> {
+    Json(Cow<'a, str>),
+    TooDeep,
+}
+
+impl<'a> Text<'a> {
+    /// Bytes that are not UTF-8 are replaced by U+FFFD, as Go's JSON encoder does, so a record
+    /// is not lost to one bad byte in a label value.
+    fn of(bytes: &'a [u8], depth: usize, repaired: &mut u64) -> Text<'a> {
+        if depth > split::MAX_ELEMENT_DEPTH {
+            return Text::TooDeep;
+        }
+        let text = String::from_utf8_lossy(bytes);
+        *repaired += u64::from(matches!(text, Cow::Owned(_)));
+        Text::Json(text)
+    }
+}
 
 /// Ingest an HTTP queue response (a JSON array). `seen` tells whether a dedup id was applied.
 pub fn ingest_body(
@@ -104,19 +128,31 @@ pub fn ingest_body(
     pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
 ) -> Result<Batch, NotAnArray> {
-    let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(NotAnArray)?;
-    let texts = elements.iter().map(|e| Some(e.get()));
-    Ok(ingest_iter(texts, elements.len(), pricing, seen))
+    let elements = split::split_array(body).map_err(NotAnArray)?;
+    let mut repaired = 0;
+    let texts: Vec<Text<'_>> = elements
+        .iter()
+        .map(|e| Text::of(e.bytes, e.depth, &mut repaired))
+        .collect();
+    let mut batch = ingest_iter(&texts, pricing, seen);
+    batch.repaired_utf8 = repaired;
+    Ok(batch)
 }
 
-/// Ingest raw payloads, one per element (RESP). A payload that is not UTF-8 is not JSON either.
+/// Ingest raw payloads, one per element (RESP).
 pub fn ingest_elements(
     elements: &[Vec<u8>],
     pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
 ) -> Batch {
-    let texts = elements.iter().map(|e| std::str::from_utf8(e).ok());
-    ingest_iter(texts, elements.len(), pricing, seen)
+    let mut repaired = 0;
+    let texts: Vec<Text<'_>> = elements
+        .iter()
+        .map(|e| Text::of(e, split::nesting(e), &mut repaired))
+        .collect();
+    let mut batch = ingest_iter(&texts, pricing, seen);
+    batch.repaired_utf8 = repaired;
+    batch
 }
 
 /// Ingest whatever a transport popped.
@@ -131,24 +167,20 @@ pub fn ingest_payload(
     }
 }
 
-fn ingest_iter<'a>(
-    elements: impl Iterator<Item = Option<&'a str>>,
-    count: usize,
-    pricing: &Pricing,
-    seen: impl Fn(u64) -> bool,
-) -> Batch {
+fn ingest_iter<'a>(texts: &'a [Text<'a>], pricing: &Pricing, seen: impl Fn(u64) -> bool) -> Batch {
     let mut agg: HashMap<RecKey<'_>, RecAgg> = HashMap::new();
     let mut batch = Batch {
-        elements: count,
+        elements: texts.len(),
         ..Batch::default()
     };
     let mut ids_in_batch = HashSet::new();
     let mut outcomes = [0u64; 4];
-    let mut invalid: HashMap<&'static str, u64> = HashMap::new();
-    for raw in elements {
-        let outcome = match raw {
-            Some(raw) => decode_element_into(raw, &mut agg, &mut batch, &mut ids_in_batch, &seen),
-            None => Outcome::Invalid(reason::NOT_JSON),
+    for text in texts {
+        let outcome = match text {
+            Text::Json(raw) => {
+                decode_element_into(raw, &mut agg, &mut batch, &mut ids_in_batch, &seen)
+            }
+            Text::TooDeep => Outcome::Invalid(reason::TOO_DEEP),
         };
         match outcome {
             Outcome::Ingested => outcomes[0] += 1,
@@ -156,7 +188,7 @@ fn ingest_iter<'a>(
             Outcome::Control => outcomes[3] += 1,
             Outcome::Invalid(r) => {
                 outcomes[2] += 1;
-                *invalid.entry(r).or_default() += 1;
+                *batch.invalid.entry(r).or_default() += 1;
             }
         }
     }
@@ -173,8 +205,8 @@ fn ingest_iter<'a>(
     for (name, n) in names.into_iter().zip(outcomes) {
         batch.delta.add_count(Family::Records, &[name], n);
     }
-    for (r, n) in invalid {
-        batch.delta.add_count(Family::InvalidRecords, &[r], n);
+    for (r, n) in &batch.invalid {
+        batch.delta.add_count(Family::InvalidRecords, &[r], *n);
     }
     batch
 }
@@ -364,8 +396,9 @@ impl RecAgg {
                 None => self.failures.push((code, 1)),
             }
         }
+        // Each count is at most `decode::MAX_NUMBER`, but a batch may hold 100 000 of them.
         for (sum, t) in self.tokens.iter_mut().zip(o.tokens.0) {
-            *sum += t;
+            *sum = sum.saturating_add(t);
         }
         if let Some(v) = o.latency_seconds {
             observe(&mut self.latency, LATENCY_BUCKETS, v);

@@ -9,7 +9,7 @@ pub mod text;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder};
@@ -35,6 +35,7 @@ pub const SERIES: &str = "cpa_exporter_series";
 pub const SERIES_OVERFLOW: &str = "cpa_exporter_series_overflow";
 pub const STORE_SIZE: &str = "cpa_exporter_store_size";
 pub const STORE_ERRORS: &str = "cpa_exporter_store_errors";
+pub const SERIES_RETIRED: &str = "cpa_exporter_series_retired";
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
 const POLL_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -49,6 +50,8 @@ pub struct Live {
     pub poll_duration: Histogram,
     pub series_overflow: MetricFamily<OneLabel, Counter>,
     pub store_errors: Counter,
+    /// Series deleted by `series-retirement`, per family.
+    pub series_retired: MetricFamily<OneLabel, Counter>,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
@@ -77,6 +80,7 @@ impl Default for Live {
             poll_duration: Histogram::new(POLL_BUCKETS),
             series_overflow: MetricFamily::default(),
             store_errors: Counter::default(),
+            series_retired: MetricFamily::default(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             key_state: std::sync::atomic::AtomicU8::new(0),
@@ -90,6 +94,9 @@ impl Default for Live {
         for family in Family::ALL.into_iter().filter(|f| f.is_capped()) {
             let _ = live
                 .series_overflow
+                .get_or_create(&[("family", family.id())]);
+            let _ = live
+                .series_retired
                 .get_or_create(&[("family", family.id())]);
         }
         live
@@ -157,7 +164,10 @@ impl Live {
 /// What the drain loop, the collector and the HTTP server share.
 #[derive(Debug)]
 pub struct Shared {
-    state: Mutex<State>,
+    /// Read by scrapes (concurrently), written by the drain loop only to apply a committed
+    /// batch. Writers are preferred: a waiting write holds back new readers, so a crowd of
+    /// scrapes delays ingestion by at most the renders already under way.
+    state: RwLock<State>,
     pub live: Live,
     pub labels: LabelOptions,
     pub db_path: PathBuf,
@@ -169,7 +179,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(state: State, labels: LabelOptions, db_path: PathBuf) -> Shared {
         Shared {
-            state: Mutex::new(state),
+            state: RwLock::new(state),
             live: Live::default(),
             labels,
             db_path,
@@ -189,8 +199,13 @@ impl Shared {
     }
 
     /// The committed state. A panic elsewhere while holding the lock must not stop scrapes.
-    pub fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The committed state, to change it (the drain loop, after a commit).
+    pub fn state_mut(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -223,6 +238,11 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         STORE_ERRORS,
         "Failed commits to the state database (the batch is kept and retried)",
         live.store_errors.clone(),
+    );
+    r.register(
+        SERIES_RETIRED,
+        "Series deleted because no record updated them within series-retirement (a returning series restarts at zero)",
+        live.series_retired.clone(),
     );
     r.register_collector(Box::new(cpa::CpaCollector(shared.clone())));
     r.register_collector(Box::new(StoredCollector(shared)));

@@ -37,6 +37,15 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
 }
 
+/// Default of [`Limits::series_retirement`]: 30 days.
+pub const DEFAULT_SERIES_RETIREMENT: std::time::Duration =
+    std::time::Duration::from_secs(30 * 86_400);
+/// The write-ahead log is cut back to this size after a checkpoint. SQLite checkpoints it
+/// itself every 1000 pages (4 MiB), but a file grown by one large transaction stays that large.
+const WAL_SIZE_LIMIT: i64 = 4 * 1024 * 1024;
+/// Largest stored counter value (SQLite integers are signed).
+const MAX_COUNTER: u64 = i64::MAX as u64;
+
 /// Bounds on what the store keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -46,6 +55,9 @@ pub struct Limits {
     pub dedup_window: usize,
     /// A credential's quota gauges are dropped after this long without an observation.
     pub quota_retention: std::time::Duration,
+    /// Series of data-derived families not updated for this long are deleted; `None` keeps
+    /// them forever. A retired counter that comes back restarts at zero.
+    pub series_retirement: Option<std::time::Duration>,
 }
 
 impl Default for Limits {
@@ -54,6 +66,7 @@ impl Default for Limits {
             series_per_family: 10_000,
             dedup_window: 100_000,
             quota_retention: std::time::Duration::from_secs(24 * 3600),
+            series_retirement: Some(DEFAULT_SERIES_RETIREMENT),
         }
     }
 }
@@ -74,22 +87,39 @@ pub struct State {
     pub quota: BTreeMap<String, QuotaObservation>,
     /// Copied from [`Limits`] so readers can hide stale quota without a write.
     pub quota_retention: std::time::Duration,
-    dedup_set: HashSet<u64>,
-    dedup_order: VecDeque<(i64, u64)>,
 }
 
 impl State {
-    pub fn seen(&self, id: u64) -> bool {
-        self.dedup_set.contains(&id)
-    }
-
     pub fn series_count(&self, family: Family) -> usize {
         self.families[family as usize].len()
     }
 
-    fn next_seq(&self) -> i64 {
-        self.dedup_order.back().map_or(1, |(s, _)| s + 1)
+    /// Forget series the store has retired (see [`Store::retire`]).
+    pub fn forget(&mut self, retired: &Retired) {
+        for (family, labels) in &retired.series {
+            self.families[*family as usize].remove(labels);
+        }
     }
+}
+
+/// The recent `event_id`s (hashed), owned by the store and so by the drain loop alone: checking
+/// a batch against it needs no lock shared with `/metrics`.
+#[derive(Debug, Default)]
+struct Dedup {
+    set: HashSet<u64>,
+    order: VecDeque<(i64, u64)>,
+}
+
+impl Dedup {
+    fn next_seq(&self) -> i64 {
+        self.order.back().map_or(1, |(s, _)| s + 1)
+    }
+}
+
+/// Series deleted by [`Store::retire`], to be forgotten by the in-memory [`State`].
+#[derive(Debug, Default)]
+pub struct Retired {
+    pub series: Vec<(Family, LabelValues)>,
 }
 
 /// One series a batch changes: its row id (`None` until a new series is inserted) and new value.
@@ -119,6 +149,7 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     limits: Limits,
+    dedup: Dedup,
 }
 
 impl Store {
@@ -134,14 +165,68 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| open_err(e.into()))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         let mut store = Store {
             conn,
             path: path.to_owned(),
             limits,
+            dedup: Dedup::default(),
         };
         store.migrate()?;
         let state = store.load()?;
         Ok((store, state))
+    }
+
+    /// Whether an `event_id` (hashed) was applied within the dedup window.
+    pub fn seen(&self, id: u64) -> bool {
+        self.dedup.set.contains(&id)
+    }
+
+    /// `event_id`s currently remembered.
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.set.len()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Delete the series of data-derived families that no batch updated since
+    /// `now_unix - series_retirement`, and cut the write-ahead log back. The exporter's own
+    /// families (records by outcome and reason) have fixed label sets and are never retired.
+    /// The caller passes the result to [`State::forget`].
+    pub fn retire(&mut self, now_unix: i64) -> Result<Retired, StoreError> {
+        let mut retired = Retired::default();
+        let Some(after) = self.limits.series_retirement else {
+            return Ok(retired);
+        };
+        let cutoff = now_unix.saturating_sub(i64::try_from(after.as_secs()).unwrap_or(i64::MAX));
+        let tx = self.conn.transaction()?;
+        {
+            let mut stale =
+                tx.prepare("SELECT id, family, labels FROM series WHERE updated_at < ?1")?;
+            let mut delete = tx.prepare_cached("DELETE FROM series WHERE id = ?1")?;
+            let mut rows = stale.query([cutoff])?;
+            while let Some(row) = rows.next()? {
+                let family_id: String = row.get(1)?;
+                let Some(family) = Family::from_id(&family_id).filter(|f| f.is_capped()) else {
+                    continue;
+                };
+                let labels = decode_labels(family, &row.get::<_, String>(2)?)?;
+                delete.execute([row.get::<_, i64>(0)?])?;
+                retired.series.push((family, labels));
+            }
+        }
+        tx.commit()?;
+        self.checkpoint()?;
+        Ok(retired)
+    }
+
+    /// Copy the write-ahead log into the database and truncate it.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -202,7 +287,7 @@ impl Store {
         Ok(())
     }
 
-    fn load(&self) -> Result<State, StoreError> {
+    fn load(&mut self) -> Result<State, StoreError> {
         let mut state = State {
             quota_retention: self.limits.quota_retention,
             ..State::default()
@@ -239,8 +324,8 @@ impl Store {
         })?;
         for id in ids {
             let (seq, id) = id?;
-            state.dedup_set.insert(id);
-            state.dedup_order.push_back((seq, id));
+            self.dedup.set.insert(id);
+            self.dedup.order.push_back((seq, id));
         }
         state.last_record_timestamp = self
             .conn
@@ -310,6 +395,12 @@ impl Store {
             };
             plan.writes[slot].value.merge(delta);
         }
+        // Kept within what SQLite stores, so memory and disk agree after a restart.
+        for w in &mut plan.writes {
+            if let Value::Counter(n) = &mut w.value {
+                *n = (*n).min(MAX_COUNTER);
+            }
+        }
         for (credential, obs) in &batch.quota {
             let mut merged = state
                 .quota
@@ -319,7 +410,7 @@ impl Store {
             merged.merge(obs);
             plan.quota.push((credential.clone(), merged));
         }
-        plan.event_ids = (state.next_seq()..)
+        plan.event_ids = (self.dedup.next_seq()..)
             .zip(batch.event_ids.iter().copied())
             .collect();
         plan.last_record_timestamp =
@@ -405,19 +496,19 @@ impl Store {
     }
 
     /// Make the committed plan visible in memory.
-    pub fn apply(&self, state: &mut State, plan: Plan) {
+    pub fn apply(&mut self, state: &mut State, plan: Plan) {
         for w in plan.writes {
             let id = w.id.unwrap_or_default();
             let series = Stored { id, value: w.value };
             state.families[w.family as usize].insert(w.labels, series);
         }
         for (seq, id) in plan.event_ids {
-            state.dedup_set.insert(id);
-            state.dedup_order.push_back((seq, id));
+            self.dedup.set.insert(id);
+            self.dedup.order.push_back((seq, id));
         }
-        while state.dedup_order.len() > self.limits.dedup_window {
-            if let Some((_, id)) = state.dedup_order.pop_front() {
-                state.dedup_set.remove(&id);
+        while self.dedup.order.len() > self.limits.dedup_window {
+            if let Some((_, id)) = self.dedup.order.pop_front() {
+                self.dedup.set.remove(&id);
             }
         }
         state.last_record_timestamp = plan.last_record_timestamp;
@@ -544,7 +635,7 @@ mod tests {
 
     fn ingest(store: &mut Store, state: &mut State, body: &str) {
         let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |h| {
-            state.seen(h)
+            store.seen(h)
         })
         .unwrap();
         let mut plan = store.plan(state, &batch);
@@ -581,7 +672,7 @@ mod tests {
         let (store2, reopened) = Store::open(&path, Limits::default()).unwrap();
         assert_eq!(reopened.families, state.families);
         assert_eq!(requests(&reopened), 2);
-        assert!(reopened.seen(crate::ingest::labels::event_id_hash("1")));
+        assert!(store2.seen(crate::ingest::labels::event_id_hash("1")));
         assert_eq!(reopened.last_record_timestamp, Some(1_787_409_543.0));
         assert_eq!(store2.integrity_check().unwrap(), "ok");
         #[cfg(unix)]
@@ -661,6 +752,78 @@ mod tests {
     }
 
     #[test]
+    fn stale_series_retire_from_disk_and_memory_but_exporter_families_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let day = 86_400;
+        let limits = Limits {
+            series_retirement: Some(std::time::Duration::from_secs(30 * day as u64)),
+            ..Limits::default()
+        };
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        let commit_at = |store: &mut Store, state: &mut State, body: &str, now: i64| {
+            let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
+                false
+            })
+            .unwrap();
+            let mut plan = store.plan(state, &batch);
+            store.commit(&mut plan, now).unwrap();
+            store.apply(state, plan);
+        };
+        commit_at(
+            &mut store,
+            &mut state,
+            &format!("[{}]", rec("old", None)),
+            0,
+        );
+        commit_at(
+            &mut store,
+            &mut state,
+            &format!("[{}]", rec("new", None)),
+            20 * day,
+        );
+        // Nothing is 30 days old yet.
+        assert!(store.retire(29 * day).unwrap().series.is_empty());
+        let retired = store.retire(40 * day).unwrap();
+        assert!(!retired.series.is_empty());
+        assert!(retired
+            .series
+            .iter()
+            .all(|(f, labels)| f.is_capped() && labels.iter().any(|v| &**v == "old")));
+        state.forget(&retired);
+        let models: Vec<&str> = state.families[Family::Requests as usize]
+            .keys()
+            .map(|k| &*k[1])
+            .collect();
+        assert_eq!(models, ["new"]);
+        // The exporter's own counters are never retired, however old.
+        let all = store.retire(100 * day).unwrap();
+        state.forget(&all);
+        assert!(state.families[Family::Requests as usize].is_empty());
+        assert_eq!(
+            state.families[Family::Records as usize].len(),
+            1,
+            "outcome=ingested stays"
+        );
+        drop(store);
+        let (store, reopened) = Store::open(&path, limits).unwrap();
+        assert_eq!(reopened.families, state.families);
+        assert_eq!(
+            Store::size_bytes(&path),
+            std::fs::metadata(&path).unwrap().len(),
+            "WAL truncated"
+        );
+        // `off` retires nothing.
+        drop(store);
+        let never = Limits {
+            series_retirement: None,
+            ..limits
+        };
+        let (mut store, _) = Store::open(&path, never).unwrap();
+        assert!(store.retire(i64::MAX).unwrap().series.is_empty());
+    }
+
+    #[test]
     fn dedup_window_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
@@ -677,10 +840,10 @@ mod tests {
                 &format!("[{}]", rec("a", Some(&i.to_string()))),
             );
         }
-        assert_eq!(state.dedup_set.len(), 5);
+        assert_eq!(store.dedup_len(), 5);
         drop(store);
-        let (_, reopened) = Store::open(&path, limits).unwrap();
-        assert!(reopened.dedup_set.len() <= 6);
+        let (reopened, _) = Store::open(&path, limits).unwrap();
+        assert!(reopened.dedup_len() <= 6);
         assert!(reopened.seen(crate::ingest::labels::event_id_hash("19")));
     }
 }

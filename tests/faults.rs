@@ -1,0 +1,651 @@
+//! Faults on both sides of the exporter: CPA misbehaving (refused, reset mid-body, slow, 5xx,
+//! redirects, oversized or malformed bodies, hostile records) and a state database that cannot
+//! commit. In every case the exporter says so in one clear log line, counts it in a metric, and
+//! keeps serving `/metrics`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, WorkloadMix};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEY: &str = "faults-test-management-key";
+
+async fn fake_cpa() -> FakeCpa {
+    FakeCpa::start(SimConfig {
+        management_key: KEY.to_owned(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("fake CPA")
+}
+
+fn setup<'a>(url: String, dir: &'a tempfile::TempDir, extra: &[(&'a str, &str)]) -> Setup<'a> {
+    Setup {
+        cpa_url: url,
+        key: KEY,
+        db: Box::leak(dir.path().join("state.db").into_boxed_path()),
+        log: dir.path().join("exporter.log"),
+        extra: extra.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+    }
+}
+
+/// Wait until the log says `text`; fail with the log otherwise.
+async fn says(exporter: &Exporter, text: &str) {
+    let said = eventually(Duration::from_secs(15), async || {
+        exporter.log_text().contains(text)
+    })
+    .await;
+    assert!(
+        said,
+        "the log never said {text:?}:\n{}",
+        exporter.log_text()
+    );
+}
+
+/// `/metrics` answers, and so do `/healthz` and `/`.
+async fn still_serving(exporter: &Exporter) -> Metrics {
+    for path in ["/healthz", "/"] {
+        let r = reqwest::get(exporter.url(path)).await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+    let r = reqwest::get(exporter.url("/metrics")).await.unwrap();
+    assert!(r.status().is_success());
+    Metrics::parse(&r.text().await.unwrap())
+}
+
+/// An HTTP server that answers the n-th request with `responses[n]` (the last one repeats), as
+/// raw bytes, then closes the connection. Returns its URL and a request counter.
+async fn raw_server(responses: Vec<Vec<u8>>) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65_536 {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            if head.is_empty() {
+                continue;
+            }
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let response = &responses[n.min(responses.len() - 1)];
+            let _ = conn.write_all(response).await;
+            let _ = conn.shutdown().await;
+        }
+    });
+    (url, hits)
+}
+
+fn http_200(body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+const REC: &str = r#"{"timestamp":"2026-11-24T10:00:00Z","provider":"codex","model":"gpt-5.4","auth_index":"0123456789abcdef","latency_ms":900,"tokens":{"input_tokens":10,"output_tokens":5,"total_tokens":15}}"#;
+
+fn rec_with(field: &str, value: &str) -> String {
+    REC.replacen(field, value, 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let exporter = Exporter::spawn(&setup(url, &dir, &[]));
+    says(&exporter, "cannot reach CPA").await;
+    let m = still_serving(&exporter).await;
+    assert_eq!(m.get("cpa_up"), Some(0.0));
+    assert!(m.sum("cpa_exporter_polls_total", &[("result", "unreachable")]) >= 1.0);
+    assert!(
+        exporter.log_text().contains("refused"),
+        "{}",
+        exporter.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_reset_mid_body_is_counted_and_said_lost() {
+    // Headers promise 4000 bytes; 60 arrive, then the connection closes.
+    let mut cut =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
+            .to_vec();
+    cut.extend_from_slice(&REC.as_bytes()[..60]);
+    let (url, _) = raw_server(vec![cut, http_200(b"[]")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::spawn(&setup(url, &dir, &[("CPA_TRANSPORT", "http")]));
+    says(&exporter, "broke off mid-body").await;
+    says(&exporter, "the records in it are lost").await;
+    let m = still_serving(&exporter).await;
+    assert!(m.sum("cpa_exporter_polls_total", &[("result", "bad_response")]) >= 1.0);
+    // It recovers by itself on the next poll.
+    let up = eventually(Duration::from_secs(10), async || {
+        exporter.scrape().await.get("cpa_up") == Some(1.0)
+    })
+    .await;
+    assert!(up, "{}", exporter.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_slower_than_the_timeout_is_abandoned_over_http_and_resp() {
+    for transport in ["http", "resp"] {
+        let cpa = fake_cpa().await;
+        cpa.set_fault(Some(Fault::Delay(Duration::from_millis(2500))));
+        let dir = tempfile::tempdir().unwrap();
+        let s = setup(
+            cpa.url(),
+            &dir,
+            &[
+                ("CPA_TRANSPORT", transport),
+                ("CPA_EXPORTER_HTTP_TIMEOUT", "1s"),
+            ],
+        );
+        let exporter = Exporter::spawn(&s);
+        says(&exporter, "did not answer within the timeout").await;
+        let m = still_serving(&exporter).await;
+        assert_eq!(m.get("cpa_up"), Some(0.0), "{transport}");
+        assert!(
+            m.sum("cpa_exporter_polls_total", &[("result", "unreachable")]) >= 1.0,
+            "{transport}"
+        );
+        cpa.set_fault(None);
+        let up = eventually(Duration::from_secs(15), async || {
+            exporter.scrape().await.get("cpa_up") == Some(1.0)
+        })
+        .await;
+        assert!(up, "{transport}: {}", exporter.log_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_and_nothing_is_popped() {
+    let cpa = fake_cpa().await;
+    push_workload(&cpa, 1, WorkloadMix::default(), 100);
+    cpa.set_fault(Some(Fault::Status(503)));
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::spawn(&setup(cpa.url(), &dir, &[("CPA_TRANSPORT", "http")]));
+    says(&exporter, "CPA answered HTTP 503").await;
+    let m = still_serving(&exporter).await;
+    assert!(m.sum("cpa_exporter_polls_total", &[("result", "http_error")]) >= 1.0);
+    assert_eq!(m.get("cpa_up"), Some(0.0));
+    assert_eq!(cpa.stats().popped, 0);
+    cpa.set_fault(None);
+    let drained = eventually(Duration::from_secs(15), async || {
+        accounted(&exporter.scrape().await) == 100.0
+    })
+    .await;
+    assert!(drained, "{}", exporter.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed() {
+    let (elsewhere, elsewhere_hits) = raw_server(vec![http_200(b"[]")]).await;
+    let redirect = format!(
+        "HTTP/1.1 302 Found\r\nLocation: {elsewhere}/v8/management/observability/usage/queue?count=1000\r\nContent-Length: 0\r\n\r\n"
+    );
+    let (url, hits) = raw_server(vec![redirect.into_bytes()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::spawn(&setup(url, &dir, &[("CPA_TRANSPORT", "http")]));
+    says(&exporter, "CPA answered HTTP 302").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = still_serving(&exporter).await;
+    assert!(m.sum("cpa_exporter_polls_total", &[("result", "http_error")]) >= 1.0);
+    assert!(hits.load(Ordering::SeqCst) >= 1);
+    assert_eq!(
+        elsewhere_hits.load(Ordering::SeqCst),
+        0,
+        "the exporter followed the redirect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_size_limit_is_refused_over_http_and_resp() {
+    for transport in ["http", "resp"] {
+        let cpa = fake_cpa().await;
+        // 100 records of about 1.4 KB: about 140 KB in one pop, over a 64 KiB limit.
+        push_workload(&cpa, 3, WorkloadMix::default(), 100);
+        let dir = tempfile::tempdir().unwrap();
+        let s = setup(
+            cpa.url(),
+            &dir,
+            &[
+                ("CPA_TRANSPORT", transport),
+                ("CPA_EXPORTER_MAX_RESPONSE_BYTES", "64KiB"),
+            ],
+        );
+        let exporter = Exporter::spawn(&s);
+        says(&exporter, "exceeds 65536 bytes (max-response-bytes)").await;
+        says(&exporter, "lower batch-size or raise max-response-bytes").await;
+        let m = still_serving(&exporter).await;
+        assert!(
+            m.sum("cpa_exporter_polls_total", &[("result", "bad_response")]) >= 1.0,
+            "{transport}"
+        );
+        assert_eq!(accounted(&m), 0.0);
+    }
+}
+
+#[test]
+fn the_size_limit_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("CPA_MANAGEMENT_KEY", "k")
+        .env("CPA_EXPORTER_DB", dir.path().join("x.db"))
+        .env("CPA_EXPORTER_MAX_RESPONSE_BYTES", "12 parsecs")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("maximum response size (from CPA_EXPORTER_MAX_RESPONSE_BYTES)"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_an_array() {
+    let (url, _) = raw_server(vec![http_200(br#"{"error":"something else"}"#)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::spawn(&setup(url, &dir, &[("CPA_TRANSPORT", "http")]));
+    says(&exporter, "not a JSON array").await;
+    says(&exporter, "whatever it held is lost").await;
+    let m = still_serving(&exporter).await;
+    assert!(m.sum("cpa_exporter_polls_total", &[("result", "bad_response")]) >= 1.0);
+    assert_eq!(m.get("cpa_up"), Some(0.0));
+}
+
+/// Elements nested 100 000 deep (as an object, inside a known field, wrapped in a string) each
+/// count once as `too_deep`; the records around them are ingested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_elements_are_counted_not_fatal_over_http_and_resp() {
+    let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let elements = [
+        REC.to_owned(),
+        format!(
+            r#"{{"timestamp":"2026-11-24T10:00:00Z","x":{}}}"#,
+            deep(100_000)
+        ),
+        rec_with(
+            r#""latency_ms":900"#,
+            &format!(r#""latency_ms":{}"#, deep(50_000)),
+        ),
+        serde_json::to_string(&format!(r#"{{"timestamp":"t","x":{}}}"#, deep(1_000))).unwrap(),
+        REC.to_owned(),
+    ];
+    for transport in ["http", "resp"] {
+        let cpa = fake_cpa().await;
+        for e in &elements {
+            cpa.push_raw(e);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let exporter = Exporter::spawn(&setup(cpa.url(), &dir, &[("CPA_TRANSPORT", transport)]));
+        let done = eventually(Duration::from_secs(15), async || {
+            accounted(&exporter.scrape().await) == 5.0
+        })
+        .await;
+        assert!(done, "{transport}: {}", exporter.log_text());
+        let m = still_serving(&exporter).await;
+        assert_eq!(
+            m.sum(
+                "cpa_exporter_invalid_records_total",
+                &[("reason", "too_deep")]
+            ),
+            3.0,
+            "{transport}"
+        );
+        assert_eq!(
+            m.sum("cpa_exporter_records_total", &[("outcome", "ingested")]),
+            2.0
+        );
+        assert_eq!(m.sum("cpa_requests_total", &[]), 2.0);
+        says(&exporter, "reasons=\"too_deep=3\"").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_out_of_range_are_invalid_and_numeric_strings_are_accepted() {
+    let cpa = fake_cpa().await;
+    let bad = [
+        r#""input_tokens":-5"#,
+        r#""input_tokens":1.5"#,
+        r#""input_tokens":9007199254740993"#,
+        r#""input_tokens":18446744073709551616"#,
+        r#""input_tokens":1e400"#,
+        r#""input_tokens":"lots""#,
+    ];
+    for b in bad {
+        cpa.push_raw(&rec_with(r#""input_tokens":10"#, b));
+    }
+    cpa.push_raw(&rec_with(r#""latency_ms":900"#, r#""latency_ms":-1"#));
+    // A numeric string and an integral float are counts like any other.
+    cpa.push_raw(&rec_with(r#""input_tokens":10"#, r#""input_tokens":"10""#));
+    cpa.push_raw(&rec_with(r#""input_tokens":10"#, r#""input_tokens":10.0"#));
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::spawn(&setup(cpa.url(), &dir, &[("CPA_TRANSPORT", "http")]));
+    let done = eventually(Duration::from_secs(15), async || {
+        accounted(&exporter.scrape().await) == 9.0
+    })
+    .await;
+    assert!(done, "{}", exporter.log_text());
+    let m = still_serving(&exporter).await;
+    assert_eq!(
+        m.sum(
+            "cpa_exporter_invalid_records_total",
+            &[("reason", "invalid_number")]
+        ),
+        7.0
+    );
+    assert_eq!(m.sum("cpa_requests_total", &[]), 2.0);
+    assert_eq!(m.sum("cpa_tokens_total", &[]), 30.0);
+    says(&exporter, "reasons=\"invalid_number=7\"").await;
+}
+
+/// Bytes that are not UTF-8 and control characters in label values: the record is kept with
+/// U+FFFD and `?` in its labels; a raw control character (invalid JSON) spoils only its element.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_and_control_characters_in_labels() {
+    let mut body = b"[".to_vec();
+    body.extend_from_slice(REC.split("gpt-5.4").next().unwrap().as_bytes());
+    body.extend_from_slice(b"gpt-\xff\xfe");
+    body.extend_from_slice(REC.split("gpt-5.4").nth(1).unwrap().as_bytes());
+    body.extend_from_slice(b",");
+    body.extend_from_slice(
+        REC.replace("gpt-5.4", r"bell\u0007\u009b\nmodel")
+            .as_bytes(),
+    );
+    body.extend_from_slice(b",");
+    body.extend_from_slice(REC.replace("gpt-5.4", "raw\x07control").as_bytes());
+    body.extend_from_slice(b",");
+    body.extend_from_slice(REC.replace("codex", &"p".repeat(500)).as_bytes());
+    body.extend_from_slice(b"]");
+    let (url, _) = raw_server(vec![http_200(&body), http_200(b"[]")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::spawn(&setup(url, &dir, &[("CPA_TRANSPORT", "http")]));
+    let done = eventually(Duration::from_secs(15), async || {
+        accounted(&exporter.scrape().await) == 4.0
+    })
+    .await;
+    assert!(done, "{}", exporter.log_text());
+    let m = still_serving(&exporter).await;
+    assert_eq!(m.sum("cpa_requests_total", &[]), 3.0);
+    assert_eq!(
+        m.sum("cpa_requests_total", &[("model", "gpt-\u{fffd}\u{fffd}")]),
+        1.0
+    );
+    assert_eq!(
+        m.sum("cpa_requests_total", &[("model", "bell???model")]),
+        1.0
+    );
+    let long: Vec<_> = m
+        .series("cpa_requests_total")
+        .into_keys()
+        .filter(|l| l["provider"].starts_with("ppp"))
+        .collect();
+    assert_eq!(long.len(), 1);
+    assert_eq!(
+        long[0]["provider"].len(),
+        128,
+        "label values are cut to 128 bytes"
+    );
+    assert_eq!(
+        m.sum(
+            "cpa_exporter_invalid_records_total",
+            &[("reason", "not_json")]
+        ),
+        1.0
+    );
+    says(&exporter, "repaired_utf8=1").await;
+    // promtool-level sanity: every line of the exposition is still well-formed text.
+    let text = reqwest::get(exporter.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.chars().any(|c| c.is_control() && c != '\n'));
+}
+
+/// 100 000 distinct model names: the series limit holds, the overflow is counted, sums stay exact
+/// and `/metrics` keeps answering quickly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_model_names_stay_within_the_series_limit() {
+    let cpa = fake_cpa().await;
+    let n = 100_000usize;
+    for i in 0..n {
+        cpa.push_raw(&format!(
+            r#"{{"timestamp":"2026-11-24T10:00:00Z","provider":"codex","model":"m-{i}","tokens":{{"input_tokens":1,"total_tokens":1}}}}"#
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::spawn(&setup(
+        cpa.url(),
+        &dir,
+        &[("CPA_EXPORTER_BATCH_SIZE", "10000")],
+    ));
+    let done = eventually(Duration::from_secs(90), async || {
+        accounted(&exporter.scrape().await) == n as f64
+    })
+    .await;
+    assert!(done, "{}", exporter.log_text());
+    let t = Instant::now();
+    let m = still_serving(&exporter).await;
+    let scrape = t.elapsed();
+    assert_eq!(m.sum("cpa_requests_total", &[]), n as f64);
+    assert_eq!(m.sum("cpa_tokens_total", &[]), n as f64);
+    for family in ["requests", "tokens", "zero_token_requests"] {
+        assert!(
+            m.sum("cpa_exporter_series", &[("family", family)]) <= 10_001.0,
+            "{family}"
+        );
+    }
+    assert_eq!(
+        m.sum("cpa_exporter_series", &[("family", "requests")]),
+        10_001.0
+    );
+    assert_eq!(
+        m.sum(
+            "cpa_exporter_series_overflow_total",
+            &[("family", "requests")]
+        ),
+        (n - 10_000) as f64
+    );
+    assert_eq!(
+        m.sum("cpa_requests_total", &[("model", "__other__")]),
+        (n - 10_000) as f64
+    );
+    assert!(exporter
+        .log_text()
+        .contains("family=\"requests\" series_limit=10000"));
+    says(&exporter, "reached its series limit").await;
+    println!("scrape with 100 000 model names ingested: {scrape:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state database cannot commit
+// ---------------------------------------------------------------------------------------------
+
+async fn ready_status(exporter: &Exporter) -> (u16, String) {
+    let r = reqwest::get(exporter.url("/readyz")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// Another process holds SQLite's write lock: commits fail after the busy timeout. The exporter
+/// holds the batch, pops nothing more, reports it, and commits by itself once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_holds_the_batch_and_recovers() {
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(cpa.url(), &dir, &[("CPA_EXPORTER_BATCH_SIZE", "300")]);
+    let exporter = Exporter::spawn(&s);
+    let up = eventually(Duration::from_secs(10), async || {
+        exporter.scrape().await.get("cpa_up") == Some(1.0)
+    })
+    .await;
+    assert!(up);
+    let lock = rusqlite::Connection::open(s.db).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let expected = push_workload(&cpa, 21, WorkloadMix::default(), 1_000);
+    let failed = eventually(Duration::from_secs(20), async || {
+        exporter
+            .scrape()
+            .await
+            .get("cpa_exporter_store_errors_total")
+            .is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    assert!(failed, "{}", exporter.log_text());
+    says(&exporter, "cannot commit the batch to the state database").await;
+    says(&exporter, "holding it and not popping more").await;
+    let (status, body) = ready_status(&exporter).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot commit"), "{body}");
+    let m = still_serving(&exporter).await;
+    assert_eq!(cpa.stats().popped, 300, "popped more while holding a batch");
+    assert_eq!(accounted(&m), 0.0);
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let drained = eventually(Duration::from_secs(30), async || {
+        accounted(&exporter.scrape().await) == 1_000.0
+    })
+    .await;
+    assert!(drained, "{}", exporter.log_text());
+    let m = exporter.scrape().await;
+    assert_eq!(Expected::observed(&m).requests, expected.requests);
+    let ready = eventually(Duration::from_secs(10), async || {
+        ready_status(&exporter).await.0 == 200
+    })
+    .await;
+    assert!(ready);
+}
+
+/// A full disk, for real: the process may not grow any file past its current write-ahead log
+/// (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored, so writes fail with EFBIG like ENOSPC). Lifting the
+/// limit is the disk getting space again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_the_batch_and_recovers() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipped: prlimit (util-linux) is not installed");
+        return;
+    }
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(cpa.url(), &dir, &[("CPA_EXPORTER_BATCH_SIZE", "300")]);
+    let exporter = spawn_ignoring_sigxfsz(&s);
+    push_workload(&cpa, 22, WorkloadMix::default(), 300);
+    let drained = eventually(Duration::from_secs(15), async || {
+        accounted(&exporter.scrape().await) == 300.0
+    })
+    .await;
+    assert!(drained, "{}", exporter.log_text());
+    let wal = std::fs::metadata(format!("{}-wal", s.db.display()))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let log = std::fs::metadata(&exporter.log).map(|m| m.len()).unwrap();
+    // Room for the log to grow, none for the database to.
+    let limit = wal.max(4096 * 16);
+    assert!(log + 16_384 < limit, "log {log}, limit {limit}");
+    let pid = exporter.child.id().to_string();
+    let set = |value: String| {
+        let status = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--fsize={value}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    set(format!("{limit}:unlimited"));
+    let expected = push_workload(&cpa, 23, WorkloadMix::default(), 1_000);
+    let failed = eventually(Duration::from_secs(20), async || {
+        exporter
+            .scrape()
+            .await
+            .get("cpa_exporter_store_errors_total")
+            .is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    assert!(failed, "{}", exporter.log_text());
+    says(&exporter, "cannot commit the batch to the state database").await;
+    assert_eq!(ready_status(&exporter).await.0, 503);
+    assert_eq!(cpa.stats().popped, 600, "popped more while holding a batch");
+    still_serving(&exporter).await;
+    set("unlimited".into());
+    let recovered = eventually(Duration::from_secs(30), async || {
+        accounted(&exporter.scrape().await) == 1_300.0
+    })
+    .await;
+    assert!(recovered, "{}", exporter.log_text());
+    let m = exporter.scrape().await;
+    let requests: f64 = expected.requests.values().sum();
+    assert!(m.sum("cpa_requests_total", &[]) >= requests);
+    exporter.sigterm();
+    assert!(exporter.wait_exit(Duration::from_secs(10)).success());
+    let (store, _) =
+        cpa_usage_exporter::store::Store::open(s.db, cpa_usage_exporter::store::Limits::default())
+            .unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}
+
+/// Like `Exporter::spawn`, through `sh` so that SIGXFSZ is ignored (inherited over `exec`).
+fn spawn_ignoring_sigxfsz(setup: &Setup<'_>) -> Exporter {
+    let port = free_port();
+    let log = std::fs::File::create(&setup.log).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"trap "" XFSZ; exec "$0""#, BIN])
+        .env_clear()
+        .env("CPA_URL", &setup.cpa_url)
+        .env("CPA_MANAGEMENT_KEY", setup.key)
+        .env("CPA_EXPORTER_DB", setup.db)
+        .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in &setup.extra {
+        cmd.env(k, v);
+    }
+    let exporter = Exporter {
+        child: cmd.spawn().unwrap(),
+        port,
+        log: setup.log.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{}", exporter.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    exporter
+}
+
+#[test]
+fn a_database_that_cannot_be_opened_stops_the_exporter_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the file should be.
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("CPA_MANAGEMENT_KEY", "k")
+        .env("CPA_EXPORTER_DB", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("state database (--db / CPA_EXPORTER_DB)"),
+        "{stderr}"
+    );
+}
