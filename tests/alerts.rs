@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::have;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,21 +50,6 @@ fn yaml(path: &Path) -> Value {
 
 fn text(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-/// Whether `tool` can run. Missing: a failure under CI, a skip (with a note) elsewhere.
-fn have(tool: &str) -> bool {
-    match Command::new(tool).arg("--version").output() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{tool} is required under CI but cannot run: {e}"
-            );
-            eprintln!("skipping: {tool} is not installed ({e})");
-            false
-        }
-    }
 }
 
 /// Run a command from the repository root; panic with its output unless it succeeds.

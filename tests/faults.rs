@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -603,33 +603,9 @@ async fn a_full_disk_holds_the_batch_and_recovers() {
 
 /// Like `Exporter::spawn`, through `sh` so that SIGXFSZ is ignored (inherited over `exec`).
 fn spawn_ignoring_sigxfsz(setup: &Setup<'_>) -> Exporter {
-    let port = free_port();
-    let log = std::fs::File::create(&setup.log).unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", r#"trap "" XFSZ; exec "$0""#, BIN])
-        .env_clear()
-        .env("CPA_URL", &setup.cpa_url)
-        .env("CPA_MANAGEMENT_KEY", setup.key)
-        .env("CPA_EXPORTER_DB", setup.db)
-        .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    for (k, v) in &setup.extra {
-        cmd.env(k, v);
-    }
-    let exporter = Exporter {
-        child: cmd.spawn().unwrap(),
-        port,
-        log: setup.log.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{}", exporter.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    exporter
+    let mut sh = Command::new("sh");
+    sh.args(["-c", r#"trap "" XFSZ; exec "$0""#, BIN]);
+    Exporter::spawn_via(setup, sh)
 }
 
 #[test]

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::have;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,21 +67,6 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned()
-}
-
-/// Whether `tool` can run. Missing: a failure under CI, a skip (with a note) elsewhere.
-fn have(tool: &str) -> bool {
-    match Command::new(tool).arg("--version").output() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{tool} is required under CI but cannot run: {e}"
-            );
-            eprintln!("skipping: {tool} is not installed ({e})");
-            false
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

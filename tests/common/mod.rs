@@ -82,11 +82,31 @@ pub async fn drained(exporter: &Exporter, cpa: &FakeCpa, elements: f64) -> Metri
     exporter.scrape().await
 }
 
+/// Whether `tool` can run. Missing: a failure under CI, a skip (with a note) elsewhere.
+pub fn have(tool: &str) -> bool {
+    match Command::new(tool).arg("--version").output() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{tool} is required under CI but cannot run: {e}"
+            );
+            eprintln!("skipping: {tool} is not installed ({e})");
+            false
+        }
+    }
+}
+
 impl Exporter {
     pub fn spawn(setup: &Setup<'_>) -> Exporter {
+        Exporter::spawn_via(setup, Command::new(BIN))
+    }
+
+    /// Spawn through `cmd` (the binary itself, or a wrapper that `exec`s it), with the setup's
+    /// environment and a log file.
+    pub fn spawn_via(setup: &Setup<'_>, mut cmd: Command) -> Exporter {
         let port = free_port();
         let log = std::fs::File::create(&setup.log).expect("log file");
-        let mut cmd = Command::new(BIN);
         cmd.env_clear()
             .env("CPA_URL", &setup.cpa_url)
             .env("CPA_MANAGEMENT_KEY", setup.key)
