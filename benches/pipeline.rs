@@ -66,13 +66,7 @@ fn state_with_series(dir: &std::path::Path, target: usize) -> (Store, State) {
     let pricing = Pricing::embedded();
     let (mut store, mut state) = Store::open(&dir.join(format!("s{target}.db")), limits()).unwrap();
     let mut i = 0usize;
-    let total = |s: &State| {
-        cpa_usage_exporter::schema::Family::ALL
-            .iter()
-            .map(|f| s.series_count(*f))
-            .sum::<usize>()
-    };
-    while total(&state) < target {
+    while state.total_series() < target {
         let elems: Vec<String> = (0..200)
             .map(|_| {
                 i += 1;
@@ -175,10 +169,7 @@ fn main() {
             store.commit(&mut plan, 0).unwrap();
             store.apply(&mut state, plan);
         }
-        cpa_usage_exporter::schema::Family::ALL
-            .iter()
-            .map(|f| state.series_count(*f))
-            .sum::<usize>()
+        state.total_series()
     });
     println!(
         "decode + normalize + commit:  {:>9.0} records/s ({} batches, one fsync'd transaction each; {} series)",
@@ -199,7 +190,7 @@ fn main() {
         let (d, len) = best_of(20, || render(&reg, Format::Text004).unwrap().len());
         println!(
             "scrape at {:>6} series:      {:>9.2} ms per scrape ({:.1} MB of text 0.0.4)",
-            total_series(&shared.state()),
+            shared.state().total_series(),
             d.as_secs_f64() * 1e3,
             len as f64 / 1e6,
         );
@@ -215,13 +206,6 @@ fn main() {
     }
 }
 
-fn total_series(state: &State) -> usize {
-    cpa_usage_exporter::schema::Family::ALL
-        .iter()
-        .map(|f| state.series_count(*f))
-        .sum()
-}
-
 /// Load a store with about `target` series, serve one scrape, and report resident memory.
 fn rss_child(target: usize) {
     let dir = tempfile::tempdir().unwrap();
@@ -232,7 +216,7 @@ fn rss_child(target: usize) {
         drop(state);
         Store::open(&dir.path().join(format!("s{target}.db")), limits()).unwrap()
     };
-    let series = total_series(&state);
+    let series = state.total_series();
     let shared = Arc::new(Shared::new(
         state,
         Default::default(),

@@ -242,10 +242,7 @@ impl Checker<'_> {
             ));
             return None;
         }
-        let series: usize = crate::schema::Family::ALL
-            .iter()
-            .map(|f| state.series_count(*f))
-            .sum();
+        let series = state.total_series();
         let detail = format!("{path} opens and takes writes ({series} stored series)");
         self.say(finding(Level::Ok, "database", detail));
         Some((store, state))

@@ -556,20 +556,7 @@ async fn every_queried_metric_exists_in_the_exporter_output() {
 #[test]
 fn expanded_queries_are_valid_promql() {
     // promtool parses every expression of a rule file: turn each query into a recording rule.
-    let mut exprs: Vec<(String, String)> = promql::panel_queries()
-        .into_iter()
-        .map(|q| {
-            (
-                format!("{} / {} / {}", q.file, q.panel, q.ref_id),
-                q.expanded,
-            )
-        })
-        .collect();
-    for v in promql::variable_queries() {
-        if let Some(sel) = v.selector {
-            exprs.push((format!("{} / variable {}", v.file, v.name), sel));
-        }
-    }
+    let mut exprs = all_expanded();
     let mut seen = BTreeSet::new();
     exprs.retain(|(_, e)| seen.insert(e.clone()));
     let mut yaml = String::from("groups:\n  - name: dashboards\n    rules:\n");

@@ -413,12 +413,7 @@ async fn non_utf8_and_control_characters_in_labels() {
     );
     says(&exporter, "repaired_utf8=1").await;
     // promtool-level sanity: every line of the exposition is still well-formed text.
-    let text = reqwest::get(exporter.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = exporter.scrape_text().await;
     assert!(!text.chars().any(|c| c.is_control() && c != '\n'));
 }
 

@@ -187,12 +187,7 @@ fn assert_no_personal_data(text: &str, place: &str) {
 }
 
 async fn metrics_text(exporter: &Exporter) -> String {
-    reqwest::get(exporter.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    exporter.scrape_text().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,16 +487,21 @@ fn line<'a>(out: &'a str, check: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {check} line in\n{out}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_passes_a_good_setup_with_four_authenticated_calls() {
-    let seed = 5;
-    let cpa = FakeCpa::start(SimConfig {
+/// A fake CPA whose credentials listing matches the traffic `traffic(&cpa, seed)` generates.
+async fn cpa_with_workload_credentials(seed: u64) -> FakeCpa {
+    FakeCpa::start(SimConfig {
         management_key: KEY.to_owned(),
         credentials: Workload::new(seed, WorkloadMix::default()).credentials(),
         ..SimConfig::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_a_good_setup_with_four_authenticated_calls() {
+    let seed = 5;
+    let cpa = cpa_with_workload_credentials(seed).await;
     let dir = tempfile::tempdir().unwrap();
     let stop = traffic(&cpa, seed);
     let out = run_check(&cpa, KEY, &dir, "2s").await;
@@ -531,10 +531,7 @@ async fn check_passes_a_good_setup_with_four_authenticated_calls() {
         cpa_usage_exporter::store::Limits::default(),
     )
     .unwrap();
-    let stored: usize = cpa_usage_exporter::schema::Family::ALL
-        .iter()
-        .map(|f| state.series_count(*f))
-        .sum();
+    let stored = state.total_series();
     assert!(stats.popped > 0 && stored > 0, "{stdout}");
     assert!(!stdout.contains(KEY));
 }
@@ -542,13 +539,7 @@ async fn check_passes_a_good_setup_with_four_authenticated_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_spots_another_consumer() {
     let seed = 6;
-    let cpa = FakeCpa::start(SimConfig {
-        management_key: KEY.to_owned(),
-        credentials: Workload::new(seed, WorkloadMix::default()).credentials(),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let cpa = cpa_with_workload_credentials(seed).await;
     let stop = traffic(&cpa, seed);
     // Another reader drains the queue every 100 ms.
     let rival = {

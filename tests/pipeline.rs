@@ -378,12 +378,7 @@ async fn secrets_never_reach_logs_metrics_pages_or_the_database() {
     s.extra.push(("CPA_EXPORTER_LOG_LEVEL", "trace".into()));
     let exporter = Exporter::spawn(&s);
     drained(&exporter, &cpa, 2_000.0).await;
-    let metrics = reqwest::get(exporter.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = exporter.scrape_text().await;
     let landing = reqwest::get(exporter.url("/"))
         .await
         .unwrap()

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use cpa_usage_exporter::cost::Pricing;
 use cpa_usage_exporter::ingest::ingest_body;
-use cpa_usage_exporter::schema::Family;
 use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, Workload, WorkloadMix};
 use cpa_usage_exporter::store::{Limits, State, Store};
 
@@ -41,10 +40,6 @@ fn file_len(path: &Path) -> u64 {
 
 fn wal_len(db: &Path) -> u64 {
     file_len(Path::new(&format!("{}-wal", db.display())))
-}
-
-fn total_series(state: &State) -> usize {
-    Family::ALL.iter().map(|f| state.series_count(*f)).sum()
 }
 
 /// Commit `bodies` batch by batch, as the drain loop does; returns the largest WAL seen.
@@ -105,7 +100,7 @@ fn database_size_follows_series_not_records() {
     let mut wal_max = 0;
     wal_max = wal_max.max(again(&mut store, &mut state));
     store.checkpoint().unwrap();
-    let series_small = total_series(&state);
+    let series_small = state.total_series();
     let small = file_len(&db);
     // Ten times more records than that, still over the same label sets.
     for _ in 0..10 {
@@ -113,7 +108,7 @@ fn database_size_follows_series_not_records() {
     }
     store.checkpoint().unwrap();
     let large = file_len(&db);
-    assert_eq!(total_series(&state), series_small, "no new label sets");
+    assert_eq!(state.total_series(), series_small, "no new label sets");
     assert_eq!(
         store.dedup_len(),
         1_000,

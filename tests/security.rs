@@ -624,12 +624,7 @@ async fn planted_secrets_stay_out_of_trace_logs_of_every_component() {
             .push(("CPA_EXPORTER_SETTINGS_INTERVAL", "10s".into()));
         let exporter = Exporter::spawn(&s);
         let ok = eventually(Duration::from_secs(30), async || {
-            let text = reqwest::get(exporter.url("/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = exporter.scrape_text().await;
             cpa.stats().queued == 0
                 && text.contains("cpa_credential_info{")
                 && text.contains("cpa_usage_statistics_enabled ")

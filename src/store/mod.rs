@@ -16,7 +16,31 @@ use crate::ingest::{Batch, QuotaObservation};
 use crate::schema::{is_structural_label, Family, Kind, OVERFLOW_VALUE};
 use crate::series::{Hist, LabelValues, Value};
 
-const SCHEMA_VERSION: i64 = 2;
+/// Schema steps; step N (1-based) brings the database to `user_version` N.
+const MIGRATIONS: [&str; 2] = [
+    // 1: counters and histograms, the dedup window, small values.
+    "CREATE TABLE IF NOT EXISTS series (
+                     id         INTEGER PRIMARY KEY,
+                     family     TEXT    NOT NULL,
+                     labels     TEXT    NOT NULL,
+                     value      INTEGER,
+                     hist       BLOB,
+                     updated_at INTEGER NOT NULL,
+                     UNIQUE (family, labels)
+                 );
+                 CREATE TABLE IF NOT EXISTS dedup (seq INTEGER PRIMARY KEY, id INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;",
+    // 2: the latest quota and rate-limit values per credential.
+    "CREATE TABLE IF NOT EXISTS quota (
+                     credential  TEXT NOT NULL,
+                     field       TEXT NOT NULL,
+                     provider    TEXT NOT NULL,
+                     value       REAL NOT NULL,
+                     observed_at REAL NOT NULL,
+                     PRIMARY KEY (credential, field)
+                 ) WITHOUT ROWID;",
+];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const META_LAST_RECORD_TS: &str = "last_record_timestamp";
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +116,11 @@ pub struct State {
 impl State {
     pub fn series_count(&self, family: Family) -> usize {
         self.families[family as usize].len()
+    }
+
+    /// Stored series over all families.
+    pub fn total_series(&self) -> usize {
+        self.families.iter().map(BTreeMap::len).sum()
     }
 
     /// Forget series the store has retired (see [`Store::retire`]).
@@ -251,38 +280,14 @@ impl Store {
                 found: version,
             });
         }
-        if version < 1 {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(
-                "CREATE TABLE IF NOT EXISTS series (
-                     id         INTEGER PRIMARY KEY,
-                     family     TEXT    NOT NULL,
-                     labels     TEXT    NOT NULL,
-                     value      INTEGER,
-                     hist       BLOB,
-                     updated_at INTEGER NOT NULL,
-                     UNIQUE (family, labels)
-                 );
-                 CREATE TABLE IF NOT EXISTS dedup (seq INTEGER PRIMARY KEY, id INTEGER NOT NULL);
-                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-                 PRAGMA user_version = 1;",
-            )?;
-            tx.commit()?;
-        }
-        if version < 2 {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(
-                "CREATE TABLE IF NOT EXISTS quota (
-                     credential  TEXT NOT NULL,
-                     field       TEXT NOT NULL,
-                     provider    TEXT NOT NULL,
-                     value       REAL NOT NULL,
-                     observed_at REAL NOT NULL,
-                     PRIMARY KEY (credential, field)
-                 ) WITHOUT ROWID;
-                 PRAGMA user_version = 2;",
-            )?;
-            tx.commit()?;
+        // Each step runs in its own transaction together with its version bump.
+        for (step, sql) in (1..).zip(MIGRATIONS) {
+            if version < step {
+                let tx = self.conn.transaction()?;
+                tx.execute_batch(sql)?;
+                tx.pragma_update(None, "user_version", step)?;
+                tx.commit()?;
+            }
         }
         Ok(())
     }

@@ -144,14 +144,18 @@ impl Exporter {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    pub async fn scrape(&self) -> Metrics {
-        let body = reqwest::get(self.url("/metrics"))
+    /// `/metrics` as text 0.0.4.
+    pub async fn scrape_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
             .await
             .expect("scrape")
             .text()
             .await
-            .expect("body");
-        Metrics::parse(&body)
+            .expect("body")
+    }
+
+    pub async fn scrape(&self) -> Metrics {
+        Metrics::parse(&self.scrape_text().await)
     }
 
     pub fn log_text(&self) -> String {
