@@ -1,4 +1,4 @@
-//! Throughput and memory figures for the README: `cargo bench --bench pipeline`.
+//! Throughput and memory figures for docs/benchmarks.md: `cargo bench --bench pipeline`.
 //!
 //! Prints measurements; asserts nothing about time (machines differ). Each figure is the best of
 //! a few runs, on one thread.
