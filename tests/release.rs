@@ -146,7 +146,7 @@ fn the_readme_downloads_what_the_workflow_publishes() {
         );
     }
     assert!(readme.contains(
-        "https://github.com/cpa-usage-exporter/cpa-usage-exporter/releases/latest/download/"
+        "https://github.com/cpa-usage-exporter/cpa-usage-exporter/releases/latest/download"
     ));
     assert!(readme.contains("SHA256SUMS"));
     assert!(Path::new(&root().join(WORKFLOW)).is_file());
