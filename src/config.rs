@@ -302,6 +302,8 @@ impl Config {
 pub const DEFAULT_CPA_URL: &str = "http://127.0.0.1:8317";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9317";
 pub const DEFAULT_DB: &str = "./cpa-usage-exporter.db";
+/// The `demo` subcommand's state file, kept apart from real counters.
+pub const DEMO_DB: &str = "./cpa-usage-exporter-demo.db";
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {what} ({origin}): {problem}")]

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
             Some(Command::Demo { rate }) => {
                 // The demo keeps its own state file and polls faster, unless told otherwise.
                 if config.db.as_os_str() == config::DEFAULT_DB {
-                    config.db = "./cpa-usage-exporter-demo.db".into();
+                    config.db = config::DEMO_DB.into();
                 }
                 config.poll_interval.get_or_insert(Duration::from_secs(1));
                 run_demo(config, rate).await

@@ -50,6 +50,17 @@ fn help_shows_the_default_of_every_setting() {
 }
 
 #[test]
+fn demo_help_says_where_its_own_defaults_differ() {
+    let out = run(&["demo", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains(cpa_usage_exporter::config::DEMO_DB) && help.contains("polls every second"),
+        "{help}"
+    );
+}
+
+#[test]
 fn startup_errors_say_each_thing_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("no/such/dir/state.db");
