@@ -543,6 +543,27 @@ fn the_existing_cpa_profile_monitors_the_cpa_named_in_the_env_file() {
 }
 
 #[test]
+fn every_variable_compose_gives_the_exporter_is_one_it_reads() {
+    let help = Command::new(common::BIN)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .expect("--help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let c = Compose::load();
+    for name in ["exporter", "exporter-existing", "exporter-demo"] {
+        let env = c.service(name)["environment"].as_mapping().cloned();
+        for (k, _) in env.iter().flatten() {
+            let k = str_of(k);
+            assert!(
+                help.contains(&format!("[env: {k}")),
+                "{name}: the exporter does not read {k}"
+            );
+        }
+    }
+}
+
+#[test]
 fn the_exporter_image_is_the_release_of_this_version() {
     let c = Compose::load();
     let want = format!(
