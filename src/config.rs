@@ -46,7 +46,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
-    /// Run against a built-in simulated CPA with realistic traffic (no CPA or key needed).
+    /// Run against a built-in simulated CPA with realistic traffic (no CPA or key needed). Keeps
+    /// its state in ./cpa-usage-exporter-demo.db and polls every second unless told otherwise.
     Demo {
         /// Mean simulated upstream attempts per second.
         #[arg(long, default_value_t = 5.0)]
@@ -301,6 +302,8 @@ impl Config {
 pub const DEFAULT_CPA_URL: &str = "http://127.0.0.1:8317";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9317";
 pub const DEFAULT_DB: &str = "./cpa-usage-exporter.db";
+/// The `demo` subcommand's state file, kept apart from real counters.
+pub const DEMO_DB: &str = "./cpa-usage-exporter-demo.db";
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {what} ({origin}): {problem}")]
@@ -555,6 +558,35 @@ impl FileConfig {
     }
 }
 
+/// The command line, with every built-in default in `--help`. They are shown, not set as clap
+/// defaults: a clap default would always win over the configuration file.
+pub fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut file_only = Vec::new();
+    for spec in SCALARS {
+        let default = match spec.default {
+            Some(d) => d,
+            // Its help already says: it depends on the transport.
+            None if spec.id == POLL.id => continue,
+            None if spec.id == PRICES.id => "the built-in table",
+            None => "none",
+        };
+        if spec.env.is_empty() {
+            file_only.push(format!("  {}: {default}", spec.file_key()));
+            continue;
+        }
+        cmd = cmd.mut_arg(spec.id, |arg| {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            arg.help(format!("{help} [default: {default}]"))
+        });
+    }
+    cmd.after_help(format!(
+        "Precedence: flags, then environment variables, then the --config file, then the \
+         defaults.\nOnly in the --config file (with their defaults): labels, model-aliases,\n{}",
+        file_only.join("\n")
+    ))
+}
+
 /// Where a raw value came from, for error messages.
 struct Raw {
     value: Option<String>,
@@ -564,7 +596,7 @@ struct Raw {
 impl Config {
     /// Parse the process arguments and environment.
     pub fn from_args() -> Result<(Option<Command>, Config), ConfigError> {
-        let matches = <Cli as clap::CommandFactory>::command().get_matches();
+        let matches = command().get_matches();
         let cli =
             <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         let config = Config::resolve(&cli.flags, &matches)?;

@@ -21,14 +21,25 @@ fn init_logging(config: &Config) {
 
 /// Print an error with its causes, one per line after the first.
 fn report(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("{}", error_chain(e));
+    ExitCode::FAILURE
+}
+
+/// The error and its causes. Many errors already end with their cause's text (`...: {source}`);
+/// a cause whose text is already on the line above adds nothing and is left out.
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = format!("error: {e}");
+    let mut last = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        msg.push_str(&format!("\n  caused by: {c}"));
+        let text = c.to_string();
+        if !last.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+            last = text;
+        }
         cause = c.source();
     }
-    eprintln!("{msg}");
-    ExitCode::FAILURE
+    msg
 }
 
 fn main() -> ExitCode {
@@ -61,7 +72,7 @@ fn main() -> ExitCode {
             Some(Command::Demo { rate }) => {
                 // The demo keeps its own state file and polls faster, unless told otherwise.
                 if config.db.as_os_str() == config::DEFAULT_DB {
-                    config.db = "./cpa-usage-exporter-demo.db".into();
+                    config.db = config::DEMO_DB.into();
                 }
                 config.poll_interval.get_or_insert(Duration::from_secs(1));
                 run_demo(config, rate).await
@@ -185,4 +196,25 @@ fn rand_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     u64::from(nanos) ^ (u64::from(std::process::id()) << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Embeds(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Wraps(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let e = Embeds(std::io::Error::other("disk on fire"));
+        assert_eq!(error_chain(&e), "error: outer: disk on fire");
+        let e = Wraps(std::io::Error::other("disk on fire"));
+        assert_eq!(error_chain(&e), "error: outer\n  caused by: disk on fire");
+    }
 }

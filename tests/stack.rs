@@ -285,6 +285,7 @@ fn compose_is_valid_yaml_with_the_whole_stack() {
     for name in [
         "cpa",
         "exporter",
+        "exporter-existing",
         "exporter-demo",
         "prometheus",
         "alertmanager",
@@ -298,7 +299,7 @@ fn compose_is_valid_yaml_with_the_whole_stack() {
     }
     assert_eq!(
         c.profiles(),
-        BTreeSet::from(["cpa".to_owned(), "demo".to_owned()])
+        BTreeSet::from(["cpa".to_owned(), EXISTING_CPA.to_owned(), "demo".to_owned()])
     );
 }
 
@@ -376,6 +377,7 @@ fn prometheus_targets_are_compose_services_on_their_ports() {
         .expect("a cpa-usage-exporter job");
     let (host, _) = host_port(&exporter_job.1);
     assert_eq!(c.resolve("cpa", &host), "exporter");
+    assert_eq!(c.resolve(EXISTING_CPA, &host), "exporter-existing");
     assert_eq!(c.resolve("demo", &host), "exporter-demo");
 }
 
@@ -475,18 +477,109 @@ fn memory_limits_fit_a_one_gigabyte_host() {
     for (name, s) in &c.services {
         assert!(s["mem_limit"].is_string(), "{name} has no mem_limit");
     }
-    for name in ["exporter", "exporter-demo"] {
+    for name in ["exporter", "exporter-existing", "exporter-demo"] {
         assert_eq!(mebibytes(str_of(&c.service(name)["mem_limit"])), 64.0);
     }
+    let cpa = mebibytes(str_of(&c.service("cpa")["mem_limit"]));
     for profile in c.profiles() {
-        let total: f64 = c
-            .active(&profile)
+        let active = c.active(&profile);
+        let mut total: f64 = active
             .iter()
             .map(|s| mebibytes(str_of(&c.service(s)["mem_limit"])))
             .sum();
+        // Where CPA runs outside the stack it still runs beside it, on the same host: count
+        // it with the limit this file gives it.
+        if profile == EXISTING_CPA {
+            assert!(!active.contains(&"cpa"));
+            total += cpa;
+        }
         // Leave at least 128 MiB of 1 GiB to the kernel, Docker and the page cache.
         assert!(total <= 896.0, "--profile {profile}: {total} MiB of limits");
     }
+}
+
+/// The profile that adds monitoring to a CPA that already runs.
+const EXISTING_CPA: &str = "existing-cpa";
+
+#[test]
+fn the_existing_cpa_profile_monitors_the_cpa_named_in_the_env_file() {
+    let c = Compose::load();
+    let active = c.active(EXISTING_CPA);
+    for absent in ["cpa", "exporter", "exporter-demo"] {
+        assert!(!active.contains(&absent), "{absent} in {active:?}");
+    }
+    for present in ["exporter-existing", "prometheus", "alertmanager", "grafana"] {
+        assert!(active.contains(&present), "{present} not in {active:?}");
+    }
+    let s = c.service("exporter-existing");
+    // CPA's address and key come from .env, with a default that reaches this host.
+    let url = str_of(&s["environment"]["CPA_URL"]);
+    assert_eq!(variables(url), BTreeSet::from(["CPA_URL".to_owned()]));
+    assert_eq!(
+        interpolate(url).as_deref(),
+        Some("http://host.docker.internal:8317")
+    );
+    assert!(strings(&s["extra_hosts"]).contains(&"host.docker.internal:host-gateway".to_owned()));
+    assert_eq!(
+        str_of(&s["environment"]["CPA_MANAGEMENT_KEY"]),
+        "${CPA_MANAGEMENT_KEY:-}"
+    );
+    let example = text(".env.example");
+    assert!(
+        example.contains("\nCPA_URL=http://host.docker.internal:8317\n"),
+        ".env.example must name CPA_URL with the same default"
+    );
+    // The same image, its own state: another CPA's counters never mix in.
+    assert_eq!(s["build"], c.service("exporter")["build"]);
+    assert_eq!(s["image"], c.service("exporter")["image"]);
+    let state = |name: &str| -> BTreeSet<String> {
+        strings(&c.service(name)["volumes"])
+            .iter()
+            .map(|v| v.split(':').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert!(state("exporter-existing").is_disjoint(&state("exporter")));
+    assert!(state("exporter-existing").is_disjoint(&state("exporter-demo")));
+}
+
+#[test]
+fn every_variable_compose_gives_the_exporter_is_one_it_reads() {
+    let help = Command::new(common::BIN)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .expect("--help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let c = Compose::load();
+    for name in ["exporter", "exporter-existing", "exporter-demo"] {
+        let env = c.service(name)["environment"].as_mapping().cloned();
+        for (k, _) in env.iter().flatten() {
+            let k = str_of(k);
+            assert!(
+                help.contains(&format!("[env: {k}")),
+                "{name}: the exporter does not read {k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_exporter_image_is_the_release_of_this_version() {
+    let c = Compose::load();
+    let want = format!(
+        "ghcr.io/cpa-usage-exporter/cpa-usage-exporter:{}",
+        env!("CARGO_PKG_VERSION")
+    );
+    for name in ["exporter", "exporter-existing", "exporter-demo"] {
+        let s = c.service(name);
+        assert_eq!(str_of(&s["image"]), want, "{name}");
+        // Where the release cannot be pulled, compose builds the same image from source.
+        assert_eq!(str_of(&s["build"]), ".", "{name}");
+    }
+    assert!(
+        text("deploy/kubernetes/cpa.yaml").contains(&format!("image: {want}\n")),
+        "deploy/kubernetes/cpa.yaml runs another exporter image than {want}"
+    );
 }
 
 #[test]

@@ -1,0 +1,110 @@
+//! What a user sees on the command line before anything runs: `--help` and start-up errors.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(common::BIN)
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run the exporter")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn help_shows_the_default_of_every_setting() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for shown in [
+        "[default: 0.0.0.0:9317]",
+        "[default: ./cpa-usage-exporter.db]",
+        "[default: 1000]",
+        "[default: http://127.0.0.1:8317]",
+        "[default: 30s]",
+        "[default: 64MiB]",
+        "[default: the built-in table]",
+        "default 1s over RESP, 5s over HTTP",
+        "series-limit: 10000",
+        "series-retirement: 30d",
+    ] {
+        assert!(help.contains(shown), "--help lacks `{shown}`:\n{help}");
+    }
+    // Every flag that takes a value says what happens without it.
+    let options = help.split("Options:").nth(1).expect("an options section");
+    for entry in options.split("\n      --").skip(1) {
+        let flag = entry.split_whitespace().next().unwrap_or_default();
+        if flag == "config" {
+            continue;
+        }
+        assert!(
+            entry.contains("default"),
+            "--{flag} shows no default:\n{entry}"
+        );
+    }
+}
+
+#[test]
+fn demo_help_says_where_its_own_defaults_differ() {
+    let out = run(&["demo", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains(cpa_usage_exporter::config::DEMO_DB) && help.contains("polls every second"),
+        "{help}"
+    );
+}
+
+#[test]
+fn startup_errors_say_each_thing_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no/such/dir/state.db");
+    let out = run(&[
+        "--management-key",
+        "k",
+        "--db",
+        missing.to_str().expect("utf-8 path"),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("--db / CPA_EXPORTER_DB"), "{err}");
+    assert_each_line_new(&err);
+
+    // A port that is taken: the listener fails after the store opened.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let db = dir.path().join("state.db");
+    let out = run(&[
+        "--management-key",
+        "k",
+        "--db",
+        db.to_str().expect("utf-8 path"),
+        "--listen",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert_each_line_new(&err);
+}
+
+/// No line of the error repeats text that an earlier line already said.
+fn assert_each_line_new(err: &str) {
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("error:") || l.trim_start().starts_with("caused by:"))
+        .collect();
+    assert!(!lines.is_empty(), "{err}");
+    for (i, line) in lines.iter().enumerate().skip(1) {
+        let text = line.trim_start().trim_start_matches("caused by:").trim();
+        assert!(
+            !lines[..i].iter().any(|earlier| earlier.contains(text)),
+            "`{text}` is said twice:\n{err}"
+        );
+    }
+}
