@@ -152,7 +152,8 @@ impl Budgets {
             let added: u64 = costs
                 .iter()
                 .filter(|(labels, _)| {
-                    key_at.and_then(|k| labels.get(k)).map(AsRef::as_ref) == Some(b.api_key.as_str())
+                    key_at.and_then(|k| labels.get(k)).map(AsRef::as_ref)
+                        == Some(b.api_key.as_str())
                 })
                 .map(|(_, v)| match v {
                     Value::Counter(n) => *n,
@@ -168,10 +169,7 @@ impl Budgets {
                 start,
                 nano_usd: base.saturating_add(added),
             };
-            rows.push((
-                Self::meta_key(b),
-                format!("{} {}", start, next[i].nano_usd),
-            ));
+            rows.push((Self::meta_key(b), format!("{} {}", start, next[i].nano_usd)));
         }
         (next, rows)
     }
@@ -321,7 +319,10 @@ mod tests {
         b.set(spend);
         let (spend, _) = b.after(&batch("sha256:000000000000", 7), FEB_END - 5);
         b.set(spend);
-        assert_eq!(b.spend[0].nano_usd, 1_500_000_000, "other keys do not count");
+        assert_eq!(
+            b.spend[0].nano_usd, 1_500_000_000,
+            "other keys do not count"
+        );
         // Next day, next month: both start from what the new batch adds.
         let (spend, rows) = b.after(&batch(&key, 250_000_000), FEB_END + 60);
         b.set(spend);

@@ -1281,7 +1281,10 @@ mod tests {
                 ("sha256:abcdef012345", 1.0, Period::Day),
             ]
         );
-        assert!(!format!("{c:?}").contains("sk-other"), "the plaintext key is not kept");
+        assert!(
+            !format!("{c:?}").contains("sk-other"),
+            "the plaintext key is not kept"
+        );
     }
 
     #[test]

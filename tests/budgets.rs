@@ -89,7 +89,12 @@ async fn budget_and_subscription_gauges_have_exact_values() {
     assert_eq!(value(&m, "cpa_budget_spent_usd", &team_b, "day"), 0.0047);
     assert_eq!(m.series("cpa_budget_spent_usd").len(), 3);
     assert_eq!(m.sum("cpa_budget_spent_usd", &day), 0.0188);
-    let end = value(&m, "cpa_budget_period_end_timestamp_seconds", "team-a", "day");
+    let end = value(
+        &m,
+        "cpa_budget_period_end_timestamp_seconds",
+        "team-a",
+        "day",
+    );
     assert_eq!(end, next_utc_midnight());
 
     let subscribed = eventually(Duration::from_secs(20), async || {
@@ -114,7 +119,10 @@ async fn budget_and_subscription_gauges_have_exact_values() {
         "only the codex credential has a subscription"
     );
     assert!(!text.contains("acct-"), "the account id is never exported");
-    assert!(!text.contains("sk-team"), "plaintext keys are never exported");
+    assert!(
+        !text.contains("sk-team"),
+        "plaintext keys are never exported"
+    );
 
     // The spend is written with each batch: a restart keeps it, and new records add to it.
     exporter.sigterm();

@@ -149,7 +149,10 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
         extra: vec![
             ("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s".to_owned()),
             ("CPA_EXPORTER_SETTINGS_INTERVAL", "10s".to_owned()),
-            ("CPA_EXPORTER_CONFIG", path("exporter.yml").display().to_string()),
+            (
+                "CPA_EXPORTER_CONFIG",
+                path("exporter.yml").display().to_string(),
+            ),
         ],
     });
     let exporter_addr = format!("127.0.0.1:{}", exporter.port);

@@ -244,8 +244,7 @@ fn encode_subscriptions(
                 ("provider", s.provider.as_str()),
                 ("plan_type", plan.as_str()),
             ];
-            m.encode_family(&labels)?
-                .encode_gauge(&sub.active_until)?;
+            m.encode_family(&labels)?.encode_gauge(&sub.active_until)?;
         }
     }
     Ok(())
