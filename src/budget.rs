@@ -174,6 +174,15 @@ impl Budgets {
         (next, rows)
     }
 
+    /// The spend of every budget as last set, in USD, whatever its period (for benchmarks and
+    /// tests).
+    pub fn spent_usd(&self) -> Vec<f64> {
+        self.spend
+            .iter()
+            .map(|s| s.nano_usd as f64 / NANO_PER_UNIT)
+            .collect()
+    }
+
     /// Make committed spend visible.
     pub fn set(&mut self, spend: Vec<Spend>) {
         if spend.len() == self.spend.len() {
