@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use cpa_usage_exporter::budget::{Budget, Budgets, Period};
 use cpa_usage_exporter::cost::Pricing;
-use cpa_usage_exporter::ingest::labels::api_key_label;
 use cpa_usage_exporter::ingest::ingest_body;
+use cpa_usage_exporter::ingest::labels::api_key_label;
 use cpa_usage_exporter::ingest::split::split_array;
 use cpa_usage_exporter::metrics::text::{render, Format};
 use cpa_usage_exporter::metrics::{registry, Shared};

@@ -7,6 +7,8 @@
 //! day; the lag is one poll interval. Spend before the exporter first knew a budget is not
 //! counted: a budget added mid-period starts at zero.
 
+use std::collections::HashMap;
+
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
@@ -143,23 +145,23 @@ impl Budgets {
         if self.budgets.is_empty() {
             return (next, rows);
         }
-        let key_at = Family::Cost
+        // One pass over the batch's cost series, summed per client key.
+        let Some(key_at) = Family::Cost
             .labels()
             .iter()
-            .position(|l| *l == label::API_KEY);
-        let costs = &batch.delta.families[Family::Cost as usize];
+            .position(|l| *l == label::API_KEY)
+        else {
+            return (next, rows);
+        };
+        let mut per_key: HashMap<&str, u64> = HashMap::new();
+        for (labels, value) in &batch.delta.families[Family::Cost as usize] {
+            if let (Some(key), Value::Counter(n)) = (labels.get(key_at), value) {
+                let sum = per_key.entry(key.as_ref()).or_default();
+                *sum = sum.saturating_add(*n);
+            }
+        }
         for (i, b) in self.budgets.iter().enumerate() {
-            let added: u64 = costs
-                .iter()
-                .filter(|(labels, _)| {
-                    key_at.and_then(|k| labels.get(k)).map(AsRef::as_ref)
-                        == Some(b.api_key.as_str())
-                })
-                .map(|(_, v)| match v {
-                    Value::Counter(n) => *n,
-                    Value::Histogram(_) => 0,
-                })
-                .sum();
+            let added = per_key.get(b.api_key.as_str()).copied().unwrap_or(0);
             if added == 0 {
                 continue;
             }
