@@ -6,12 +6,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cpa_usage_exporter::budget::{Budget, Budgets, Period};
 use cpa_usage_exporter::cost::Pricing;
 use cpa_usage_exporter::ingest::ingest_body;
+use cpa_usage_exporter::ingest::labels::api_key_label;
 use cpa_usage_exporter::ingest::split::split_array;
 use cpa_usage_exporter::metrics::text::{render, Format};
 use cpa_usage_exporter::metrics::{registry, Shared};
-use cpa_usage_exporter::sim::{Workload, WorkloadMix};
+use cpa_usage_exporter::sim::{Workload, WorkloadMix, CLIENT_API_KEYS};
 use cpa_usage_exporter::store::{Limits, State, Store};
 
 const RECORDS: usize = 200_000;
@@ -178,6 +180,45 @@ fn main() {
         series
     );
 
+    // The same with a budget of each period for every simulated client key and 2 for keys
+    // that never appear: the spend is added up per batch before the commit and written with it.
+    let budgets: Vec<Budget> = CLIENT_API_KEYS
+        .iter()
+        .copied()
+        .chain(["sk-absent-1", "sk-absent-2"])
+        .flat_map(|k| {
+            [Period::Day, Period::Month].map(|period| Budget {
+                api_key: api_key_label(k),
+                usd: 100.0,
+                period,
+            })
+        })
+        .collect();
+    let n_budgets = budgets.len();
+    let (d, (spent, accounting)) = best_of(3, || {
+        let path = dir.path().join(format!("budgets-{}.db", rand_suffix()));
+        let (mut store, mut state) = Store::open(&path, limits()).unwrap();
+        state.budgets = Budgets::new(budgets.clone());
+        let mut accounting = Duration::ZERO;
+        for b in &bodies {
+            let batch = ingest_body(b, &pricing, |id| store.seen(id)).unwrap();
+            let started = Instant::now();
+            let (spend, rows) = state.budgets.after(&batch, 1_796_083_200);
+            accounting += started.elapsed();
+            let mut plan = store.plan(&state, &batch);
+            plan.meta = rows;
+            store.commit(&mut plan, 0).unwrap();
+            store.apply(&mut state, plan);
+            state.budgets.set(spend);
+        }
+        (spend_total(&state), accounting)
+    });
+    println!(
+        "  the same with {n_budgets} budgets:    {:>9.0} records/s (${spent:.2} counted against them; adding up the spend: {:.1} us per batch)",
+        RECORDS as f64 / d.as_secs_f64(),
+        accounting.as_secs_f64() * 1e6 / (RECORDS / BATCH) as f64,
+    );
+
     drop(bodies);
     for target in [1_000, 10_000, 100_000] {
         let (_store, state) = state_with_series(dir.path(), target);
@@ -204,6 +245,11 @@ fn main() {
             .expect("re-exec");
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
+}
+
+/// Total spend the budgets counted (read through the rendered gauges' source).
+fn spend_total(state: &State) -> f64 {
+    state.budgets.spent_usd().iter().sum()
 }
 
 /// Load a store with about `target` series, serve one scrape, and report resident memory.

@@ -106,7 +106,12 @@ pub async fn run_with_key(
         Some(path) => crate::http::Protection::load(path)?,
         None => crate::http::Protection::default(),
     };
-    let (store, state) = Store::open(&config.db, config.limits)?;
+    let (store, mut state) = Store::open(&config.db, config.limits)?;
+    state.budgets = crate::budget::Budgets::new(config.budgets.clone());
+    let spent = store.meta_rows(crate::budget::META_PREFIX)?;
+    state
+        .budgets
+        .restore(spent.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {

@@ -12,6 +12,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::budget::{Budget, Period};
 use crate::ingest::labels::{api_key_label, sanitize};
 use crate::schema::label;
 use crate::store::Limits;
@@ -281,6 +282,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub labels: LabelOptions,
     pub limits: Limits,
+    pub budgets: Vec<Budget>,
 }
 
 /// Idle poll interval over HTTP: each poll costs CPA one bcrypt check (about 70 ms of CPU).
@@ -475,7 +477,7 @@ const SCALARS: [&Spec; 22] = [
     &MAX_RESPONSE,
 ];
 /// Sections of the file that are not scalars.
-const SECTIONS: [&str; 2] = ["labels", "model-aliases"];
+const SECTIONS: [&str; 3] = ["labels", "model-aliases", "budgets"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -493,12 +495,23 @@ struct LabelsFile {
 }
 
 /// The parsed YAML file: scalars as text (validated like flags), plus the `labels` section.
+/// One entry of `budgets`: a client API key (plaintext, `sha256:` display hash or alias), an
+/// amount and a period.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BudgetFile {
+    api_key: String,
+    usd: f64,
+    period: String,
+}
+
 #[derive(Debug, Default)]
 struct FileConfig {
     path: Option<PathBuf>,
     scalars: HashMap<String, String>,
     labels: LabelsFile,
     model_aliases: BTreeMap<String, String>,
+    budgets: Vec<BudgetFile>,
 }
 
 impl FileConfig {
@@ -523,6 +536,11 @@ impl FileConfig {
             if key == "labels" {
                 file.labels = serde_norway::from_value(v)
                     .map_err(|e| ConfigError::file(path, format!("labels: {e}")))?;
+                continue;
+            }
+            if key == "budgets" {
+                file.budgets = serde_norway::from_value(v)
+                    .map_err(|e| ConfigError::file(path, format!("budgets: {e}")))?;
                 continue;
             }
             if key == "model-aliases" {
@@ -830,6 +848,7 @@ impl Config {
             parse_int(&v, 0, 10_000_000).map_err(|p| err(&DEDUP_WINDOW, &raw, p))? as usize;
 
         let labels = label_options(&file)?;
+        let budgets = budgets(&file, &labels)?;
         Ok(Config {
             cpa_url,
             management_key,
@@ -857,8 +876,69 @@ impl Config {
                 quota_retention,
                 series_retirement,
             },
+            budgets,
         })
     }
+}
+
+/// Whether `key` is a display hash, `sha256:` and 12 hex digits.
+fn is_key_hash(key: &str) -> bool {
+    key.len() == 19 && key.starts_with("sha256:") && key[7..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Resolve `budgets` to stored key labels: a display hash is taken as is, then an alias from
+/// `labels.api-key-aliases`, else the value is a plaintext key and is hashed here (it is not kept).
+fn budgets(file: &FileConfig, labels: &LabelOptions) -> Result<Vec<Budget>, ConfigError> {
+    let mut out: Vec<Budget> = Vec::new();
+    for (i, b) in file.budgets.iter().enumerate() {
+        let origin = match &file.path {
+            Some(p) => format!("`budgets[{i}]` in {}", p.display()),
+            None => format!("budgets[{i}]"),
+        };
+        let fail = |problem: String| ConfigError {
+            what: "budget",
+            origin: origin.clone(),
+            problem,
+        };
+        let key = b.api_key.trim();
+        if key.is_empty() {
+            return Err(fail("api-key is empty".into()));
+        }
+        let api_key = if is_key_hash(key) {
+            key.to_ascii_lowercase()
+        } else if let Some((hash, _)) = labels.api_key_aliases.iter().find(|(_, a)| *a == key) {
+            hash.clone()
+        } else {
+            api_key_label(key)
+        };
+        if !(b.usd.is_finite() && b.usd > 0.0) {
+            return Err(fail(format!(
+                "usd for {api_key} must be a positive amount, got {}",
+                b.usd
+            )));
+        }
+        let period = Period::parse(&b.period).ok_or_else(|| {
+            fail(format!(
+                "period `{}` for {api_key}: expected day or month",
+                b.period
+            ))
+        })?;
+        if out
+            .iter()
+            .any(|o| o.api_key == api_key && o.period == period)
+        {
+            return Err(fail(format!(
+                "a second {} budget for {api_key}",
+                period.as_str()
+            )));
+        }
+        out.push(Budget {
+            api_key,
+            usd: b.usd,
+            period,
+        });
+    }
+    Ok(out)
 }
 
 fn label_options(file: &FileConfig) -> Result<LabelOptions, ConfigError> {
@@ -885,10 +965,7 @@ fn label_options(file: &FileConfig) -> Result<LabelOptions, ConfigError> {
     }
     let mut api_key_aliases = HashMap::new();
     for (key, alias) in &file.labels.api_key_aliases {
-        let is_hash = key.len() == 19
-            && key.starts_with("sha256:")
-            && key[7..].bytes().all(|b| b.is_ascii_hexdigit());
-        let hashed = if is_hash {
+        let hashed = if is_key_hash(key) {
             key.to_ascii_lowercase()
         } else {
             api_key_label(key)
@@ -1209,5 +1286,59 @@ mod tests {
         assert!(e.contains("CPA proxy") && !e.contains("proxy-pass"), "{e}");
         let c = resolve(&["--web.config.file", "/etc/web.yml"]).unwrap();
         assert_eq!(c.web_config_file, Some(PathBuf::from("/etc/web.yml")));
+    }
+
+    #[test]
+    fn budgets_accept_a_plaintext_key_a_display_hash_or_an_alias() {
+        let f = file(concat!(
+            "labels:\n  api-key-aliases:\n    sk-team-a: team-a\n",
+            "budgets:\n",
+            "  - { api-key: team-a, usd: 25, period: day }\n",
+            "  - { api-key: sk-other, usd: 400.5, period: month }\n",
+            "  - { api-key: 'sha256:ABCDEF012345', usd: 1, period: day }\n",
+        ));
+        let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+        let keys: Vec<(&str, f64, Period)> = c
+            .budgets
+            .iter()
+            .map(|b| (b.api_key.as_str(), b.usd, b.period))
+            .collect();
+        let team_a = api_key_label("sk-team-a");
+        let other = api_key_label("sk-other");
+        assert_eq!(
+            keys,
+            [
+                (team_a.as_str(), 25.0, Period::Day),
+                (other.as_str(), 400.5, Period::Month),
+                ("sha256:abcdef012345", 1.0, Period::Day),
+            ]
+        );
+        assert!(
+            !format!("{c:?}").contains("sk-other"),
+            "the plaintext key is not kept"
+        );
+    }
+
+    #[test]
+    fn a_bad_budget_fails_at_start_naming_it() {
+        for (entry, needle) in [
+            ("{ api-key: k, usd: 0, period: day }", "positive"),
+            ("{ api-key: k, usd: 5, period: week }", "`week`"),
+            ("{ api-key: ' ', usd: 5, period: day }", "empty"),
+            ("{ api-key: k, usd: 5, period: day, cap: 1 }", "cap"),
+            ("{ api-key: k, usd: 5 }", "period"),
+        ] {
+            let f = file(&format!("budgets:\n  - {entry}\n"));
+            let e = resolve(&["--config", f.path().to_str().unwrap()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("budget") && e.contains(needle), "{entry}: {e}");
+            assert!(!e.contains(": k,"), "{e}");
+        }
+        let f = file("budgets:\n  - { api-key: k, usd: 5, period: day }\n  - { api-key: k, usd: 6, period: daily }\n");
+        let e = resolve(&["--config", f.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("second day budget"), "{e}");
     }
 }

@@ -362,11 +362,14 @@ async fn commit_until_done(
 ) {
     let mut attempts = 0u32;
     loop {
-        let mut plan = {
-            let state = shared.state();
-            store.plan(&state, batch)
-        };
         let now = unix_now() as i64;
+        let (mut plan, spend) = {
+            let state = shared.state();
+            let (spend, rows) = state.budgets.after(batch, now);
+            let mut plan = store.plan(&state, batch);
+            plan.meta = rows;
+            (plan, spend)
+        };
         match blocking(|| store.commit(&mut plan, now)) {
             Ok(()) => {
                 for family in Family::ALL {
@@ -386,7 +389,11 @@ async fn commit_until_done(
                         }
                     }
                 }
-                store.apply(&mut shared.state_mut(), plan);
+                {
+                    let mut state = shared.state_mut();
+                    store.apply(&mut state, plan);
+                    state.budgets.set(spend);
+                }
                 shared.live.set_store_healthy(true);
                 debug!(
                     elements = batch.elements,

@@ -75,6 +75,9 @@ fn main() -> ExitCode {
                     config.db = config::DEMO_DB.into();
                 }
                 config.poll_interval.get_or_insert(Duration::from_secs(1));
+                if config.budgets.is_empty() {
+                    config.budgets = demo_budgets();
+                }
                 run_demo(config, rate).await
             }
         }
@@ -83,6 +86,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e),
     }
+}
+
+/// Budgets for two of the simulated client keys, so the demo shows the budget gauges.
+fn demo_budgets() -> Vec<cpa_usage_exporter::budget::Budget> {
+    use cpa_usage_exporter::budget::{Budget, Period};
+    use cpa_usage_exporter::ingest::labels::api_key_label;
+    use cpa_usage_exporter::sim::CLIENT_API_KEYS;
+    vec![
+        Budget {
+            api_key: api_key_label(CLIENT_API_KEYS[0]),
+            usd: 25.0,
+            period: Period::Day,
+        },
+        Budget {
+            api_key: api_key_label(CLIENT_API_KEYS[1]),
+            usd: 500.0,
+            period: Period::Month,
+        },
+    ]
 }
 
 /// `healthcheck`: GET /healthz on the listen address (loopback when it listens on every

@@ -35,8 +35,14 @@
 //! first increment of a new series, and spread over hundreds of one-off series most failures
 //! would be invisible to `rate()`.
 //!
-//! Needs `prometheus` and `prometheus-alertmanager` (Debian's names; `alertmanager` works too).
-//! Without them the test is skipped, except under CI (env `CI`), where it fails.
+//! A real node exporter (Debian's `prometheus-node-exporter`) runs beside them as job `node`,
+//! so the host rules and the "Host" row are checked against the real thing. The exporter has two
+//! budgets (its config file), and the fake CPA's codex credentials carry subscription ends, so
+//! the budget and subscription panels have data too.
+//!
+//! Needs `prometheus`, `prometheus-alertmanager` and `prometheus-node-exporter` (Debian's names;
+//! `alertmanager` and `node_exporter` work too). Without them the test is skipped, except under
+//! CI (env `CI`), where it fails.
 
 mod common;
 
@@ -67,8 +73,9 @@ use common::promql;
 /// OpenAI-compatible providers ([`shape`]), a credential cooling down with a retry time and
 /// others disabled or in error ([`with_trouble`]), each kind of invalid element, a success
 /// without tokens and an unpriced model ([`rare_elements`]), and failures of every status
-/// class ([`FAIL_CODES`]). The dashboards have no day-over-day comparison (`offset 1d`),
-/// which a test this short could not fill. A panel added later that cannot have data here goes
+/// class ([`FAIL_CODES`]). Queries comparing with yesterday or last week (`offset 1d`, `offset
+/// 7d`) cannot have data in a test this short: they must evaluate, and must have data with the
+/// offset taken out ([`without_offsets`]). A panel added later that cannot have data here goes
 /// in this list with its reason.
 const ALLOWED_EMPTY: &[(&str, &str, &str)] = &[];
 
@@ -101,7 +108,7 @@ const RECOVERED: Load = Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_stack_scrapes_records_alerts_and_notifies() {
-    let Some((prometheus_bin, alertmanager_bin)) = tools() else {
+    let Some((prometheus_bin, alertmanager_bin, node_exporter_bin)) = tools() else {
         return;
     };
     let started = Instant::now();
@@ -133,6 +140,7 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
     let inbox = Inbox::default();
     let webhook = serve_webhook(inbox.clone()).await;
 
+    std::fs::write(path("exporter.yml"), budgets_config()).expect("exporter.yml");
     let exporter = common::Exporter::spawn(&common::Setup {
         cpa_url: cpa.url(),
         key: KEY,
@@ -141,11 +149,16 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
         extra: vec![
             ("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s".to_owned()),
             ("CPA_EXPORTER_SETTINGS_INTERVAL", "10s".to_owned()),
+            (
+                "CPA_EXPORTER_CONFIG",
+                path("exporter.yml").display().to_string(),
+            ),
         ],
     });
     let exporter_addr = format!("127.0.0.1:{}", exporter.port);
     let prometheus_addr = format!("127.0.0.1:{}", common::free_port());
     let alertmanager_addr = format!("127.0.0.1:{}", common::free_port());
+    let node_addr = format!("127.0.0.1:{}", common::free_port());
 
     render_rules(&path("rules"));
     std::fs::write(
@@ -155,6 +168,7 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
             &exporter_addr,
             &prometheus_addr,
             &alertmanager_addr,
+            &node_addr,
         ),
     )
     .expect("prometheus.yml");
@@ -178,6 +192,12 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
         ],
         path("alertmanager.log"),
     );
+    let mut node_exporter = Proc::spawn(
+        "node exporter",
+        &node_exporter_bin,
+        &node_exporter_args(&node_addr),
+        path("node-exporter.log"),
+    );
     let mut prometheus = Proc::spawn(
         "prometheus",
         &prometheus_bin,
@@ -193,6 +213,9 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
         .await;
     prometheus
         .wait_ready(&http, &format!("http://{prometheus_addr}/-/ready"))
+        .await;
+    node_exporter
+        .wait_ready(&http, &format!("http://{node_addr}/metrics"))
         .await;
     let prom = Prom {
         http,
@@ -214,6 +237,11 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
     })
     .await;
     assert!(up, "{}", why("the exporter target never came up"));
+    let node_up = common::eventually(Duration::from_secs(20), async || {
+        prom.value(r#"up{job="node"}"#).await == Some(1.0)
+    })
+    .await;
+    assert!(node_up, "{}", why("the node exporter target never came up"));
     let mut first = None;
     let grew = common::eventually(Duration::from_secs(15), async || {
         let now = prom.value("sum(cpa_requests_total)").await;
@@ -309,21 +337,37 @@ async fn check_dashboards(prom: &Prom) -> String {
     let mut errors = Vec::new();
     let mut empty = BTreeSet::new();
     let mut fallbacks = 0;
+    let mut offsets = 0;
     for q in &queries {
         // An `or vector(0)` fallback always answers: judge the query without it too.
         let expr = q.expanded.as_str();
         let without_fallback = expr.contains(FALLBACK).then(|| expr.replace(FALLBACK, ""));
         fallbacks += usize::from(without_fallback.is_some());
+        // Yesterday and last week are before this test: the query must evaluate, and have data
+        // with the offset taken out.
+        let now = without_offsets(expr);
+        offsets += usize::from(now.is_some());
         for expr in std::iter::once(expr).chain(without_fallback.as_deref()) {
             match prom.query(expr).await {
                 Err(e) => errors.push(format!(
                     "{} / {} / {}: {e}\n  {expr}",
                     q.dashboard, q.panel, q.ref_id
                 )),
-                Ok(result) if result.is_empty() => {
+                Ok(result) if result.is_empty() && now.is_none() => {
                     empty.insert((q.dashboard.clone(), q.panel.clone()));
                 }
                 Ok(_) => {}
+            }
+        }
+        if let Some(now) = &now {
+            match prom.query(now).await {
+                Ok(result) if !result.is_empty() => {}
+                other => {
+                    errors.push(format!(
+                        "{} / {} / {} without its offset: {other:?}\n  {now}",
+                        q.dashboard, q.panel, q.ref_id
+                    ));
+                }
             }
         }
     }
@@ -363,7 +407,7 @@ async fn check_dashboards(prom: &Prom) -> String {
         without_values.join("\n")
     );
     format!(
-        "{} panel queries ({fallbacks} also without `or vector(0)`) and {} variables",
+        "{} panel queries ({fallbacks} also without `or vector(0)`, {offsets} also without their offset) and {} variables",
         queries.len(),
         variables.len()
     )
@@ -519,6 +563,30 @@ fn with_trouble(mut credentials: Vec<SimCredential>) -> Vec<SimCredential> {
     credentials
 }
 
+/// `expr` with its `offset 1d` / `offset 7d` modifiers removed, or `None` if it has none.
+fn without_offsets(expr: &str) -> Option<String> {
+    let out = expr.replace(" offset 1d", "").replace(" offset 7d", "");
+    (out != expr).then_some(out)
+}
+
+/// The exporter's config file: a day budget small enough to be passed during the test and a
+/// month budget, for two of the simulated client keys (given in plaintext, hashed at load).
+fn budgets_config() -> String {
+    format!(
+        "budgets:\n  - {{ api-key: {}, usd: 0.5, period: day }}\n  - {{ api-key: {}, usd: 1000, period: month }}\n",
+        CLIENT_API_KEYS[0], CLIENT_API_KEYS[1]
+    )
+}
+
+/// The node exporter on a loopback port. Its defaults leave out `overlay` file systems, the root
+/// of a container (a CI runner may be one): the test keeps them, so the disk panels have data.
+fn node_exporter_args(addr: &str) -> Vec<String> {
+    vec![
+        format!("--web.listen-address={addr}"),
+        "--collector.filesystem.fs-types-exclude=^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs|sysfs|tracefs)$".to_owned(),
+    ]
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -543,7 +611,13 @@ fn render_rules(out: &Path) {
 
 /// `deploy/prometheus/prometheus.yml` with loopback targets, 1 s intervals and the rendered
 /// rules. Every job of the shipped file must be one this test can point somewhere.
-fn prometheus_config(rules: &Path, exporter: &str, prometheus: &str, alertmanager: &str) -> String {
+fn prometheus_config(
+    rules: &Path,
+    exporter: &str,
+    prometheus: &str,
+    alertmanager: &str,
+    node: &str,
+) -> String {
     use serde_norway::Value as Y;
     let shipped = promql::repo_root().join("deploy/prometheus/prometheus.yml");
     let text = std::fs::read_to_string(&shipped).expect("deploy/prometheus/prometheus.yml");
@@ -573,6 +647,7 @@ fn prometheus_config(rules: &Path, exporter: &str, prometheus: &str, alertmanage
             Some("cpa-usage-exporter") => exporter,
             Some("prometheus") => prometheus,
             Some("alertmanager") => alertmanager,
+            Some("node") => node,
             other => panic!("prometheus.yml has a job this test cannot run: {other:?}"),
         };
         job["static_configs"] = targets(addr);
@@ -605,8 +680,8 @@ fn alertmanager_config(webhook: SocketAddr) -> String {
 // Processes, Prometheus' API and the webhook
 // ---------------------------------------------------------------------------------------------
 
-/// Prometheus and Alertmanager binaries, or `None` (skip) outside CI.
-fn tools() -> Option<(String, String)> {
+/// Prometheus, Alertmanager and node exporter binaries, or `None` (skip) outside CI.
+fn tools() -> Option<(String, String, String)> {
     let runs = |name: &&&str| {
         Command::new(**name)
             .arg("--version")
@@ -617,14 +692,19 @@ fn tools() -> Option<(String, String)> {
     let alertmanager = ["prometheus-alertmanager", "alertmanager"]
         .iter()
         .find(runs);
-    match (prometheus, alertmanager) {
-        (Some(p), Some(a)) => Some((p.to_string(), a.to_string())),
+    let node_exporter = ["prometheus-node-exporter", "node_exporter"]
+        .iter()
+        .find(runs);
+    match (prometheus, alertmanager, node_exporter) {
+        (Some(p), Some(a), Some(n)) => Some((p.to_string(), a.to_string(), n.to_string())),
         _ => {
             assert!(
                 std::env::var_os("CI").is_none(),
-                "prometheus and prometheus-alertmanager are required under CI (.ci/run installs them)"
+                "prometheus, prometheus-alertmanager and prometheus-node-exporter are required under CI (.ci/run installs them)"
             );
-            eprintln!("skipping: prometheus or prometheus-alertmanager is not installed");
+            eprintln!(
+                "skipping: prometheus, prometheus-alertmanager or prometheus-node-exporter is not installed"
+            );
             None
         }
     }

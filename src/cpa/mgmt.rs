@@ -173,6 +173,18 @@ pub struct Credential {
     /// CPA's in-memory attempt counters (reset when CPA restarts).
     pub success: u64,
     pub failed: u64,
+    /// The subscription behind a codex credential, from its `id_token` (absent when not known).
+    pub subscription: Option<Subscription>,
+}
+
+/// `chatgpt_subscription_active_until` and `plan_type` of a codex `id_token`. The account id
+/// next to them is an account identifier and is never read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    /// Unix seconds.
+    pub active_until: f64,
+    /// e.g. `plus`, `pro`; empty when not given.
+    pub plan_type: String,
 }
 
 pub struct MgmtClient {
@@ -395,6 +407,24 @@ fn decode_entry(e: &Map<String, Value>) -> Option<Credential> {
         next_retry_after,
         success: e.get("success").and_then(Value::as_u64).unwrap_or(0),
         failed: e.get("failed").and_then(Value::as_u64).unwrap_or(0),
+        subscription: e
+            .get("id_token")
+            .and_then(Value::as_object)
+            .and_then(subscription),
+    })
+}
+
+/// The subscription end of an `id_token` object; `None` without a valid
+/// `chatgpt_subscription_active_until`.
+fn subscription(token: &Map<String, Value>) -> Option<Subscription> {
+    let active_until = token
+        .get("chatgpt_subscription_active_until")
+        .and_then(Value::as_str)
+        .and_then(parse_rfc3339)
+        .filter(|t| *t > 0.0)?;
+    Some(Subscription {
+        active_until,
+        plan_type: text(token, &["plan_type"]).to_ascii_lowercase(),
     })
 }
 
@@ -520,6 +550,28 @@ mod tests {
         assert!(decode_credentials(b"{\"files\":7}").is_err());
         assert!(decode_credentials(b"{}").unwrap().is_empty());
         assert!(decode_credentials(b"[[]]").is_err());
+    }
+
+    #[test]
+    fn the_subscription_end_comes_from_the_id_token_and_the_account_id_is_dropped() {
+        let body = br#"{"files":[
+            {"auth_index":"aa11","type":"codex","id_token":{"chatgpt_account_id":"acct-secret-1",
+             "plan_type":"Pro","chatgpt_subscription_active_start":"2026-11-01T00:00:00Z",
+             "chatgpt_subscription_active_until":"2026-12-01T00:00:00Z"}},
+            {"auth_index":"bb22","type":"codex","id_token":{"plan_type":"plus"}},
+            {"auth_index":"cc33","type":"codex","id_token":"eyJhbGciOi.not-an-object"},
+            {"auth_index":"dd44","type":"codex","id_token":{"chatgpt_subscription_active_until":"soon"}}
+        ]}"#;
+        let c = decode_credentials(body).unwrap();
+        assert_eq!(
+            c[0].subscription,
+            Some(Subscription {
+                active_until: parse_rfc3339("2026-12-01T00:00:00Z").unwrap(),
+                plan_type: "pro".to_owned(),
+            })
+        );
+        assert!(c[1..].iter().all(|c| c.subscription.is_none()));
+        assert!(!format!("{c:?}").contains("acct-secret"));
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const CREDENTIAL_UNAVAILABLE: &str = "cpa_credential_unavailable";
 pub const CREDENTIAL_DISABLED: &str = "cpa_credential_disabled";
 /// `_seconds` is appended by the unit.
 pub const CREDENTIAL_NEXT_RETRY: &str = "cpa_credential_next_retry_timestamp";
+/// `_seconds` is appended by the unit.
+pub const SUBSCRIPTION_END: &str = "cpa_credential_subscription_end_timestamp";
 
 /// What is known about CPA right now. Each part is absent until first read.
 #[derive(Debug, Default)]
@@ -216,6 +218,35 @@ fn encode_credentials(
             m.encode_family(&labels)?.encode_gauge(&t)?;
         }
     }
+    encode_subscriptions(enc, &shown)
+}
+
+/// Only credentials whose listing entry carries a subscription end (codex `id_token`).
+fn encode_subscriptions(
+    enc: &mut DescriptorEncoder,
+    shown: &[Shown<'_>],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(
+        SUBSCRIPTION_END,
+        "When the subscription behind the credential ends (codex id_token chatgpt_subscription_active_until), Unix seconds",
+        Some(&Unit::Seconds),
+        MetricType::Gauge,
+    )?;
+    for s in shown {
+        if let Some(sub) = &s.c.subscription {
+            let plan = if sub.plan_type.is_empty() {
+                "unknown".to_owned()
+            } else {
+                sanitize(&sub.plan_type).into_owned()
+            };
+            let labels = [
+                ("credential", s.credential.as_str()),
+                ("provider", s.provider.as_str()),
+                ("plan_type", plan.as_str()),
+            ];
+            m.encode_family(&labels)?.encode_gauge(&sub.active_until)?;
+        }
+    }
     Ok(())
 }
 
@@ -261,6 +292,10 @@ mod tests {
             next_retry_after: Some(1_787_400_000.0),
             success: 1,
             failed: 0,
+            subscription: Some(crate::cpa::mgmt::Subscription {
+                active_until: 1_798_761_600.0,
+                plan_type: "plus".to_owned(),
+            }),
         }
     }
 
@@ -307,6 +342,7 @@ mod tests {
             r#"cpa_credential_unavailable{credential="team-b",provider="codex"} 1"#,
             r#"cpa_credential_disabled{credential="aa11",provider="codex"} 0"#,
             r#"cpa_credential_next_retry_timestamp_seconds{credential="aa11",provider="codex"} 1787400000"#,
+            r#"cpa_credential_subscription_end_timestamp_seconds{credential="team-b",provider="codex",plan_type="plus"} 1798761600"#,
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

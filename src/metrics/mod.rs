@@ -338,6 +338,7 @@ impl prometheus_client::collector::Collector for StoredCollector {
             )?;
         }
         quota::encode(&mut enc, &state, &shared.labels, unix_now())?;
+        state.budgets.encode(&mut enc, &shared.labels, unix_now())?;
         Ok(())
     }
 }

@@ -34,7 +34,13 @@ pub struct SimCredential {
     /// In-memory attempt counters; the fake CPA bumps them on every pushed record.
     pub success: u64,
     pub failed: u64,
+    /// Codex entries carry the account's `id_token` claims (API.md 3): the account id (an
+    /// identifier the exporter must not export), the plan and the subscription period.
+    pub id_token: Option<Value>,
 }
+
+/// The subscription end of codex credentials made by [`SimCredential::new`].
+pub const SUBSCRIPTION_UNTIL: &str = "2027-06-30T00:00:00Z";
 
 impl SimCredential {
     /// An active credential with CPA's usual file name for `provider`.
@@ -57,7 +63,25 @@ impl SimCredential {
             next_retry_after: None,
             success: 0,
             failed: 0,
+            id_token: (provider == "codex").then(|| {
+                json!({
+                    "chatgpt_account_id": format!("acct-{auth_index}"),
+                    "plan_type": "plus",
+                    "chatgpt_subscription_active_start": "2026-06-30T00:00:00Z",
+                    "chatgpt_subscription_active_until": SUBSCRIPTION_UNTIL,
+                })
+            }),
         }
+    }
+
+    /// Set the codex subscription end (RFC 3339), keeping the rest of the `id_token`.
+    pub fn subscription_until(mut self, until: &str) -> SimCredential {
+        let mut token = self.id_token.take().unwrap_or_else(|| json!({}));
+        if let Some(map) = token.as_object_mut() {
+            map.insert("chatgpt_subscription_active_until".to_owned(), json!(until));
+        }
+        self.id_token = Some(token);
+        self
     }
 
     /// The entry as CPA's listing renders it.
@@ -89,6 +113,9 @@ impl SimCredential {
         });
         if let (Some(at), Some(map)) = (&self.next_retry_after, entry.as_object_mut()) {
             map.insert("next_retry_after".to_owned(), json!(at));
+        }
+        if let (Some(token), Some(map)) = (&self.id_token, entry.as_object_mut()) {
+            map.insert("id_token".to_owned(), token.clone());
         }
         entry
     }

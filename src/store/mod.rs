@@ -111,6 +111,8 @@ pub struct State {
     pub quota: BTreeMap<String, QuotaObservation>,
     /// Copied from [`Limits`] so readers can hide stale quota without a write.
     pub quota_retention: std::time::Duration,
+    /// Configured budgets and their spend (set up by the caller after [`Store::open`]).
+    pub budgets: crate::budget::Budgets,
 }
 
 impl State {
@@ -172,6 +174,8 @@ pub struct Plan {
     quota: Vec<(String, QuotaObservation)>,
     /// Observations older than this (Unix seconds) are deleted; set by `commit`.
     quota_cutoff: f64,
+    /// Rows of the `meta` table to write with the batch (budget spend).
+    pub meta: Vec<(String, String)>,
 }
 
 pub struct Store {
@@ -485,6 +489,13 @@ impl Store {
                 "DELETE FROM quota WHERE observed_at < ?1",
                 [plan.quota_cutoff],
             )?;
+            let mut put_meta = tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?;
+            for (key, value) in &plan.meta {
+                put_meta.execute(params![key, value])?;
+            }
             if let Some(ts) = plan.last_record_timestamp {
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES (?1, ?2)
@@ -498,6 +509,17 @@ impl Store {
             plan.writes[i].id = Some(id);
         }
         Ok(())
+    }
+
+    /// Text rows of the `meta` table whose key starts with `prefix`.
+    pub fn meta_rows(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1")?;
+        let rows = stmt.query_map([prefix], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        rows.collect::<Result<_, _>>().map_err(Into::into)
     }
 
     /// Make the committed plan visible in memory.

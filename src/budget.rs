@@ -1,0 +1,356 @@
+//! Per-key budgets: a spend limit in USD per UTC day or month for a client API key, and the
+//! spend of the current period, counted at ingest from the same cost as `cpa_cost_usd_total`.
+//!
+//! Spend is accumulated per committed batch (so it is exact to the nano-dollar and survives
+//! restarts: it is written with the batch, in the same transaction) and attributed to the period
+//! in which the exporter committed it. A record drained just after midnight counts for the new
+//! day; the lag is one poll interval. Spend before the exporter first knew a budget is not
+//! counted: a budget added mid-period starts at zero.
+
+use std::collections::HashMap;
+
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use crate::config::LabelOptions;
+use crate::ingest::Batch;
+use crate::schema::{label, Family, NANO_PER_UNIT};
+use crate::series::Value;
+
+pub const BUDGET: &str = "cpa_budget_usd";
+pub const SPENT: &str = "cpa_budget_spent_usd";
+/// `_seconds` is appended by the unit.
+pub const PERIOD_END: &str = "cpa_budget_period_end_timestamp";
+
+/// Prefix of the budget rows in the store's `meta` table.
+pub const META_PREFIX: &str = "budget/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Month,
+}
+
+impl Period {
+    pub fn parse(s: &str) -> Option<Period> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "day" | "daily" => Some(Period::Day),
+            "month" | "monthly" => Some(Period::Month),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+
+    /// Start of the UTC period holding `now`, Unix seconds.
+    pub fn start(self, now: i64) -> i64 {
+        let day = now.div_euclid(86_400);
+        match self {
+            Period::Day => day * 86_400,
+            Period::Month => {
+                let (y, m, _) = civil_from_days(day);
+                days_from_civil(y, m, 1) * 86_400
+            }
+        }
+    }
+
+    /// End of the UTC period holding `now` (the start of the next one), Unix seconds.
+    pub fn end(self, now: i64) -> i64 {
+        match self {
+            Period::Day => self.start(now) + 86_400,
+            Period::Month => {
+                let (y, m, _) = civil_from_days(now.div_euclid(86_400));
+                let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                days_from_civil(y, m, 1) * 86_400
+            }
+        }
+    }
+}
+
+/// One configured budget. `api_key` is the key's stored label value (`sha256:` + 12 hex).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub api_key: String,
+    pub usd: f64,
+    pub period: Period,
+}
+
+/// Spend of one budget in one period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    /// Start of the period the spend belongs to, Unix seconds.
+    pub start: i64,
+    pub nano_usd: u64,
+}
+
+impl Spend {
+    /// The spend as of `now`: zero once its period is over.
+    fn current(self, period: Period, now: i64) -> u64 {
+        if self.start == period.start(now) {
+            self.nano_usd
+        } else {
+            0
+        }
+    }
+}
+
+/// The configured budgets and their spend, parallel vectors.
+#[derive(Debug, Default, Clone)]
+pub struct Budgets {
+    budgets: Vec<Budget>,
+    spend: Vec<Spend>,
+}
+
+impl Budgets {
+    pub fn new(budgets: Vec<Budget>) -> Budgets {
+        let spend = vec![Spend::default(); budgets.len()];
+        Budgets { budgets, spend }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.budgets.is_empty()
+    }
+
+    fn meta_key(b: &Budget) -> String {
+        format!("{META_PREFIX}{}/{}", b.period.as_str(), b.api_key)
+    }
+
+    /// Restore spend from the store's rows (`key`, `"start nano_usd"`); unknown rows are ignored.
+    pub fn restore<'a>(&mut self, rows: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        for (key, value) in rows {
+            let Some(i) = self.budgets.iter().position(|b| Self::meta_key(b) == key) else {
+                continue;
+            };
+            let mut parts = value.split_whitespace().map(str::parse::<i64>);
+            if let (Some(Ok(start)), Some(Ok(nano))) = (parts.next(), parts.next()) {
+                self.spend[i] = Spend {
+                    start,
+                    nano_usd: u64::try_from(nano).unwrap_or(0),
+                };
+            }
+        }
+    }
+
+    /// The spend after a batch committed at `now`, and the store rows that record it (only for
+    /// budgets the batch changed). Nothing changes until [`Budgets::set`].
+    pub fn after(&self, batch: &Batch, now: i64) -> (Vec<Spend>, Vec<(String, String)>) {
+        let mut next = self.spend.clone();
+        let mut rows = Vec::new();
+        if self.budgets.is_empty() {
+            return (next, rows);
+        }
+        // One pass over the batch's cost series, summed per client key.
+        let Some(key_at) = Family::Cost
+            .labels()
+            .iter()
+            .position(|l| *l == label::API_KEY)
+        else {
+            return (next, rows);
+        };
+        let mut per_key: HashMap<&str, u64> = HashMap::new();
+        for (labels, value) in &batch.delta.families[Family::Cost as usize] {
+            if let (Some(key), Value::Counter(n)) = (labels.get(key_at), value) {
+                let sum = per_key.entry(key.as_ref()).or_default();
+                *sum = sum.saturating_add(*n);
+            }
+        }
+        for (i, b) in self.budgets.iter().enumerate() {
+            let added = per_key.get(b.api_key.as_str()).copied().unwrap_or(0);
+            if added == 0 {
+                continue;
+            }
+            let start = b.period.start(now);
+            let base = next[i].current(b.period, now);
+            next[i] = Spend {
+                start,
+                nano_usd: base.saturating_add(added),
+            };
+            rows.push((Self::meta_key(b), format!("{} {}", start, next[i].nano_usd)));
+        }
+        (next, rows)
+    }
+
+    /// The spend of every budget as last set, in USD, whatever its period (for benchmarks and
+    /// tests).
+    pub fn spent_usd(&self) -> Vec<f64> {
+        self.spend
+            .iter()
+            .map(|s| s.nano_usd as f64 / NANO_PER_UNIT)
+            .collect()
+    }
+
+    /// Make committed spend visible.
+    pub fn set(&mut self, spend: Vec<Spend>) {
+        if spend.len() == self.spend.len() {
+            self.spend = spend;
+        }
+    }
+
+    /// The budget, the spend of the current period and the period's end, per budget.
+    pub fn encode(
+        &self,
+        enc: &mut DescriptorEncoder,
+        labels: &LabelOptions,
+        now: f64,
+    ) -> Result<(), std::fmt::Error> {
+        if self.budgets.is_empty() {
+            return Ok(());
+        }
+        let now = now.floor() as i64;
+        let shown: Vec<(&str, &str)> = self
+            .budgets
+            .iter()
+            .map(|b| {
+                let key = labels
+                    .api_key_aliases
+                    .get(&b.api_key)
+                    .map_or(b.api_key.as_str(), String::as_str);
+                (key, b.period.as_str())
+            })
+            .collect();
+        let mut m = enc.encode_descriptor(
+            BUDGET,
+            "Configured spend limit of a client API key per UTC day or month (budgets in the config file)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((key, period), b) in shown.iter().zip(&self.budgets) {
+            let set = [(label::API_KEY, *key), ("period", *period)];
+            m.encode_family(&set)?.encode_gauge(&b.usd)?;
+        }
+        let mut m = enc.encode_descriptor(
+            SPENT,
+            "Estimated spend of the key in the current UTC period, counted from cpa_cost_usd_total's cost since the period began (0 at its start)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, ((key, period), b)) in shown.iter().zip(&self.budgets).enumerate() {
+            let set = [(label::API_KEY, *key), ("period", *period)];
+            let usd = self.spend[i].current(b.period, now) as f64 / NANO_PER_UNIT;
+            m.encode_family(&set)?.encode_gauge(&usd)?;
+        }
+        let mut m = enc.encode_descriptor(
+            PERIOD_END,
+            "When the key's current budget period ends (the spend starts again from 0), Unix seconds",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for ((key, period), b) in shown.iter().zip(&self.budgets) {
+            let set = [(label::API_KEY, *key), ("period", *period)];
+            m.encode_family(&set)?
+                .encode_gauge(&(b.period.end(now) as f64))?;
+        }
+        Ok(())
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day number since 1970-01-01: (year, month 1..=12, day 1..=31).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::labels::api_key_label;
+    use crate::series::LabelValues;
+
+    /// 2026-02-28T23:59:59Z and the second after it.
+    const FEB_END: i64 = 1_772_323_199;
+
+    fn batch(key: &str, nano: u64) -> Batch {
+        let mut b = Batch::default();
+        let labels: LabelValues = ["codex", "gpt", "cred", key]
+            .iter()
+            .map(|s| Box::<str>::from(*s))
+            .collect();
+        b.delta.add(Family::Cost, labels, Value::Counter(nano));
+        b
+    }
+
+    #[test]
+    fn periods_are_utc_days_and_calendar_months() {
+        assert_eq!(Period::Day.start(FEB_END), FEB_END + 1 - 86_400);
+        assert_eq!(Period::Day.end(FEB_END), FEB_END + 1);
+        // February 2026 has 28 days; March starts the second after FEB_END.
+        assert_eq!(Period::Month.start(FEB_END), FEB_END + 1 - 28 * 86_400);
+        assert_eq!(Period::Month.end(FEB_END), FEB_END + 1);
+        assert_eq!(Period::Month.start(FEB_END + 1), FEB_END + 1);
+        // December rolls over into the next year: 2026-12-01 .. 2027-01-01.
+        let dec = 1_796_083_200;
+        assert_eq!(Period::Month.start(dec + 5), dec);
+        assert_eq!(Period::Month.end(dec), 1_798_761_600);
+        assert_eq!(Period::parse(" Monthly"), Some(Period::Month));
+        assert_eq!(Period::parse("week"), None);
+    }
+
+    #[test]
+    fn spend_accumulates_per_period_and_restarts_at_the_next() {
+        let key = api_key_label("sk-team-a");
+        let mut b = Budgets::new(vec![
+            Budget {
+                api_key: key.clone(),
+                usd: 10.0,
+                period: Period::Day,
+            },
+            Budget {
+                api_key: key.clone(),
+                usd: 100.0,
+                period: Period::Month,
+            },
+        ]);
+        let (spend, rows) = b.after(&batch(&key, 1_500_000_000), FEB_END - 10);
+        assert_eq!(rows.len(), 2);
+        b.set(spend);
+        let (spend, _) = b.after(&batch("sha256:000000000000", 7), FEB_END - 5);
+        b.set(spend);
+        assert_eq!(
+            b.spend[0].nano_usd, 1_500_000_000,
+            "other keys do not count"
+        );
+        // Next day, next month: both start from what the new batch adds.
+        let (spend, rows) = b.after(&batch(&key, 250_000_000), FEB_END + 60);
+        b.set(spend);
+        assert_eq!(b.spend[0].nano_usd, 250_000_000);
+        assert_eq!(b.spend[1].nano_usd, 250_000_000);
+        assert_eq!(
+            rows[0],
+            (
+                format!("budget/day/{key}"),
+                format!("{} 250000000", FEB_END + 1)
+            )
+        );
+        // Restored from the rows, as after a restart.
+        let mut again = Budgets::new(b.budgets.clone());
+        again.restore(rows.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        assert_eq!(again.spend, b.spend);
+        // A period with no batch yet reads 0 without a write.
+        assert_eq!(b.spend[0].current(Period::Day, FEB_END + 86_400 + 1), 0);
+    }
+}
