@@ -300,11 +300,12 @@ async fn cpa_side_cost_per_minute_at_default_intervals() {
          RESP {resp_pops:.1} pops, {resp_bcrypt:.1} bcrypt checks ({} AUTH on {} connection in all)",
         r1.resp_auths, r1.resp_connections
     );
-    // HTTP at 5 s: 12 polls a minute, each one bcrypt check.
-    assert!((8.0..=16.0).contains(&http_polls), "{http_polls}");
+    // HTTP at 5 s: 12 polls a minute, each one bcrypt check. A loaded machine only slows the
+    // loop down, so the upper bound is the promise and the lower one just proves it polls.
+    assert!((6.0..=16.0).contains(&http_polls), "{http_polls}");
     assert_eq!(http_polls, http_bcrypt);
     // RESP at 1 s: about 60 pops a minute and no bcrypt check after the one AUTH.
-    assert!((45.0..=66.0).contains(&resp_pops), "{resp_pops}");
+    assert!((30.0..=66.0).contains(&resp_pops), "{resp_pops}");
     assert_eq!(resp_bcrypt, 0.0);
     assert_eq!((r1.resp_auths, r1.resp_connections), (1, 1));
 }
