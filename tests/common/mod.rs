@@ -448,6 +448,7 @@ pub async fn demo_metric_names() -> std::collections::BTreeSet<String> {
         .env("CPA_EXPORTER_DB", dir.path().join("demo.db"))
         .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
         .env("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s")
+        .env("CPA_EXPORTER_NEW_SERIES_HOLD", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
