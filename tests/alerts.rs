@@ -656,7 +656,7 @@ fn healthy_test_file(scrapes: &[(f64, common::Metrics)]) -> String {
                 })
                 .collect();
         samples.push((
-            format!("up{{instance=\"exporter:9317\",job=\"cpa-usage-exporter\"}}"),
+            r#"up{instance="exporter:9317",job="cpa-usage-exporter"}"#.to_owned(),
             1.0,
         ));
         for (key, v) in samples {

@@ -31,9 +31,14 @@
 //!   The test sends them fast instead of waiting 5 minutes for the failures to age out.
 //!
 //! Failed attempts are shaped like one failing client (one API key, endpoint and requested
-//! model), so each model's failures fall into a few counter series. Prometheus cannot see the
-//! first increment of a new series, and spread over hundreds of one-off series most failures
-//! would be invisible to `rate()`.
+//! model), so each model's failures fall into a few counter series. The exporter runs with its
+//! new-series hold off here (the test harness' default, so the timeline stays short), and then
+//! Prometheus cannot see the first increment of a new series.
+//!
+//! A second test, [`rates_and_ratios_in_prometheus_match_the_truth_with_new_series_all_the_time`],
+//! runs the exporter (with its new-series hold) and Prometheus alone for one full 5-minute
+//! window of steady traffic whose client keys keep changing, and compares the failure ratio,
+//! attempt rate and token rate of the shipped rules and the dashboards with the truth.
 //!
 //! Needs `prometheus` and `prometheus-alertmanager` (Debian's names; `alertmanager` works too).
 //! Without them the test is skipped, except under CI (env `CI`), where it fails.
@@ -304,9 +309,10 @@ const STEADY_FAILED: f64 = 0.073;
 /// before it judges one (the window then lies wholly inside steady traffic).
 const WINDOW_S: f64 = 300.0;
 const SETTLE_S: f64 = 15.0;
-/// The exporter's new-series hold in the accuracy test: more than two 1 s scrape intervals.
+/// The exporter's new-series hold in the accuracy test: more than two 1 s scrape intervals, with
+/// room for a few scrapes that time out on a busy CI machine.
 /// `CPA_E2E_HOLD=0` runs the test as the exporter behaved before the hold (the "before" figures).
-const STEADY_HOLD: &str = "3s";
+const STEADY_HOLD: &str = "5s";
 
 /// The accuracy test's clients change keys this often (seconds): each change brings new series
 /// in every family with an `api_key` label, about 300 a time, well within the series limit.
@@ -486,7 +492,9 @@ async fn rates_and_ratios_in_prometheus_match_the_truth_with_new_series_all_the_
     let scraped = prom
         .value_at(r#"avg_over_time(up{job="cpa-usage-exporter"}[5m])"#, at)
         .await;
-    let series = prom.value_at("scrape_samples_scraped", at).await;
+    let series = prom
+        .value_at(r#"scrape_samples_scraped{job="cpa-usage-exporter"}"#, at)
+        .await;
     step(&format!(
         "judged the window ending {:.0} s after traffic started ({attempts} attempts; share of \
          good scrapes {scraped:?}; {series:?} samples a scrape)",
