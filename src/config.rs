@@ -1135,7 +1135,7 @@ mod tests {
         let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
         assert_eq!(c.limits.new_series_hold, Duration::from_secs(90));
         for bad in ["500ms", "2h", "soon", "-1s"] {
-            let e = resolve(&["--new-series-hold", bad])
+            let e = resolve(&[&format!("--new-series-hold={bad}")])
                 .unwrap_err()
                 .to_string();
             assert!(
