@@ -185,6 +185,15 @@ pub struct Flags {
         value_name = "BYTES"
     )]
     pub max_response_bytes: Option<String>,
+    /// How long a new series is shown at zero before its value, so Prometheus' rate() counts its
+    /// first increment; more than twice the longest scrape interval (0 = off).
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_NEW_SERIES_HOLD",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub new_series_hold: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(
         long,
@@ -452,7 +461,16 @@ const MAX_RESPONSE: Spec = spec(
     Some("64MiB"),
 );
 
-const SCALARS: [&Spec; 22] = [
+const NEW_SERIES_HOLD: Spec = spec(
+    "new-series hold",
+    "new_series_hold",
+    "CPA_EXPORTER_NEW_SERIES_HOLD",
+    Some(DEFAULT_NEW_SERIES_HOLD),
+);
+/// Default of `new-series-hold`: four scrapes at Prometheus' usual 15 s, two at 30 s.
+pub const DEFAULT_NEW_SERIES_HOLD: &str = "1m";
+
+const SCALARS: [&Spec; 23] = [
     &CPA_PROXY,
     &WEB_CONFIG,
     &CPA_URL,
@@ -475,6 +493,7 @@ const SCALARS: [&Spec; 22] = [
     &QUOTA_RETENTION,
     &SERIES_RETIREMENT,
     &MAX_RESPONSE,
+    &NEW_SERIES_HOLD,
 ];
 /// Sections of the file that are not scalars.
 const SECTIONS: [&str; 3] = ["labels", "model-aliases", "budgets"];
@@ -843,6 +862,15 @@ impl Config {
         )?;
         let max_response_bytes =
             parse_bytes(&v, 64 * 1024, 1 << 30).map_err(|p| err(&MAX_RESPONSE, &raw, p))?;
+        let (v, raw) = required(
+            &NEW_SERIES_HOLD,
+            pick(&NEW_SERIES_HOLD, &flags.new_series_hold),
+        )?;
+        let new_series_hold = match v.trim() {
+            "0" | "0s" | "off" => Duration::ZERO,
+            _ => parse_duration(&v, Duration::from_secs(1), Duration::from_secs(3600))
+                .map_err(|p| err(&NEW_SERIES_HOLD, &raw, format!("{p}, or 0/off")))?,
+        };
         let (v, raw) = required(&DEDUP_WINDOW, pick(&DEDUP_WINDOW, &None))?;
         let dedup_window =
             parse_int(&v, 0, 10_000_000).map_err(|p| err(&DEDUP_WINDOW, &raw, p))? as usize;
@@ -875,6 +903,7 @@ impl Config {
                 dedup_window,
                 quota_retention,
                 series_retirement,
+                new_series_hold,
             },
             budgets,
         })
@@ -1197,6 +1226,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("management key file"), "{e}");
+    }
+
+    #[test]
+    fn new_series_hold_defaults_to_a_minute_and_is_validated() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.limits.new_series_hold, Duration::from_secs(60));
+        for (text, want) in [("off", 0), ("0", 0), ("2m30s", 150), ("3s", 3)] {
+            let c = resolve(&["--new-series-hold", text]).unwrap();
+            assert_eq!(
+                c.limits.new_series_hold,
+                Duration::from_secs(want),
+                "{text}"
+            );
+        }
+        let f = file("new-series-hold: 90s\n");
+        let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+        assert_eq!(c.limits.new_series_hold, Duration::from_secs(90));
+        for bad in ["500ms", "2h", "soon", "-1s"] {
+            let e = resolve(&[&format!("--new-series-hold={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("new-series hold") && e.contains("--new-series-hold"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub mod outcome {
     pub const DUPLICATE: &str = "duplicate";
     pub const INVALID: &str = "invalid";
     pub const CONTROL: &str = "control";
+    /// Every outcome: exported from zero at start, so `rate()` sees the first of each.
+    pub const ALL: [&str; 4] = [INGESTED, DUPLICATE, INVALID, CONTROL];
 }
 
 /// `reason` values of `cpa_exporter_invalid_records_total`.
@@ -209,4 +211,6 @@ pub mod reason {
     /// An element nesting objects and arrays deeper than
     /// [`crate::ingest::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
     pub const TOO_DEEP: &str = "too_deep";
+    /// Every reason: exported from zero at start, so `rate()` sees the first of each.
+    pub const ALL: [&str; 5] = [NOT_JSON, NOT_OBJECT, BAD_FIELD, INVALID_NUMBER, TOO_DEEP];
 }

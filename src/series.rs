@@ -45,6 +45,18 @@ pub enum Value {
 }
 
 impl Value {
+    /// A value of the same kind (and buckets) at zero.
+    pub fn zeroed(&self) -> Value {
+        match self {
+            Value::Counter(_) => Value::Counter(0),
+            Value::Histogram(h) => Value::Histogram(Hist {
+                sum: 0.0,
+                count: 0,
+                buckets: vec![0; h.buckets.len()].into_boxed_slice(),
+            }),
+        }
+    }
+
     /// Add `other` into `self`. Values of different kinds never meet: a family has one kind.
     pub fn merge(&mut self, other: &Value) {
         match (self, other) {

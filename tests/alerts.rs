@@ -450,3 +450,295 @@ fn metric_names_reads_promql_carefully() {
         ]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A healthy workload fires nothing
+// ---------------------------------------------------------------------------------------------
+
+/// Real seconds between scrapes of the healthy-workload test, and the virtual seconds each
+/// stands for in promtool: time runs `VIRTUAL_STEP / REAL_STEP` times faster. Ratios and
+/// quantiles do not change with the speed; rates grow, which only makes the traffic guards of
+/// the alerts easier to pass.
+const REAL_STEP: f64 = 0.5;
+const VIRTUAL_STEP: f64 = 15.0;
+/// Scrapes: 50 of them are 12.5 virtual minutes.
+const SCRAPES: usize = 50;
+/// Upstream attempts per real second.
+const HEALTHY_RATE: f64 = 300.0;
+
+/// Healthy traffic, as an operator would run it, fires no alert in ten minutes with the shipped
+/// `for:` durations: 2 % of attempts fail, latency is LLM-like (median 4 s, p95 25 s, time to
+/// first token a share of it), quota values move up and down and come and go, new client keys
+/// keep appearing. The real exporter drains a fake CPA and is scraped every 0.5 s; the scrapes
+/// become promtool input series 15 s apart (12.5 minutes), with every `*_timestamp_seconds`
+/// gauge moved to that virtual clock, and every shipped rule is evaluated over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_workload_fires_no_alert_in_ten_minutes() {
+    if !have("promtool") {
+        return;
+    }
+    use cpa_usage_exporter::sim::{Expect, FakeCpa, SimConfig, Workload, WorkloadMix};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cpa = FakeCpa::start(SimConfig {
+        management_key: "healthy-key".to_owned(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("fake CPA");
+    let mut workload = Workload::new(
+        23,
+        WorkloadMix {
+            invalid: 0.0,
+            failed: 0.02,
+            ..WorkloadMix::default()
+        },
+    );
+    cpa.set_credentials(workload.credentials());
+    let exporter = common::Exporter::spawn(&common::Setup {
+        cpa_url: cpa.url(),
+        key: "healthy-key",
+        db: &dir.path().join("state.db"),
+        log: dir.path().join("exporter.log"),
+        extra: vec![
+            ("CPA_EXPORTER_NEW_SERIES_HOLD", "2s".to_owned()),
+            ("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s".to_owned()),
+            ("CPA_EXPORTER_SETTINGS_INTERVAL", "10s".to_owned()),
+        ],
+    });
+
+    let traffic = {
+        let cpa = cpa.clone();
+        tokio::spawn(async move {
+            let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+            let start = std::time::Instant::now();
+            let mut n = 0u64;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let due = (start.elapsed().as_secs_f64() * HEALTHY_RATE) as u64;
+                while n < due {
+                    n += 1;
+                    let g = workload.next(unix_now());
+                    let element = match &g.expect {
+                        Expect::Usage(_) => healthy(&g.element_json, n, &mut rng),
+                        _ => g.element_json,
+                    };
+                    cpa.push_raw(&element);
+                }
+            }
+        })
+    };
+
+    // Scrape on a fixed real-time grid.
+    let client = reqwest::Client::new();
+    let mut scrapes = Vec::new();
+    let first = std::time::Instant::now();
+    for i in 0..SCRAPES {
+        let due = first + std::time::Duration::from_secs_f64(i as f64 * REAL_STEP);
+        tokio::time::sleep_until(due.into()).await;
+        let text = client
+            .get(exporter.url("/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        scrapes.push((unix_now(), common::Metrics::parse(&text)));
+    }
+    traffic.abort();
+
+    let test_file = dir.path().join("healthy.test.yml");
+    std::fs::write(&test_file, healthy_test_file(&scrapes)).expect("test file");
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&test_file)
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "alerts fired for a healthy workload:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A standard normal draw (Box-Muller over a xorshift generator).
+fn normal(state: &mut u64) -> f64 {
+    let mut uniform = || {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        ((*state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let (u1, u2) = (uniform(), uniform());
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// A generated usage record made healthy and LLM-like: latency lognormal with median 4 s and
+/// p95 25 s (time to first token keeps its share of it), quota use between 10 % and 70 % that
+/// only every other second of records reports, and a client key that changes every 5 seconds.
+fn healthy(element: &str, n: u64, rng: &mut u64) -> String {
+    let Ok(serde_json::Value::Object(mut r)) = serde_json::from_str(element) else {
+        return element.to_owned();
+    };
+    let latency = (4000.0 * (1.8326 / 1.6449 * normal(rng)).exp()).clamp(300.0, 600_000.0);
+    let field = |r: &serde_json::Map<String, serde_json::Value>, k: &str| {
+        r.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+    };
+    let old = field(&r, "latency_ms").max(1.0);
+    let ttft = field(&r, "ttft_ms");
+    r.insert("latency_ms".into(), serde_json::json!(latency as u64));
+    if ttft > 0.0 {
+        let share = (ttft / old).min(1.0);
+        r.insert(
+            "ttft_ms".into(),
+            serde_json::json!(((latency * share) as u64).max(1)),
+        );
+    }
+    let second = n / HEALTHY_RATE as u64;
+    let used = 10 + (n * 7919) % 60;
+    if let Some(serde_json::Value::Object(headers)) = r.get_mut("response_headers") {
+        if second % 2 == 1 {
+            headers.retain(|k, _| {
+                !k.to_ascii_lowercase().contains("ratelimit") && !k.contains("Used-Percent")
+            });
+        }
+        for (k, v) in headers.iter_mut() {
+            if k.ends_with("Used-Percent") {
+                *v = serde_json::json!([used.to_string()]);
+            } else if k.ends_with("-utilization") {
+                *v = serde_json::json!([format!("{:.2}", used as f64 / 100.0)]);
+            } else if k == "anthropic-ratelimit-unified-status" {
+                *v = serde_json::json!(["allowed"]);
+            }
+        }
+    }
+    r.insert(
+        "api_key".into(),
+        serde_json::json!(format!("sk-client-healthy-{}", second / 5)),
+    );
+    serde_json::Value::Object(r).to_string()
+}
+
+/// A promtool test over `scrapes` (real time, samples), 15 virtual seconds apart, that expects
+/// no alert of the shipped rules to fire at any minute from the 1st to the 12th.
+fn healthy_test_file(scrapes: &[(f64, common::Metrics)]) -> String {
+    let target = [("job", "cpa-usage-exporter"), ("instance", "exporter:9317")];
+    let mut series: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
+    for (i, (real, m)) in scrapes.iter().enumerate() {
+        let virtual_now = i as f64 * VIRTUAL_STEP;
+        let speed = VIRTUAL_STEP / REAL_STEP;
+        let mut samples: Vec<(String, f64)> =
+            m.0.iter()
+                .map(|((name, labels), v)| {
+                    let mut labels = labels.clone();
+                    for (k, val) in target {
+                        labels.insert(k.to_owned(), val.to_owned());
+                    }
+                    let shown: Vec<String> = labels
+                        .iter()
+                        .map(|(k, v)| {
+                            format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+                        })
+                        .collect();
+                    // Unix times move to the virtual clock, at the same distance (sped up) from
+                    // the moment of the scrape.
+                    let is_time = name.ends_with("_timestamp_seconds")
+                        || name == "process_start_time_seconds";
+                    let v = if is_time && *v > 0.0 {
+                        virtual_now + (v - real) * speed
+                    } else {
+                        *v
+                    };
+                    (format!("{name}{{{}}}", shown.join(",")), v)
+                })
+                .collect();
+        samples.push((
+            r#"up{instance="exporter:9317",job="cpa-usage-exporter"}"#.to_owned(),
+            1.0,
+        ));
+        for (key, v) in samples {
+            let values = series.entry(key).or_insert_with(|| vec![None; i]);
+            values.resize(i, None);
+            values.push(Some(v));
+        }
+    }
+    for values in series.values_mut() {
+        values.resize(scrapes.len(), None);
+    }
+    let input: Vec<serde_json::Value> = series
+        .iter()
+        .map(|(name, values)| {
+            let text: Vec<String> = values
+                .iter()
+                .map(|v| match v {
+                    None => "_".to_owned(),
+                    Some(v) if v.is_nan() => "NaN".to_owned(),
+                    Some(v) if v.is_infinite() => "Inf".to_owned(),
+                    Some(v) => format!("{v}"),
+                })
+                .collect();
+            serde_json::json!({ "series": name, "values": text.join(" ") })
+        })
+        .collect();
+    let alerts: BTreeSet<String> = rules()
+        .into_iter()
+        .filter(|r| r.alert)
+        .map(|r| r.name)
+        .collect();
+    let mut checks = Vec::new();
+    for minute in 1..=12 {
+        for alert in &alerts {
+            checks.push(serde_json::json!({
+                "eval_time": format!("{minute}m"),
+                "alertname": alert,
+                "exp_alerts": [],
+            }));
+        }
+    }
+    let rule_files: Vec<String> = rule_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    // The workload is what it should be, so the silence means something: the traffic guards
+    // pass, failures are visible, and the p95 is LLM-like (above the old fixed 15 s).
+    let sanity = [
+        "count(cpa:provider_model:requests:rate5m * 300 >= 20) >= bool 5",
+        "cpa:instance:request_failures:ratio_rate5m > bool 0.01",
+        "max(cpa:provider_model_quantile:request_duration_seconds:histogram_quantile{quantile=\"0.95\"}) > bool 15",
+        "max(cpa:provider_model_quantile:time_to_first_token_seconds:histogram_quantile{quantile=\"0.95\"}) > bool 3",
+        "count(cpa_quota_used_ratio) > bool 0",
+    ];
+    let exprs: Vec<serde_json::Value> = sanity
+        .iter()
+        .map(|e| {
+            let labels = if e.starts_with("cpa:instance") {
+                "{instance=\"exporter:9317\",job=\"cpa-usage-exporter\"}"
+            } else {
+                "{}"
+            };
+            serde_json::json!({
+                "expr": e,
+                "eval_time": "10m",
+                "exp_samples": [{ "labels": labels, "value": 1 }],
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "rule_files": rule_files,
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": input,
+            "alert_rule_test": checks,
+            "promql_expr_test": exprs,
+        }],
+    });
+    serde_norway::to_string(&doc).expect("yaml")
+}

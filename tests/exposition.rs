@@ -18,6 +18,7 @@ fn demo() -> (std::process::Child, u16, tempfile::TempDir) {
         .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
         .env("CPA_EXPORTER_DB", dir.path().join("demo.db"))
         .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
+        .env("CPA_EXPORTER_NEW_SERIES_HOLD", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -581,11 +581,18 @@ async fn a_full_disk_holds_the_batch_and_recovers() {
     // write-ahead log and committed; what matters is that exactly one batch is held and no
     // more is popped while it is.
     let held = cpa.stats().popped as f64 - accounted(&exporter.scrape().await);
-    assert!(held > 0.0 && held <= 300.0, "held {held} records, expected one batch");
+    assert!(
+        held > 0.0 && held <= 300.0,
+        "held {held} records, expected one batch"
+    );
     let popped = cpa.stats().popped;
     still_serving(&exporter).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(cpa.stats().popped, popped, "popped more while holding a batch");
+    assert_eq!(
+        cpa.stats().popped,
+        popped,
+        "popped more while holding a batch"
+    );
     set("unlimited".into());
     let recovered = eventually(Duration::from_secs(30), async || {
         accounted(&exporter.scrape().await) == 1_300.0

@@ -415,3 +415,32 @@ async fn secrets_never_reach_logs_metrics_pages_or_the_database() {
     }
     assert!(log.contains("batch committed"), "trace logging was on");
 }
+
+/// A new series is exported at 0 for `new-series-hold`, then at its exact value: every scraper
+/// gets a zero sample to count the first increment from. The exporter's own record counters
+/// (known in advance, exported at 0 from the start) are never held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_series_show_zero_for_the_hold_then_their_exact_value() {
+    let cpa = fake_cpa(Routes::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let expected = push_workload(&cpa, 61, WorkloadMix::default(), 500);
+    let s = Setup::in_dir(&cpa, KEY, &dir, "hold").with_env("CPA_EXPORTER_NEW_SERIES_HOLD", "8s");
+    let exporter = Exporter::spawn(&s);
+    let m = drained(&exporter, &cpa, 500.0).await;
+    assert!(!m.series("cpa_requests_total").is_empty());
+    assert_eq!(m.sum("cpa_requests_total", &[]), 0.0, "held at zero");
+    assert_eq!(m.sum("cpa_tokens_total", &[]), 0.0);
+    assert_eq!(m.sum("cpa_request_duration_seconds_count", &[]), 0.0);
+    let invalid: f64 = expected.invalid.values().sum();
+    assert_eq!(
+        m.sum("cpa_exporter_records_total", &[("outcome", "invalid")]),
+        invalid,
+        "known in advance: not held"
+    );
+    let exact = eventually(Duration::from_secs(15), async || {
+        let observed = Expected::observed(&exporter.scrape().await);
+        observed.requests == expected.requests && observed.tokens == expected.tokens
+    })
+    .await;
+    assert!(exact, "not exact after the hold");
+}

@@ -329,16 +329,18 @@ impl prometheus_client::collector::Collector for StoredCollector {
             m.encode_family(&[("family", family.id())])?
                 .encode_gauge(&(state.series_count(family) as i64))?;
         }
+        let now = unix_now();
         for family in Family::ALL {
             encode_family(
                 &mut enc,
                 family,
                 &state.families[family as usize],
                 &shared.labels,
+                (now, state.new_series_hold),
             )?;
         }
-        quota::encode(&mut enc, &state, &shared.labels, unix_now())?;
-        state.budgets.encode(&mut enc, &shared.labels, unix_now())?;
+        quota::encode(&mut enc, &state, &shared.labels, now)?;
+        state.budgets.encode(&mut enc, &shared.labels, now)?;
         Ok(())
     }
 }
@@ -375,6 +377,7 @@ fn encode_family(
     family: Family,
     series: &BTreeMap<LabelValues, Stored>,
     opts: &LabelOptions,
+    (now, hold): (f64, Duration),
 ) -> Result<(), std::fmt::Error> {
     let kind = family.kind();
     let metric_type = match kind {
@@ -385,7 +388,9 @@ fn encode_family(
     let mut m = enc.encode_descriptor(name, family.help(), unit.as_ref(), metric_type)?;
     let names = family.labels();
     if opts.is_identity() {
-        for (values, Stored { value: v, .. }) in series {
+        for (values, stored) in series {
+            // New series show zero for the hold, so rate() sees their first increment.
+            let v = &*stored.shown_at(now, hold);
             let pairs: Vec<(&str, &str)> = names
                 .iter()
                 .copied()
@@ -402,7 +407,8 @@ fn encode_family(
         .map(|(i, n)| (i, *n))
         .collect();
     let mut projected: BTreeMap<Vec<&str>, Value> = BTreeMap::new();
-    for (values, Stored { value: v, .. }) in series {
+    for (values, stored) in series {
+        let v = &*stored.shown_at(now, hold);
         let key: Vec<&str> = kept
             .iter()
             .map(|&(i, name)| {

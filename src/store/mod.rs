@@ -6,6 +6,7 @@
 //! changed only after the commit succeeds, and it is what `/metrics` renders, so a scrape never
 //! reads the database and costs O(series).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
@@ -13,11 +14,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::ingest::quota::Field;
 use crate::ingest::{Batch, QuotaObservation};
-use crate::schema::{is_structural_label, Family, Kind, OVERFLOW_VALUE};
+use crate::schema::{is_structural_label, outcome, reason, Family, Kind, OVERFLOW_VALUE};
 use crate::series::{Hist, LabelValues, Value};
 
 /// Schema steps; step N (1-based) brings the database to `user_version` N.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     // 1: counters and histograms, the dedup window, small values.
     "CREATE TABLE IF NOT EXISTS series (
                      id         INTEGER PRIMARY KEY,
@@ -39,6 +40,9 @@ const MIGRATIONS: [&str; 2] = [
                      observed_at REAL NOT NULL,
                      PRIMARY KEY (credential, field)
                  ) WITHOUT ROWID;",
+    // 3: when each series was created, so a restart within the new-series hold keeps holding it
+    // at zero. Rows from before have none and are shown as they are.
+    "ALTER TABLE series ADD COLUMN created_at INTEGER;",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const META_LAST_RECORD_TS: &str = "last_record_timestamp";
@@ -82,6 +86,10 @@ pub struct Limits {
     /// Series of data-derived families not updated for this long are deleted; `None` keeps
     /// them forever. A retired counter that comes back restarts at zero.
     pub series_retirement: Option<std::time::Duration>,
+    /// A new series is shown at zero for this long after its creation, so every scraper sees it
+    /// start from zero and `rate()` counts its first increment (see [`Stored::shown_at`]).
+    /// Zero shows every series at once. The exporter's setting defaults to one minute.
+    pub new_series_hold: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -91,15 +99,39 @@ impl Default for Limits {
             dedup_window: 100_000,
             quota_retention: std::time::Duration::from_secs(24 * 3600),
             series_retirement: Some(DEFAULT_SERIES_RETIREMENT),
+            new_series_hold: std::time::Duration::ZERO,
         }
     }
 }
 
-/// A committed series: its row id in SQLite and its cumulative value.
+/// A committed series: its row id in SQLite, its cumulative value and when it was created.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
     pub id: i64,
     pub value: Value,
+    /// Unix seconds of the commit that created the series; `None` for a series that needs no
+    /// hold (created before the hold existed, or initialised at zero at start).
+    pub created_at: Option<i64>,
+}
+
+impl Stored {
+    /// The value `/metrics` shows at `now` (Unix seconds): zero until `hold` has passed since
+    /// the series was created, its cumulative value after.
+    ///
+    /// Prometheus' `rate()` and `increase()` cannot see the increment that brings a series into
+    /// existence: a series first scraped at 1 counts 0 until it grows again. Most failure
+    /// series are new and never grow, so most failures would be invisible. Showing a new series
+    /// at zero first gives every scraper a zero sample to count from; its counts appear `hold`
+    /// later, in full. `created_at` has whole seconds, so the hold is counted from the next
+    /// second: it lasts between `hold` and `hold` + 1 s.
+    pub fn shown_at(&self, now: f64, hold: std::time::Duration) -> Cow<'_, Value> {
+        match self.created_at {
+            Some(created) if !hold.is_zero() && now < (created + 1) as f64 + hold.as_secs_f64() => {
+                Cow::Owned(self.value.zeroed())
+            }
+            _ => Cow::Borrowed(&self.value),
+        }
+    }
 }
 
 /// The cumulative values, as committed.
@@ -113,6 +145,8 @@ pub struct State {
     pub quota_retention: std::time::Duration,
     /// Configured budgets and their spend (set up by the caller after [`Store::open`]).
     pub budgets: crate::budget::Budgets,
+    /// Copied from [`Limits`]: how long a new series is shown at zero ([`Stored::shown_at`]).
+    pub new_series_hold: std::time::Duration,
 }
 
 impl State {
@@ -160,6 +194,8 @@ struct Write {
     labels: LabelValues,
     id: Option<i64>,
     value: Value,
+    /// Copied from the stored series; set by `commit` for a new one.
+    created_at: Option<i64>,
 }
 
 /// The absolute values a batch leads to, computed before the commit and applied after it.
@@ -206,6 +242,7 @@ impl Store {
             dedup: Dedup::default(),
         };
         store.migrate()?;
+        store.init_known_series()?;
         let state = store.load()?;
         Ok((store, state))
     }
@@ -296,14 +333,40 @@ impl Store {
         Ok(())
     }
 
+    /// Rows at zero for every label value known in advance (the exporter's record outcomes and
+    /// invalid reasons), so they are exported from the start and need no hold. Existing rows
+    /// are left alone.
+    fn init_known_series(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO series (family, labels, value, updated_at) VALUES (?1, ?2, 0, 0)
+                 ON CONFLICT (family, labels) DO NOTHING",
+            )?;
+            let known = [
+                (Family::Records, &outcome::ALL[..]),
+                (Family::InvalidRecords, &reason::ALL[..]),
+            ];
+            for (family, values) in known {
+                for value in values {
+                    let labels: LabelValues = vec![Box::<str>::from(*value)].into_boxed_slice();
+                    insert.execute(params![family.id(), encode_labels(family, &labels)])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn load(&mut self) -> Result<State, StoreError> {
         let mut state = State {
             quota_retention: self.limits.quota_retention,
+            new_series_hold: self.limits.new_series_hold,
             ..State::default()
         };
         let mut stmt = self
             .conn
-            .prepare("SELECT id, family, labels, value, hist FROM series")?;
+            .prepare("SELECT id, family, labels, value, hist, created_at FROM series")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let id: i64 = row.get(0)?;
@@ -323,7 +386,15 @@ impl Store {
                         })?)
                     }
                 };
-            state.families[family as usize].insert(labels, Stored { id, value });
+            let created_at = row.get(5)?;
+            state.families[family as usize].insert(
+                labels,
+                Stored {
+                    id,
+                    value,
+                    created_at,
+                },
+            );
         }
         let mut stmt = self
             .conn
@@ -397,6 +468,7 @@ impl Store {
                         labels: key.clone(),
                         id: existing.map(|s| s.id),
                         value: existing.map_or_else(|| zero(family), |s| s.value.clone()),
+                        created_at: existing.and_then(|s| s.created_at),
                     });
                     slots[f].insert(key.clone(), plan.writes.len() - 1);
                     plan.writes.len() - 1
@@ -441,7 +513,7 @@ impl Store {
                 "UPDATE series SET value = ?2, hist = ?3, updated_at = ?4 WHERE id = ?1",
             )?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO series (family, labels, value, hist, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO series (family, labels, value, hist, updated_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
             )?;
             for (i, w) in plan.writes.iter().enumerate() {
                 let (value, hist) = match &w.value {
@@ -507,6 +579,7 @@ impl Store {
         tx.commit()?;
         for (i, id) in new_ids {
             plan.writes[i].id = Some(id);
+            plan.writes[i].created_at = Some(now_unix);
         }
         Ok(())
     }
@@ -526,7 +599,11 @@ impl Store {
     pub fn apply(&mut self, state: &mut State, plan: Plan) {
         for w in plan.writes {
             let id = w.id.unwrap_or_default();
-            let series = Stored { id, value: w.value };
+            let series = Stored {
+                id,
+                value: w.value,
+                created_at: w.created_at,
+            };
             state.families[w.family as usize].insert(w.labels, series);
         }
         for (seq, id) in plan.event_ids {
@@ -829,8 +906,8 @@ mod tests {
         assert!(state.families[Family::Requests as usize].is_empty());
         assert_eq!(
             state.families[Family::Records as usize].len(),
-            1,
-            "outcome=ingested stays"
+            outcome::ALL.len(),
+            "every outcome stays"
         );
         drop(store);
         let (store, reopened) = Store::open(&path, limits).unwrap();
@@ -848,6 +925,101 @@ mod tests {
         };
         let (mut store, _) = Store::open(&path, never).unwrap();
         assert!(store.retire(i64::MAX).unwrap().series.is_empty());
+    }
+
+    #[test]
+    fn a_new_series_shows_zero_for_the_hold_then_its_exact_value_even_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let hold = std::time::Duration::from_secs(60);
+        let limits = Limits {
+            new_series_hold: hold,
+            ..Limits::default()
+        };
+        let requests_shown = |state: &State, now: f64| -> u64 {
+            state.families[Family::Requests as usize]
+                .values()
+                .map(|s| match *s.shown_at(now, state.new_series_hold) {
+                    Value::Counter(n) => n,
+                    Value::Histogram(_) => 0,
+                })
+                .sum()
+        };
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        let body = format!("[{},{}]", rec("a", None), rec("a", None));
+        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
+            false
+        })
+        .unwrap();
+        let mut plan = store.plan(&state, &batch);
+        store.commit(&mut plan, 1000).unwrap();
+        store.apply(&mut state, plan);
+        assert_eq!(requests_shown(&state, 1000.5), 0, "new: zero at first");
+        assert_eq!(
+            requests_shown(&state, 1060.9),
+            0,
+            "hold counts from the next second"
+        );
+        assert_eq!(requests_shown(&state, 1061.0), 2, "exact after the hold");
+        // Histograms are held the same way, with their buckets.
+        let h = state.families[Family::Duration as usize]
+            .values()
+            .next()
+            .unwrap();
+        assert_eq!(*h.shown_at(1001.0, hold), h.value.zeroed());
+        assert_eq!(*h.shown_at(1061.0, hold), h.value);
+        // A restart inside the hold keeps holding: the creation time is on disk.
+        drop(store);
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        assert_eq!(requests_shown(&state, 1030.0), 0);
+        assert_eq!(requests_shown(&state, 1061.0), 2);
+        // An increment of a known series is shown at once; only creation is held.
+        let batch = ingest_body(
+            format!("[{}]", rec("a", None)).as_bytes(),
+            &crate::cost::Pricing::embedded(),
+            |_| false,
+        )
+        .unwrap();
+        let mut plan = store.plan(&state, &batch);
+        store.commit(&mut plan, 2000).unwrap();
+        store.apply(&mut state, plan);
+        assert_eq!(requests_shown(&state, 2000.0), 3);
+        // With the hold off, everything is shown at once.
+        assert_eq!(requests_shown(&state, 1000.0), 0);
+        let unheld = State {
+            new_series_hold: std::time::Duration::ZERO,
+            ..state
+        };
+        assert_eq!(requests_shown(&unheld, 1000.0), 3);
+    }
+
+    #[test]
+    fn outcomes_and_invalid_reasons_exist_at_zero_from_the_start_without_a_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let limits = Limits {
+            new_series_hold: std::time::Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let (store, state) = Store::open(&path, limits).unwrap();
+        let values = |family: Family| -> Vec<String> {
+            state.families[family as usize]
+                .iter()
+                .map(|(k, s)| {
+                    assert_eq!(s.value, Value::Counter(0));
+                    assert_eq!(s.created_at, None, "known in advance: no hold");
+                    k[0].to_string()
+                })
+                .collect()
+        };
+        let mut reasons: Vec<String> = reason::ALL.iter().map(|r| r.to_string()).collect();
+        reasons.sort();
+        assert_eq!(values(Family::InvalidRecords), reasons);
+        assert_eq!(values(Family::Records).len(), outcome::ALL.len());
+        // Opening again neither duplicates nor resets them.
+        drop(store);
+        let (_, again) = Store::open(&path, limits).unwrap();
+        assert_eq!(again.families, state.families);
     }
 
     #[test]

@@ -113,6 +113,8 @@ impl Exporter {
             .env("CPA_EXPORTER_DB", setup.db)
             .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{port}"))
             .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
+            // Tests read exact counts right after a drain; the ones about the hold set it.
+            .env("CPA_EXPORTER_NEW_SERIES_HOLD", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -446,6 +448,7 @@ pub async fn demo_metric_names() -> std::collections::BTreeSet<String> {
         .env("CPA_EXPORTER_DB", dir.path().join("demo.db"))
         .env("CPA_EXPORTER_POLL_INTERVAL", "200ms")
         .env("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s")
+        .env("CPA_EXPORTER_NEW_SERIES_HOLD", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
