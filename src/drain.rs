@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use crate::cost::Pricing;
 use crate::cpa::{AuthCause, Client, PopError, Popped};
-use crate::ingest::{self, Batch};
+use crate::ingest::split::Sink;
+use crate::ingest::{Batch, BatchBuilder};
 use crate::metrics::{unix_now, Shared};
 use crate::schema::Family;
 use crate::store::Store;
@@ -23,7 +25,13 @@ const INVALID_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Anything that pops the usage queue (HTTP, RESP, scripted sources in tests).
 pub trait Source {
-    fn pop(&mut self, count: usize) -> impl Future<Output = Result<Popped, PopError>> + Send;
+    /// Pop up to `count` elements, handing each to `sink` as it arrives. Elements handed over
+    /// before an error are popped records all the same.
+    fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> impl Future<Output = Result<Popped, PopError>> + Send;
 
     /// The idle wait this source wants instead of `DrainOptions::poll_interval`, when it is
     /// only known at run time (the `auto` transport picks RESP or HTTP on its first poll).
@@ -33,9 +41,28 @@ pub trait Source {
 }
 
 impl Source for Client {
-    fn pop(&mut self, count: usize) -> impl Future<Output = Result<Popped, PopError>> + Send {
-        Client::pop(self, count)
+    fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> impl Future<Output = Result<Popped, PopError>> + Send {
+        Client::pop(self, count, sink)
     }
+}
+
+/// Pop once, decoding the elements as they arrive (memory follows the largest element, not the
+/// response). The batch holds every element that arrived, also when the pop failed part way:
+/// CPA removed those records, so they are committed like any others. `check` pops this way too.
+pub async fn pop_batch<S: Source>(
+    source: &mut S,
+    count: usize,
+    store: &Store,
+    pricing: &Pricing,
+) -> (Batch, Result<Popped, PopError>) {
+    let seen = store.seen_ids();
+    let mut builder = BatchBuilder::new(pricing, unix_now(), |id| seen.contains(&id));
+    let popped = source.pop(count, &mut builder).await;
+    (builder.finish(), popped)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -133,18 +160,15 @@ pub async fn run<S: Source>(
             }
         }
         let started = Instant::now();
-        let popped = source.pop(opts.batch_size).await;
-        let outcome = match popped {
+        let (batch, popped) = pop_batch(&mut source, opts.batch_size, &store, &shared.pricing).await;
+        let elements = batch.elements;
+        note_invalid(&batch, &mut notes);
+        if elements > 0 {
+            commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes).await;
+        }
+        drop(batch);
+        let wait = match popped {
             Ok(popped) => {
-                match commit_popped(&popped, &mut store, &shared, &mut shutdown, &mut notes).await {
-                    Some(elements) => Ok((popped, elements)),
-                    None => Err(PopError::NotAnArray),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let wait = match outcome {
-            Ok((popped, elements)) => {
                 shared.live.record_poll("success", started.elapsed());
                 shared.live.set_key_accepted(true);
                 shared
@@ -182,11 +206,14 @@ pub async fn run<S: Source>(
                     shared.live.set_key_accepted(false);
                     // Rare by construction (minutes apart), and each one matters: always log.
                     error!(retry_in, "{e}");
-                } else if let Some(fix) = lost_records_hint(&e) {
-                    // CPA removed those records before answering: each occurrence is a loss.
-                    error!(retry_in, "{e}; the records in it are lost{fix}");
-                } else if matches!(e, PopError::NotAnArray) {
-                    // Already said, with the size, where the body was read.
+                } else if is_cut_off(&e) {
+                    // CPA removed the rest of the response's records too: each occurrence is a
+                    // loss. The elements that arrived whole were committed.
+                    error!(
+                        retry_in,
+                        kept = elements,
+                        "{e}; the elements that arrived whole were kept, the rest of the response is lost"
+                    );
                 } else if health != Health::Down(result) {
                     warn!(retry_in, "{e}");
                 } else {
@@ -203,13 +230,12 @@ pub async fn run<S: Source>(
     info!("drain loop stopped");
 }
 
-/// For pop errors that lose the records CPA handed out, what to change (if anything).
-fn lost_records_hint(e: &PopError) -> Option<&'static str> {
-    match e {
-        PopError::TooLarge(_) => Some(": lower batch-size or raise max-response-bytes"),
-        PopError::Interrupted(_) => Some(""),
-        _ => None,
-    }
+/// Pop errors after CPA handed records out: what did not arrive whole is lost.
+fn is_cut_off(e: &PopError) -> bool {
+    matches!(
+        e,
+        PopError::TooLarge(_) | PopError::Interrupted(_) | PopError::NotAnArray(_)
+    )
 }
 
 /// How often stale series are looked for: a tenth of the retirement, between 1 s and 1 h.
@@ -323,35 +349,6 @@ pub(crate) async fn sleep_or_shutdown(
     stopped || *shutdown.borrow()
 }
 
-/// Ingest and commit one popped batch; returns the number of elements it held, or `None` when
-/// the body was not a JSON array.
-async fn commit_popped(
-    popped: &Popped,
-    store: &mut Store,
-    shared: &Shared,
-    shutdown: &mut watch::Receiver<bool>,
-    notes: &mut Notes,
-) -> Option<usize> {
-    // Decoding needs no lock: the dedup window belongs to the store, which only this loop uses.
-    let batch = ingest::ingest_payload(&popped.payload, &shared.pricing, |id| store.seen(id));
-    let batch = match batch {
-        Ok(b) => b,
-        Err(e) => {
-            // The records in it are gone from CPA; all that can be done is to say so.
-            error!(
-                bytes = popped.payload.len_bytes(),
-                "{e}; whatever it held is lost"
-            );
-            return None;
-        }
-    };
-    note_invalid(&batch, notes);
-    if batch.elements > 0 {
-        commit_until_done(&batch, store, shared, shutdown, notes).await;
-    }
-    Some(batch.elements)
-}
-
 /// Commit a batch, retrying while the store fails. Popping more meanwhile would lose records.
 async fn commit_until_done(
     batch: &Batch,
@@ -429,7 +426,11 @@ mod tests {
     struct Refusing(std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>);
 
     impl Source for Refusing {
-        fn pop(&mut self, _: usize) -> impl Future<Output = Result<Popped, PopError>> + Send {
+        fn pop<K: Sink + Send>(
+            &mut self,
+            _: usize,
+            _: &mut K,
+        ) -> impl Future<Output = Result<Popped, PopError>> + Send {
             self.0.lock().unwrap().push(tokio::time::Instant::now());
             std::future::ready(Err(PopError::Auth(AuthCause::WrongKey)))
         }

@@ -209,4 +209,7 @@ pub mod reason {
     /// An element nesting objects and arrays deeper than
     /// [`crate::ingest::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
     pub const TOO_DEEP: &str = "too_deep";
+    /// An element larger than `max-response-bytes`, skipped unread (the response is streamed,
+    /// so only one element is ever held).
+    pub const TOO_LARGE: &str = "too_large";
 }

@@ -211,6 +211,11 @@ impl Store {
         self.dedup.set.contains(&id)
     }
 
+    /// The `event_id`s (hashed) within the dedup window.
+    pub fn seen_ids(&self) -> &HashSet<u64> {
+        &self.dedup.set
+    }
+
     /// `event_id`s currently remembered.
     pub fn dedup_len(&self) -> usize {
         self.dedup.set.len()
