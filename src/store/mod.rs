@@ -373,6 +373,9 @@ impl Store {
         // Index into `plan.writes` of each series touched; folded label sets share one write.
         let mut slots: [HashMap<LabelValues, usize>; Family::COUNT] = Default::default();
         let mut new_series = [0usize; Family::COUNT];
+        // Label sets of the tokens and cost families whose records were already counted as
+        // folded (one record feeds several token-type series).
+        let mut folded_keys: [HashSet<LabelValues>; Family::COUNT] = Default::default();
         for (family, labels, delta) in batch.delta.iter() {
             let f = family as usize;
             let stored = &state.families[f];
@@ -382,7 +385,19 @@ impl Store {
                 && family.is_capped()
                 && stored.len() + new_series[f] >= self.limits.series_per_family
             {
-                plan.overflowed[f] += records_in(delta);
+                plan.overflowed[f] += match family {
+                    // Their values are tokens and nano-USD: count the records behind them.
+                    Family::Tokens | Family::Cost => {
+                        let key: LabelValues = labels.iter().take(4).cloned().collect();
+                        let n = batch.delta.records.get(&key).copied().unwrap_or(0);
+                        if folded_keys[f].insert(key) {
+                            n
+                        } else {
+                            0
+                        }
+                    }
+                    _ => records_in(delta),
+                };
                 folded = fold(family, labels);
                 &folded
             } else {
@@ -725,6 +740,36 @@ mod tests {
         assert!(state.families[Family::Tokens as usize]
             .keys()
             .any(|k| k[1].as_ref() == OVERFLOW_VALUE && k[4].as_ref() == "input"));
+    }
+
+    #[test]
+    fn overflow_counts_folded_records_not_tokens_or_nano_usd() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            series_per_family: 3,
+            ..Limits::default()
+        };
+        let (store, state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
+        // Ten priced models, two records each, 1000 input tokens per record: one token series
+        // and one cost series per model.
+        let body: Vec<String> = (0..20)
+            .map(|i| {
+                format!(
+                    r#"{{"timestamp":"2026-08-22T14:39:03Z","provider":"openai","model":"gpt-4o","auth_index":"c{}","tokens":{{"input_tokens":1000,"total_tokens":1000}}}}"#,
+                    i % 10
+                )
+            })
+            .collect();
+        let batch = ingest_body(
+            format!("[{}]", body.join(",")).as_bytes(),
+            &crate::cost::Pricing::embedded(),
+            |_| false,
+        )
+        .unwrap();
+        let plan = store.plan(&state, &batch);
+        for family in [Family::Requests, Family::Tokens, Family::Cost] {
+            assert_eq!(plan.overflowed[family as usize], 14, "{family:?}");
+        }
     }
 
     #[test]
