@@ -427,7 +427,8 @@ impl Checker<'_> {
         let pricing = match crate::app::load_pricing(config) {
             Ok(p) => p,
             Err(e) => {
-                let why = format!("the price table cannot be loaded, so no records are popped: {e}");
+                let why =
+                    format!("the price table cannot be loaded, so no records are popped: {e}");
                 return self.say(finding(Level::Skip, "consumers", why));
             }
         };

@@ -160,7 +160,8 @@ pub async fn run<S: Source>(
             }
         }
         let started = Instant::now();
-        let (batch, popped) = pop_batch(&mut source, opts.batch_size, &store, &shared.pricing).await;
+        let (batch, popped) =
+            pop_batch(&mut source, opts.batch_size, &store, &shared.pricing).await;
         let elements = batch.elements;
         note_invalid(&batch, &mut notes);
         if elements > 0 {

@@ -1056,7 +1056,10 @@ mod tests {
             [Some(br#"{"a":1}"#.to_vec()), None, Some(b"7".to_vec())]
         );
         assert_eq!(p.bytes, 7 + 5000 + 1);
-        assert!(c.is_connected(), "the connection is kept after a skipped element");
+        assert!(
+            c.is_connected(),
+            "the connection is kept after a skipped element"
+        );
     }
 
     #[tokio::test]
@@ -1065,7 +1068,10 @@ mod tests {
         let mut c = client(&trickling(reply).await);
         let mut got = Got::default();
         let e = c.try_pop(3, &mut got).await.unwrap_err();
-        assert!(matches!(e, RespError::Protocol(ProtocolError::BadBulkEnd)), "{e}");
+        assert!(
+            matches!(e, RespError::Protocol(ProtocolError::BadBulkEnd)),
+            "{e}"
+        );
         assert_eq!(got.0, [Some(b"a".to_vec())]);
         assert!(!c.is_connected());
     }
@@ -1076,7 +1082,10 @@ mod tests {
             b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n",
         ])
         .await;
-        let e = client(&url).try_pop(1, &mut Got::default()).await.unwrap_err();
+        let e = client(&url)
+            .try_pop(1, &mut Got::default())
+            .await
+            .unwrap_err();
         assert!(e.means_no_resp(), "{e}");
     }
 
@@ -1271,6 +1280,9 @@ mod tests {
         });
         let mut c = client(&url);
         c.timeout = Duration::from_millis(200);
-        assert!(matches!(c.pop(1, &mut Got::default()).await, Err(PopError::Timeout)));
+        assert!(matches!(
+            c.pop(1, &mut Got::default()).await,
+            Err(PopError::Timeout)
+        ));
     }
 }

@@ -525,11 +525,7 @@ mod tests {
         }
     }
 
-    fn split_in_pieces(
-        body: &[u8],
-        piece: usize,
-        max: usize,
-    ) -> Result<Collect, SplitError> {
+    fn split_in_pieces(body: &[u8], piece: usize, max: usize) -> Result<Collect, SplitError> {
         let mut s = Splitter::new(max);
         let mut out = Collect::default();
         for p in body.chunks(piece.max(1)) {

@@ -298,6 +298,12 @@ impl Store {
     }
 
     fn load(&mut self) -> Result<State, StoreError> {
+        // Times beyond now were written by versions that trusted a record's future timestamp
+        // (a record stamped 2099 froze its credential's quota gauges): they count as now, so a
+        // later real observation outranks them and the retention drops them in time.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let mut state = State {
             quota_retention: self.limits.quota_retention,
             ..State::default()
@@ -344,7 +350,8 @@ impl Store {
                 [META_LAST_RECORD_TS],
                 |r| r.get::<_, f64>(0),
             )
-            .optional()?;
+            .optional()?
+            .map(|t| t.min(now));
         let mut stmt = self
             .conn
             .prepare("SELECT credential, field, provider, value, observed_at FROM quota")?;
@@ -355,7 +362,7 @@ impl Store {
             };
             let obs = QuotaObservation {
                 provider: row.get(2)?,
-                observed_at: row.get(4)?,
+                observed_at: row.get::<_, f64>(4)?.min(now),
                 fields: [(field, row.get(3)?)].into(),
             };
             state
@@ -770,6 +777,65 @@ mod tests {
         for family in [Family::Requests, Family::Tokens, Family::Cost] {
             assert_eq!(plan.overflowed[family as usize], 14, "{family:?}");
         }
+    }
+
+    #[test]
+    fn a_record_stamped_in_the_future_moves_no_gauge_past_now_and_never_freezes_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
+        let quota = |ts: &str, pct: u32| {
+            format!(
+                r#"[{{"timestamp":"{ts}","provider":"codex","auth_index":"c1","response_headers":{{"x-codex-primary-used-percent":["{pct}"]}}}}]"#
+            )
+        };
+        let used = |state: &State| {
+            state.quota["c1"].fields[&Field::UsedRatio(crate::ingest::quota::Window::Primary)]
+        };
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        ingest(&mut store, &mut state, &quota("2099-01-01T00:00:00Z", 90));
+        let after = before + 5.0;
+        assert!(state.last_record_timestamp.unwrap() <= after);
+        assert!(state.quota["c1"].observed_at <= after);
+        assert_eq!(used(&state), 0.9);
+        // A later real observation wins, in memory and after a restart.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let real = crate::sim::workload::rfc3339_nano(now);
+        ingest(&mut store, &mut state, &quota(&real, 30));
+        assert_eq!(used(&state), 0.3);
+        drop(store);
+        let (_, reopened) = Store::open(&path, Limits::default()).unwrap();
+        assert_eq!(used(&reopened), 0.3);
+    }
+
+    #[test]
+    fn future_times_stored_by_older_versions_count_as_now_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let (store, _) = Store::open(&path, Limits::default()).unwrap();
+            store
+                .conn
+                .execute_batch(
+                    "INSERT INTO quota VALUES ('c1', 'used_ratio:primary', 'codex', 0.9, 4070908800.0);
+                     INSERT INTO meta VALUES ('last_record_timestamp', 4070908800.0);",
+                )
+                .unwrap();
+        }
+        let (_, state) = Store::open(&path, Limits::default()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(state.last_record_timestamp.unwrap() <= now);
+        assert!(state.quota["c1"].observed_at <= now);
     }
 
     #[test]
