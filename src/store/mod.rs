@@ -41,6 +41,14 @@ const MIGRATIONS: [&str; 2] = [
                  ) WITHOUT ROWID;",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+/// `PRAGMA application_id` of our databases ("CPAE"), so another application's SQLite file is
+/// recognised and left alone.
+pub const APPLICATION_ID: i32 = 0x4350_4145;
+/// Schema versions written before databases carried [`APPLICATION_ID`]; such a database is ours
+/// when it holds only our tables.
+const UNMARKED_VERSIONS: std::ops::RangeInclusive<i64> = 1..=2;
+/// Every table those versions created.
+const UNMARKED_TABLES: [&str; 4] = ["series", "dedup", "meta", "quota"];
 const META_LAST_RECORD_TS: &str = "last_record_timestamp";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +63,10 @@ pub enum StoreError {
         "the state database {path} has schema version {found}, newer than this exporter's {SCHEMA_VERSION}; use a newer exporter or another --db"
     )]
     TooNew { path: PathBuf, found: i64 },
+    #[error(
+        "{path} is not a cpa-usage-exporter state database ({why}); it was left untouched: point --db / CPA_EXPORTER_DB at another file (a new or empty one is initialised)"
+    )]
+    Foreign { path: PathBuf, why: String },
     #[error("the state database holds a corrupt row ({0})")]
     Corrupt(String),
     #[error("SQLite: {0}")]
@@ -191,6 +203,8 @@ impl Store {
         create_private(path).map_err(|e| open_err(e.into()))?;
         let conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Nothing is written before the file is known to be ours (or empty).
+        claim(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| open_err(e.into()))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -557,6 +571,52 @@ impl Store {
     }
 }
 
+/// Make sure the database at `path` is ours, and mark it so: a database with our
+/// application id, an empty one (a zero-byte file is one), or one an older version created
+/// (no id, a schema version it wrote, and only its tables). Anything else is refused before
+/// a byte of it changes.
+fn claim(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let foreign = |why: String| StoreError::Foreign {
+        path: path.to_owned(),
+        why,
+    };
+    // A file that is not SQLite at all fails here, on the first read.
+    let id: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(|e| foreign(e.to_string()))?;
+    if id == APPLICATION_ID {
+        return Ok(());
+    }
+    if id != 0 {
+        return Err(foreign(format!("SQLite application_id {id:#x}")));
+    }
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let empty = version == 0 && tables.is_empty();
+    let older_ours = UNMARKED_VERSIONS.contains(&version)
+        && tables.iter().any(|t| t == "series")
+        && tables.iter().all(|t| UNMARKED_TABLES.contains(&t.as_str()));
+    if !(empty || older_ours) {
+        let mut shown: Vec<&str> = tables.iter().map(String::as_str).take(5).collect();
+        if tables.len() > shown.len() {
+            shown.push("...");
+        }
+        return Err(foreign(format!(
+            "user_version {version}, tables: {}",
+            if shown.is_empty() {
+                "none".to_owned()
+            } else {
+                shown.join(", ")
+            }
+        )));
+    }
+    conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+    Ok(())
+}
+
 /// Create the database file with mode 0600 before SQLite does (it would use the umask).
 fn create_private(path: &Path) -> std::io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
@@ -836,6 +896,90 @@ mod tests {
             .as_secs_f64();
         assert!(state.last_record_timestamp.unwrap() <= now);
         assert!(state.quota["c1"].observed_at <= now);
+    }
+
+    fn application_id(path: &Path) -> i32 {
+        Connection::open(path)
+            .unwrap()
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn new_and_zero_byte_files_are_initialised_and_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero = dir.path().join("zero.db");
+        std::fs::write(&zero, b"").unwrap();
+        for path in [dir.path().join("new.db"), zero] {
+            Store::open(&path, Limits::default()).unwrap();
+            assert_eq!(application_id(&path), APPLICATION_ID);
+            Store::open(&path, Limits::default()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_database_an_older_version_created_still_opens_and_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO series (family, labels, value, updated_at) VALUES ('requests', ?1, 7, 0)",
+                ["provider=p\u{1f}model=m\u{1f}requested_model=m\u{1f}credential=c\u{1f}api_key=k\u{1f}endpoint=e"],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let (_, state) = Store::open(&path, Limits::default()).unwrap();
+        assert_eq!(requests(&state), 7);
+        assert_eq!(application_id(&path), APPLICATION_ID);
+    }
+
+    #[test]
+    fn another_applications_database_is_refused_untouched_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &dyn Fn(&Connection)); 4] = [
+            ("tables.db", &|c| {
+                c.execute_batch("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('x');")
+                    .unwrap()
+            }),
+            ("other-id.db", &|c| {
+                c.pragma_update(None, "application_id", 0x0f0f_0f0f)
+                    .unwrap();
+                c.execute_batch("CREATE TABLE series (x);").unwrap();
+            }),
+            // Our table names, but a schema version we never wrote without the id.
+            ("lookalike.db", &|c| {
+                c.execute_batch(MIGRATIONS[0]).unwrap();
+                c.pragma_update(None, "user_version", 7).unwrap();
+            }),
+            ("versioned.db", &|c| {
+                c.pragma_update(None, "user_version", 3).unwrap()
+            }),
+        ];
+        for (name, make) in cases {
+            let path = dir.path().join(name);
+            make(&Connection::open(&path).unwrap());
+            let before = std::fs::read(&path).unwrap();
+            let e = Store::open(&path, Limits::default()).err().expect(name);
+            assert!(matches!(e, StoreError::Foreign { .. }), "{name}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains("left untouched"), "{msg}");
+            assert_eq!(std::fs::read(&path).unwrap(), before, "{name} was modified");
+            assert!(!dir.path().join(format!("{name}-wal")).exists(), "{name}");
+        }
+        // Not SQLite at all.
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "my notes, not a database\n".repeat(100)).unwrap();
+        let e = Store::open(&path, Limits::default()).err().unwrap();
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "my notes, not a database\n".repeat(100)
+        );
     }
 
     #[test]
