@@ -14,6 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::cost::Pricing;
 use crate::cpa::{AuthCause, Client, PopError, Popped};
+use crate::gap::{Gap, GapWatch};
 use crate::ingest::split::Sink;
 use crate::ingest::{Batch, BatchBuilder};
 use crate::metrics::{unix_now, Shared};
@@ -149,6 +150,7 @@ pub async fn run<S: Source>(
     let mut notes = Notes::default();
     // Stale series are retired at start and then every tenth of the retirement (at most 1 h).
     let mut next_retire = Instant::now();
+    let mut gaps = GapWatch::new(store.last_pop());
     loop {
         if *shutdown.borrow() {
             break;
@@ -160,6 +162,7 @@ pub async fn run<S: Source>(
             }
         }
         let started = Instant::now();
+        let started_unix = unix_now();
         let (batch, popped) =
             pop_batch(&mut source, opts.batch_size, &store, &shared.pricing).await;
         let elements = batch.elements;
@@ -171,6 +174,14 @@ pub async fn run<S: Source>(
         let wait = match popped {
             Ok(popped) => {
                 shared.live.record_poll("success", started.elapsed());
+                gaps.popped(started_unix);
+                if let Err(e) = blocking(|| store.note_pop(started_unix)) {
+                    debug!("cannot record the time of the last pop: {e}");
+                }
+                let retention = shared.cpa().settings().map(|s| s.retention);
+                for gap in gaps.settle(retention, unix_now()) {
+                    note_gap(&gap, &shared, &mut notes);
+                }
                 shared.live.set_key_accepted(true);
                 shared
                     .live
@@ -228,7 +239,42 @@ pub async fn run<S: Source>(
             break;
         }
     }
+    if let Err(e) = store.flush_last_pop() {
+        warn!("cannot record the time of the last pop: {e}");
+    }
     info!("drain loop stopped");
+}
+
+/// At most one warning a minute about gaps in the drain; the rest go to debug.
+const GAP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Count a gap beyond the retention and say so (one warning per gap, at most one a minute).
+fn note_gap(gap: &Gap, shared: &Shared, notes: &mut Notes) {
+    shared.live.drain_gaps.inc();
+    shared.live.drain_gap_seconds.inc_by(gap.beyond);
+    let seconds = format!("{:.0}", gap.seconds);
+    let beyond = format!("{:.0}", gap.beyond);
+    let retention = humantime::format_duration(gap.retention).to_string();
+    let message = "no successful pop for longer than CPA's queue retention: records CPA queued in the first part of that stretch expired before they could be popped (counted in cpa_exporter_drain_gaps_total); see the log before it for why (exporter stopped or paused, CPA unreachable, database failing)";
+    if notes
+        .last_gap_warning
+        .is_none_or(|t| t.elapsed() >= GAP_LOG_EVERY)
+    {
+        notes.last_gap_warning = Some(Instant::now());
+        warn!(
+            gap_seconds = seconds,
+            lost_seconds = beyond,
+            retention,
+            "{message}"
+        );
+    } else {
+        debug!(
+            gap_seconds = seconds,
+            lost_seconds = beyond,
+            retention,
+            "{message}"
+        );
+    }
 }
 
 /// Pop errors after CPA handed records out: what did not arrive whole is lost.
@@ -286,6 +332,7 @@ fn retire(store: &mut Store, shared: &Shared, after: Duration) {
 #[derive(Debug, Default)]
 struct Notes {
     last_invalid_warning: Option<Instant>,
+    last_gap_warning: Option<Instant>,
     /// Families whose series limit was reached, said once per process.
     overflow_said: [bool; Family::COUNT],
 }

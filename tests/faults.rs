@@ -679,3 +679,61 @@ fn a_database_that_cannot_be_opened_stops_the_exporter_at_start() {
         "{stderr}"
     );
 }
+
+/// The exporter paused (SIGSTOP) for longer than CPA's queue retention, then down across a
+/// restart for longer than it: each stretch is one gap, counted and said, though every poll
+/// around it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_or_downtime_longer_than_the_retention_is_counted_and_said() {
+    let cpa = FakeCpa::start(SimConfig {
+        management_key: KEY.to_owned(),
+        retention: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("fake CPA");
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(cpa.url(), &dir, &[("CPA_TRANSPORT", "http")]);
+    let gaps = |m: &Metrics| m.get("cpa_exporter_drain_gaps_total");
+    let exporter = Exporter::spawn(&s);
+    let known = eventually(Duration::from_secs(15), async || {
+        exporter
+            .scrape()
+            .await
+            .get("cpa_usage_queue_retention_seconds")
+            == Some(3.0)
+    })
+    .await;
+    assert!(known, "{}", exporter.log_text());
+    assert_eq!(gaps(&exporter.scrape().await), Some(0.0));
+    let pid = exporter.child.id().to_string();
+    let signal = |sig: &str| {
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    signal("-CONT");
+    let counted = eventually(Duration::from_secs(10), async || {
+        gaps(&exporter.scrape().await) == Some(1.0)
+    })
+    .await;
+    assert!(counted, "{}", exporter.log_text());
+    says(&exporter, "longer than CPA's queue retention").await;
+    let m = exporter.scrape().await;
+    let lost = m.get("cpa_exporter_drain_gap_seconds_total").unwrap();
+    assert!((2.0..6.0).contains(&lost), "{lost}");
+    assert_eq!(m.get("cpa_up"), Some(1.0));
+
+    // Down across a restart: the last pop before it is in the database.
+    exporter.sigterm();
+    exporter.wait_exit(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let exporter = Exporter::spawn(&s);
+    let counted = eventually(Duration::from_secs(15), async || {
+        gaps(&exporter.scrape().await) == Some(1.0)
+    })
+    .await;
+    assert!(counted, "{}", exporter.log_text());
+    says(&exporter, "longer than CPA's queue retention").await;
+}

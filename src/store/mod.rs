@@ -50,6 +50,11 @@ const UNMARKED_VERSIONS: std::ops::RangeInclusive<i64> = 1..=2;
 /// Every table those versions created.
 const UNMARKED_TABLES: [&str; 4] = ["series", "dedup", "meta", "quota"];
 const META_LAST_RECORD_TS: &str = "last_record_timestamp";
+/// When the last successful pop started, Unix seconds: the start of a gap across a restart.
+const META_LAST_POP: &str = "last_successful_pop";
+/// The last pop time is written at most this often (a gap across a restart is measured to
+/// within it).
+const LAST_POP_EVERY: f64 = 5.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -191,6 +196,8 @@ pub struct Store {
     path: PathBuf,
     limits: Limits,
     dedup: Dedup,
+    /// The last successful pop: (time, whether written to the database).
+    last_pop: Option<(f64, bool)>,
 }
 
 impl Store {
@@ -214,6 +221,7 @@ impl Store {
             path: path.to_owned(),
             limits,
             dedup: Dedup::default(),
+            last_pop: None,
         };
         store.migrate()?;
         let state = store.load()?;
@@ -228,6 +236,39 @@ impl Store {
     /// The `event_id`s (hashed) within the dedup window.
     pub fn seen_ids(&self) -> &HashSet<u64> {
         &self.dedup.set
+    }
+
+    /// When the last successful pop recorded in the database started (by this process or an
+    /// earlier one), Unix seconds.
+    pub fn last_pop(&self) -> Option<f64> {
+        self.last_pop.map(|(t, _)| t)
+    }
+
+    /// Remember a successful pop. It is written to the database at most every few seconds;
+    /// [`Store::flush_last_pop`] writes the latest at once.
+    pub fn note_pop(&mut self, at: f64) -> Result<(), StoreError> {
+        let written = self
+            .last_pop
+            .filter(|(_, written)| *written)
+            .map(|(t, _)| t);
+        self.last_pop = Some((at, false));
+        if written.is_none_or(|w| at - w >= LAST_POP_EVERY) {
+            self.flush_last_pop()?;
+        }
+        Ok(())
+    }
+
+    /// Write the last pop time now (at shutdown).
+    pub fn flush_last_pop(&mut self) -> Result<(), StoreError> {
+        if let Some((at, false)) = self.last_pop {
+            self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![META_LAST_POP, at],
+            )?;
+            self.last_pop = Some((at, true));
+        }
+        Ok(())
     }
 
     /// `event_id`s currently remembered.
@@ -366,6 +407,16 @@ impl Store {
             )
             .optional()?
             .map(|t| t.min(now));
+        self.last_pop = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [META_LAST_POP],
+                |r| r.get::<_, f64>(0),
+            )
+            .optional()?
+            .filter(|t| *t <= now)
+            .map(|t| (t, true));
         let mut stmt = self
             .conn
             .prepare("SELECT credential, field, provider, value, observed_at FROM quota")?;
@@ -940,7 +991,8 @@ mod tests {
     #[test]
     fn another_applications_database_is_refused_untouched_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: [(&str, &dyn Fn(&Connection)); 4] = [
+        type Make<'a> = &'a dyn Fn(&Connection);
+        let cases: [(&str, Make<'_>); 4] = [
             ("tables.db", &|c| {
                 c.execute_batch("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('x');")
                     .unwrap()
