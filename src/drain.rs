@@ -335,6 +335,7 @@ struct Notes {
     last_gap_warning: Option<Instant>,
     /// Families whose series limit was reached, said once per process.
     overflow_said: [bool; Family::COUNT],
+    quota_overflow_said: [bool; crate::ingest::quota::FAMILIES.len()],
 }
 
 /// Say that a batch held malformed elements: a warning at most once a minute, else debug.
@@ -427,6 +428,23 @@ async fn commit_until_done(
                                 family = family.id(),
                                 series_limit = store.limits().series_per_family,
                                 "the family reached its series limit: new label sets are folded into one __other__ series (sums stay exact; counted in cpa_exporter_series_overflow_total)"
+                            );
+                        }
+                    }
+                }
+                for (f, &n) in plan.quota_overflowed.iter().enumerate() {
+                    let family = crate::ingest::quota::FAMILIES[f];
+                    if n > 0 {
+                        shared
+                            .live
+                            .series_overflow
+                            .get_or_create(&[("family", family)])
+                            .inc_by(n);
+                        if !std::mem::replace(&mut notes.quota_overflow_said[f], true) {
+                            warn!(
+                                family,
+                                series_limit = store.limits().series_per_family,
+                                "the quota family reached its series limit: values of new credentials (or new windows) are not kept (counted in cpa_exporter_series_overflow_total)"
                             );
                         }
                     }

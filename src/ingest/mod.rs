@@ -127,11 +127,15 @@ pub struct QuotaObservation {
     /// Unix seconds when the response carrying the headers arrived.
     pub observed_at: f64,
     pub fields: BTreeMap<quota::Field, f64>,
+    /// Records that carried these values in the batch (0 once stored): what the series limit
+    /// counts as folded when it refuses them.
+    pub records: u64,
 }
 
 impl QuotaObservation {
     /// Merge another observation of the same credential: per field, the later value wins.
     pub fn merge(&mut self, other: &QuotaObservation) {
+        self.records += other.records;
         if other.observed_at >= self.observed_at {
             self.fields
                 .extend(other.fields.iter().map(|(f, v)| (*f, *v)));
@@ -429,6 +433,7 @@ fn note_quota(
         provider: labels::sanitize(provider).into_owned(),
         observed_at,
         fields,
+        records: 1,
     };
     quota
         .entry(labels::sanitize(credential).into_owned())

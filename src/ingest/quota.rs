@@ -95,6 +95,33 @@ impl Field {
     }
 }
 
+/// The quota gauge families, by their `family` label in `cpa_exporter_series` and
+/// `cpa_exporter_series_overflow_total` (the metric name without `cpa_`). Index = [`Field::family`];
+/// the last one has one series per credential.
+pub const FAMILIES: [&str; 6] = [
+    "quota_used_ratio",
+    "quota_window_seconds",
+    "quota_reset_timestamp_seconds",
+    "ratelimit_remaining",
+    "ratelimit_limit",
+    "quota_last_observed_timestamp_seconds",
+];
+/// Index in [`FAMILIES`] of the one-series-per-credential family.
+pub const PER_CREDENTIAL: usize = 5;
+
+impl Field {
+    /// Index in [`FAMILIES`] of the gauge family this field is a series of.
+    pub fn family(self) -> usize {
+        match self {
+            Field::UsedRatio(_) => 0,
+            Field::WindowSeconds(_) => 1,
+            Field::ResetTimestamp(_) => 2,
+            Field::RateLimitRemaining(_) => 3,
+            Field::RateLimitLimit(_) => 4,
+        }
+    }
+}
+
 /// How a header's text becomes a field value.
 #[derive(Debug, Clone, Copy)]
 enum Conv {

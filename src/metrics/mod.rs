@@ -107,6 +107,9 @@ impl Default for Live {
                 .series_retired
                 .get_or_create(&[("family", family.id())]);
         }
+        for family in crate::ingest::quota::FAMILIES {
+            let _ = live.series_overflow.get_or_create(&[("family", family)]);
+        }
         live
     }
 }
@@ -347,6 +350,13 @@ impl prometheus_client::collector::Collector for StoredCollector {
         for family in Family::ALL {
             m.encode_family(&[("family", family.id())])?
                 .encode_gauge(&(state.series_count(family) as i64))?;
+        }
+        for (family, n) in crate::ingest::quota::FAMILIES
+            .iter()
+            .zip(state.quota_series())
+        {
+            m.encode_family(&[("family", *family)])?
+                .encode_gauge(&(n as i64))?;
         }
         for family in Family::ALL {
             encode_family(

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::ingest::quota::Field;
+use crate::ingest::quota::{self, Field};
 use crate::ingest::{Batch, QuotaObservation};
 use crate::schema::{is_structural_label, Family, Kind, OVERFLOW_VALUE};
 use crate::series::{Hist, LabelValues, Value};
@@ -135,6 +135,18 @@ impl State {
         self.families[family as usize].len()
     }
 
+    /// Series of each quota gauge family (indexed like [`quota::FAMILIES`]).
+    pub fn quota_series(&self) -> [usize; quota::FAMILIES.len()] {
+        let mut n = [0; quota::FAMILIES.len()];
+        for q in self.quota.values() {
+            n[quota::PER_CREDENTIAL] += 1;
+            for f in q.fields.keys() {
+                n[f.family()] += 1;
+            }
+        }
+        n
+    }
+
     /// Stored series over all families.
     pub fn total_series(&self) -> usize {
         self.families.iter().map(BTreeMap::len).sum()
@@ -183,6 +195,9 @@ pub struct Plan {
     writes: Vec<Write>,
     /// Records folded into the overflow series, per family.
     pub overflowed: [u64; Family::COUNT],
+    /// Records whose quota values were not kept because a quota family reached the series
+    /// limit, per quota family (indexed like [`quota::FAMILIES`]).
+    pub quota_overflowed: [u64; quota::FAMILIES.len()],
     event_ids: Vec<(i64, u64)>,
     last_record_timestamp: Option<f64>,
     /// Merged quota observations to write.
@@ -429,6 +444,7 @@ impl Store {
                 provider: row.get(2)?,
                 observed_at: row.get::<_, f64>(4)?.min(now),
                 fields: [(field, row.get(3)?)].into(),
+                records: 0,
             };
             state
                 .quota
@@ -498,13 +514,43 @@ impl Store {
                 *n = (*n).min(MAX_COUNTER);
             }
         }
+        // Quota gauges are under the series limit too: a new credential, or a new field of a
+        // known one, is not kept once its family is full (a gauge cannot be summed into an
+        // `__other__` series), and its records are counted as folded.
+        let limit = self.limits.series_per_family;
+        let mut quota_series = None;
         for (credential, obs) in &batch.quota {
-            let mut merged = state
-                .quota
-                .get(credential)
-                .cloned()
-                .unwrap_or_else(|| obs.clone());
+            let series = quota_series.get_or_insert_with(|| state.quota_series());
+            let stored = state.quota.get(credential);
+            if stored.is_none() {
+                if series[quota::PER_CREDENTIAL] >= limit {
+                    plan.quota_overflowed[quota::PER_CREDENTIAL] += obs.records;
+                    continue;
+                }
+                series[quota::PER_CREDENTIAL] += 1;
+            }
+            let mut merged = stored.cloned().unwrap_or_else(|| QuotaObservation {
+                fields: BTreeMap::new(),
+                ..obs.clone()
+            });
             merged.merge(obs);
+            let mut refused = [false; quota::FAMILIES.len()];
+            merged.fields.retain(|field, _| {
+                if stored.is_some_and(|s| s.fields.contains_key(field)) {
+                    return true;
+                }
+                let f = field.family();
+                if series[f] >= limit {
+                    refused[f] = true;
+                    return false;
+                }
+                series[f] += 1;
+                true
+            });
+            for (f, refused) in refused.into_iter().enumerate() {
+                plan.quota_overflowed[f] += if refused { obs.records } else { 0 };
+            }
+            merged.records = 0;
             plan.quota.push((credential.clone(), merged));
         }
         plan.event_ids = (self.dedup.next_seq()..)
@@ -1032,6 +1078,43 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "my notes, not a database\n".repeat(100)
         );
+    }
+
+    #[test]
+    fn quota_families_stay_under_the_series_limit_and_count_what_they_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            series_per_family: 4,
+            ..Limits::default()
+        };
+        let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
+        // Ten credentials, two records each, each with a primary and a secondary window.
+        let body: Vec<String> = (0..20)
+            .map(|i| {
+                format!(
+                    r#"{{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","auth_index":"c{}","response_headers":{{"x-codex-primary-used-percent":["10"],"x-codex-secondary-used-percent":["20"]}}}}"#,
+                    i % 10
+                )
+            })
+            .collect();
+        let batch = ingest_body(
+            format!("[{}]", body.join(",")).as_bytes(),
+            &crate::cost::Pricing::embedded(),
+            |_| false,
+        )
+        .unwrap();
+        let mut plan = store.plan(&state, &batch);
+        let refused: u64 = plan.quota_overflowed.iter().sum();
+        assert!(refused > 0);
+        store.commit(&mut plan, 1_787_409_600).unwrap();
+        store.apply(&mut state, plan);
+        for (family, n) in quota::FAMILIES.iter().zip(state.quota_series()) {
+            assert!(n <= 4, "{family}: {n}");
+        }
+        // Four credentials fit, two windows each: the used-ratio family holds only 4 of their 8
+        // series; the rest of the 20 records were refused and counted.
+        assert_eq!(state.quota_series()[quota::PER_CREDENTIAL], 4);
+        assert_eq!(state.quota_series()[0], 4);
     }
 
     #[test]
