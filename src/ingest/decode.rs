@@ -171,8 +171,8 @@ pub struct RawRecord<'a> {
     #[serde(borrow)]
     pub event_id: Option<Cow<'a, str>>,
     /// Only the quota and rate-limit headers; nothing else of `response_headers` is read.
-    #[serde(deserialize_with = "super::quota::deserialize_quota_headers")]
-    pub response_headers: super::quota::QuotaHeaders,
+    #[serde(borrow, deserialize_with = "super::quota::deserialize_quota_headers")]
+    pub response_headers: super::quota::QuotaHeaders<'a>,
 }
 
 /// What one queue element turned out to be.

@@ -420,25 +420,48 @@ fn note_quota(
         return;
     };
     let observed_at = (started + obs.ttft_seconds.or(obs.latency_seconds).unwrap_or(0.0)).min(now);
-    let fields = rec.response_headers.fields(observed_at);
-    if fields.is_empty() {
-        return;
-    }
     let provider = rec
         .provider
         .as_deref()
         .filter(|p| !p.is_empty())
         .unwrap_or("unknown");
+    let provider = labels::sanitize(provider);
+    let credential = labels::sanitize(credential);
+    // Most records of a batch update a credential already seen in it: merge in place,
+    // allocating nothing.
+    if let Some(q) = quota.get_mut(&*credential) {
+        let mut any = false;
+        let later = observed_at >= q.observed_at;
+        rec.response_headers.for_each_field(observed_at, |field, v| {
+            any = true;
+            if later {
+                q.fields.insert(field, v);
+            } else {
+                q.fields.entry(field).or_insert(v);
+            }
+        });
+        if any {
+            q.records += 1;
+            if later {
+                q.observed_at = observed_at;
+                if q.provider != *provider {
+                    q.provider = provider.into_owned();
+                }
+            }
+        }
+        return;
+    }
+    let fields = rec.response_headers.fields(observed_at);
+    if fields.is_empty() {
+        return;
+    }
     let new = QuotaObservation {
-        provider: labels::sanitize(provider).into_owned(),
+        provider: provider.into_owned(),
         observed_at,
         fields,
         records: 1,
     };
-    quota
-        .entry(labels::sanitize(credential).into_owned())
-        .and_modify(|q| q.merge(&new))
-        .or_insert(new);
+    quota.insert(credential.into_owned(), new);
 }
 
 /// What one usage record contributes besides its labels.
