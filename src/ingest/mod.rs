@@ -432,14 +432,15 @@ fn note_quota(
     if let Some(q) = quota.get_mut(&*credential) {
         let mut any = false;
         let later = observed_at >= q.observed_at;
-        rec.response_headers.for_each_field(observed_at, |field, v| {
-            any = true;
-            if later {
-                q.fields.insert(field, v);
-            } else {
-                q.fields.entry(field).or_insert(v);
-            }
-        });
+        rec.response_headers
+            .for_each_field(observed_at, |field, v| {
+                any = true;
+                if later {
+                    q.fields.insert(field, v);
+                } else {
+                    q.fields.entry(field).or_insert(v);
+                }
+            });
         if any {
             q.records += 1;
             if later {

@@ -276,11 +276,16 @@ impl Store {
     /// Write the last pop time now (at shutdown).
     pub fn flush_last_pop(&mut self) -> Result<(), StoreError> {
         if let Some((at, false)) = self.last_pop {
-            self.conn.execute(
+            // No fsync for this one (it would slow every idle poll): a process crash keeps it
+            // (the write-ahead log is in the OS's hands), only a power loss may lose it.
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            let written = self.conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 params![META_LAST_POP, at],
-            )?;
+            );
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            written?;
             self.last_pop = Some((at, true));
         }
         Ok(())
