@@ -34,6 +34,8 @@ pub const MAX_LINE: usize = 4096;
 const AUTH_REPLY_LIMIT: usize = 64 * 1024;
 /// Longest piece of CPA's error text kept in a `LPOP` error.
 const MAX_ERROR_TEXT: usize = 160;
+/// Read buffer kept between polls; a larger one (grown by a large element) is released.
+const KEEP_BUFFER: usize = 1 << 20;
 /// The one queue CPA serves (`LPOP` on any other key: `-ERR unsupported channel`).
 const USAGE_KEY: &[u8] = b"usage";
 
@@ -671,6 +673,10 @@ impl Conn {
             return Err(ProtocolError::TrailingBytes.into());
         }
         self.buf.clear();
+        // A large element grew the buffer: give the memory back between polls.
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
         Ok(bytes)
     }
 
