@@ -636,7 +636,11 @@ async fn a_full_disk_holds_the_batch_and_recovers() {
     assert!(failed, "{}", exporter.log_text());
     says(&exporter, "cannot commit the batch to the state database").await;
     assert_eq!(ready_status(&exporter).await.0, 503);
-    assert_eq!(cpa.stats().popped, 600, "popped more while holding a batch");
+    // One more pop after the disk filled: a full batch, or part of one if it raced the push.
+    let popped = cpa.stats().popped;
+    assert!((301..=600).contains(&popped), "{popped}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(cpa.stats().popped, popped, "popped more while holding a batch");
     still_serving(&exporter).await;
     set("unlimited".into());
     let recovered = eventually(Duration::from_secs(30), async || {
