@@ -640,7 +640,11 @@ async fn a_full_disk_holds_the_batch_and_recovers() {
     let popped = cpa.stats().popped;
     assert!((301..=600).contains(&popped), "{popped}");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(cpa.stats().popped, popped, "popped more while holding a batch");
+    assert_eq!(
+        cpa.stats().popped,
+        popped,
+        "popped more while holding a batch"
+    );
     still_serving(&exporter).await;
     set("unlimited".into());
     let recovered = eventually(Duration::from_secs(30), async || {

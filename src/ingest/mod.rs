@@ -25,10 +25,6 @@ pub use tokens::Tokens;
 #[derive(Debug, Default)]
 pub struct Delta {
     pub families: [HashMap<LabelValues, Value>; Family::COUNT],
-    /// Records behind each (provider, model, credential, api_key): the label set the tokens
-    /// (without `type`) and cost families share, whose values are not record counts. The store
-    /// counts folded records from it.
-    pub records: HashMap<LabelValues, u64>,
 }
 
 impl Delta {
@@ -63,9 +59,6 @@ impl Delta {
             for (labels, value) in std::mem::take(&mut other.families[family as usize]) {
                 self.add(family, labels, value);
             }
-        }
-        for (key, n) in other.records {
-            *self.records.entry(key).or_default() += n;
         }
     }
 }
@@ -618,8 +611,6 @@ impl RecAgg {
             labels.push(&code);
             delta.add_count(Family::Failures, &labels, n);
         }
-        let usage_key = [&*provider, &*model, &*credential, &*api_key];
-        *delta.records.entry(to_labels(&usage_key)).or_default() += self.requests;
         let by_model = [&*provider, &*model];
         // Cost is linear in tokens, so pricing the summed buckets equals summing per record
         // (up to one nano-USD of rounding per series and batch).

@@ -469,6 +469,9 @@ impl Store {
         // Label sets of the tokens and cost families whose records were already counted as
         // folded (one record feeds several token-type series).
         let mut folded_keys: [HashSet<LabelValues>; Family::COUNT] = Default::default();
+        // Records per (provider, model, credential, api_key), built only when such a series
+        // folds (rare): the requests family counts records under a superset of those labels.
+        let mut records_per_key: Option<HashMap<LabelValues, u64>> = None;
         for (family, labels, delta) in batch.delta.iter() {
             let f = family as usize;
             let stored = &state.families[f];
@@ -482,7 +485,8 @@ impl Store {
                     // Their values are tokens and nano-USD: count the records behind them.
                     Family::Tokens | Family::Cost => {
                         let key: LabelValues = labels.iter().take(4).cloned().collect();
-                        let n = batch.delta.records.get(&key).copied().unwrap_or(0);
+                        let per_key = records_per_key.get_or_insert_with(|| records_by_key(batch));
+                        let n = per_key.get(&key).copied().unwrap_or(0);
                         if folded_keys[f].insert(key) {
                             n
                         } else {
@@ -733,6 +737,21 @@ fn zero(family: Family) -> Value {
         Kind::Counter => Value::Counter(0),
         Kind::Histogram(bounds) => Value::Histogram(Hist::new(bounds)),
     }
+}
+
+/// Records per (provider, model, credential, api_key), the leading labels of the tokens and
+/// cost families, summed from the requests family (provider, model, requested_model,
+/// credential, api_key, endpoint).
+fn records_by_key(batch: &Batch) -> HashMap<LabelValues, u64> {
+    let mut out: HashMap<LabelValues, u64> = HashMap::new();
+    for (labels, value) in &batch.delta.families[Family::Requests as usize] {
+        let key: LabelValues = [0, 1, 3, 4]
+            .iter()
+            .filter_map(|&i| labels.get(i).cloned())
+            .collect();
+        *out.entry(key).or_default() += records_in(value);
+    }
+    out
 }
 
 fn records_in(delta: &Value) -> u64 {
