@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use crate::config::{Config, Secret, Transport};
 use crate::cpa::mgmt::{Credential, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
-use crate::cpa::{AuthCause, Client, ClientOptions, PopError, DEFAULT_MAX_BODY_BYTES};
-use crate::ingest::{self, Batch};
+use crate::cpa::{AuthCause, Client, ClientOptions, PopError};
+use crate::ingest::Batch;
 use crate::store::{State, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +196,7 @@ impl Checker<'_> {
                 "turned off (--consumer-window 0s)",
             ));
         }
-        let pop = Client::new(client_opts(key, DEFAULT_MAX_BODY_BYTES));
+        let pop = Client::new(client_opts(key, config.max_response_bytes));
         match pop {
             Ok(pop) => {
                 self.consumers(config, &mut mgmt, pop, (store, state), window)
@@ -423,8 +423,24 @@ impl Checker<'_> {
             return self.say(finding(Level::Skip, "consumers", why));
         };
         self.authenticated += 1;
-        let queued = match pop_and_commit(&mut pop, config.batch_size, &mut store, &mut state).await
-        {
+        // Priced as the drain loop prices them: --prices-file and model-aliases apply.
+        let pricing = match crate::app::load_pricing(config) {
+            Ok(p) => p,
+            Err(e) => {
+                let why =
+                    format!("the price table cannot be loaded, so no records are popped: {e}");
+                return self.say(finding(Level::Skip, "consumers", why));
+            }
+        };
+        let popped = pop_and_commit(
+            &mut pop,
+            config.batch_size,
+            &pricing,
+            &mut store,
+            &mut state,
+        )
+        .await;
+        let queued = match popped {
             Ok(n) => n,
             Err(e) => {
                 return self.say(finding(
@@ -516,16 +532,17 @@ enum PopCommitError {
 async fn pop_and_commit(
     client: &mut Client,
     count: usize,
+    pricing: &crate::cost::Pricing,
     store: &mut Store,
     state: &mut State,
 ) -> Result<usize, PopCommitError> {
-    let popped = client.pop(count).await?;
-    let batch = ingest::ingest_payload(&popped.payload, &crate::cost::Pricing::embedded(), |id| {
-        store.seen(id)
-    })
-    .map_err(|_| PopError::NotAnArray)?;
-    let mut plan = store.plan(state, &batch);
-    store.commit(&mut plan, crate::metrics::unix_now() as i64)?;
-    store.apply(state, plan);
+    let (batch, popped) = crate::drain::pop_batch(client, count, store, pricing).await;
+    // What arrived is committed even when the pop failed part way: CPA removed those records.
+    if batch.elements > 0 {
+        let mut plan = store.plan(state, &batch);
+        store.commit(&mut plan, crate::metrics::unix_now() as i64)?;
+        store.apply(state, plan);
+    }
+    popped?;
     Ok(batch.elements)
 }

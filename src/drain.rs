@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use crate::cost::Pricing;
 use crate::cpa::{AuthCause, Client, PopError, Popped};
-use crate::ingest::{self, Batch};
+use crate::gap::{Gap, GapWatch};
+use crate::ingest::split::Sink;
+use crate::ingest::{Batch, BatchBuilder};
 use crate::metrics::{unix_now, Shared};
 use crate::schema::Family;
 use crate::store::Store;
@@ -23,7 +26,13 @@ const INVALID_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Anything that pops the usage queue (HTTP, RESP, scripted sources in tests).
 pub trait Source {
-    fn pop(&mut self, count: usize) -> impl Future<Output = Result<Popped, PopError>> + Send;
+    /// Pop up to `count` elements, handing each to `sink` as it arrives. Elements handed over
+    /// before an error are popped records all the same.
+    fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> impl Future<Output = Result<Popped, PopError>> + Send;
 
     /// The idle wait this source wants instead of `DrainOptions::poll_interval`, when it is
     /// only known at run time (the `auto` transport picks RESP or HTTP on its first poll).
@@ -33,9 +42,28 @@ pub trait Source {
 }
 
 impl Source for Client {
-    fn pop(&mut self, count: usize) -> impl Future<Output = Result<Popped, PopError>> + Send {
-        Client::pop(self, count)
+    fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> impl Future<Output = Result<Popped, PopError>> + Send {
+        Client::pop(self, count, sink)
     }
+}
+
+/// Pop once, decoding the elements as they arrive (memory follows the largest element, not the
+/// response). The batch holds every element that arrived, also when the pop failed part way:
+/// CPA removed those records, so they are committed like any others. `check` pops this way too.
+pub async fn pop_batch<S: Source>(
+    source: &mut S,
+    count: usize,
+    store: &Store,
+    pricing: &Pricing,
+) -> (Batch, Result<Popped, PopError>) {
+    let seen = store.seen_ids();
+    let mut builder = BatchBuilder::new(pricing, unix_now(), |id| seen.contains(&id));
+    let popped = source.pop(count, &mut builder).await;
+    (builder.finish(), popped)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +150,7 @@ pub async fn run<S: Source>(
     let mut notes = Notes::default();
     // Stale series are retired at start and then every tenth of the retirement (at most 1 h).
     let mut next_retire = Instant::now();
+    let mut gaps = GapWatch::new(store.last_pop());
     loop {
         if *shutdown.borrow() {
             break;
@@ -133,19 +162,26 @@ pub async fn run<S: Source>(
             }
         }
         let started = Instant::now();
-        let popped = source.pop(opts.batch_size).await;
-        let outcome = match popped {
+        let started_unix = unix_now();
+        let (batch, popped) =
+            pop_batch(&mut source, opts.batch_size, &store, &shared.pricing).await;
+        let elements = batch.elements;
+        note_invalid(&batch, &mut notes);
+        if elements > 0 {
+            commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes).await;
+        }
+        drop(batch);
+        let wait = match popped {
             Ok(popped) => {
-                match commit_popped(&popped, &mut store, &shared, &mut shutdown, &mut notes).await {
-                    Some(elements) => Ok((popped, elements)),
-                    None => Err(PopError::NotAnArray),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let wait = match outcome {
-            Ok((popped, elements)) => {
                 shared.live.record_poll("success", started.elapsed());
+                gaps.popped(started_unix);
+                if let Err(e) = blocking(|| store.note_pop(started_unix)) {
+                    debug!("cannot record the time of the last pop: {e}");
+                }
+                let retention = shared.cpa().settings().map(|s| s.retention);
+                for gap in gaps.settle(retention, unix_now()) {
+                    note_gap(&gap, &shared, &mut notes);
+                }
                 shared.live.set_key_accepted(true);
                 shared
                     .live
@@ -182,11 +218,14 @@ pub async fn run<S: Source>(
                     shared.live.set_key_accepted(false);
                     // Rare by construction (minutes apart), and each one matters: always log.
                     error!(retry_in, "{e}");
-                } else if let Some(fix) = lost_records_hint(&e) {
-                    // CPA removed those records before answering: each occurrence is a loss.
-                    error!(retry_in, "{e}; the records in it are lost{fix}");
-                } else if matches!(e, PopError::NotAnArray) {
-                    // Already said, with the size, where the body was read.
+                } else if is_cut_off(&e) {
+                    // CPA removed the rest of the response's records too: each occurrence is a
+                    // loss. The elements that arrived whole were committed.
+                    error!(
+                        retry_in,
+                        kept = elements,
+                        "{e}; the elements that arrived whole were kept, the rest of the response is lost"
+                    );
                 } else if health != Health::Down(result) {
                     warn!(retry_in, "{e}");
                 } else {
@@ -200,16 +239,50 @@ pub async fn run<S: Source>(
             break;
         }
     }
+    if let Err(e) = store.flush_last_pop() {
+        warn!("cannot record the time of the last pop: {e}");
+    }
     info!("drain loop stopped");
 }
 
-/// For pop errors that lose the records CPA handed out, what to change (if anything).
-fn lost_records_hint(e: &PopError) -> Option<&'static str> {
-    match e {
-        PopError::TooLarge(_) => Some(": lower batch-size or raise max-response-bytes"),
-        PopError::Interrupted(_) => Some(""),
-        _ => None,
+/// At most one warning a minute about gaps in the drain; the rest go to debug.
+const GAP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Count a gap beyond the retention and say so (one warning per gap, at most one a minute).
+fn note_gap(gap: &Gap, shared: &Shared, notes: &mut Notes) {
+    shared.live.drain_gaps.inc();
+    shared.live.drain_gap_seconds.inc_by(gap.beyond);
+    let seconds = format!("{:.0}", gap.seconds);
+    let beyond = format!("{:.0}", gap.beyond);
+    let retention = humantime::format_duration(gap.retention).to_string();
+    let message = "no successful pop for longer than CPA's queue retention: records CPA queued in the first part of that stretch expired before they could be popped (counted in cpa_exporter_drain_gaps_total); see the log before it for why (exporter stopped or paused, CPA unreachable, database failing)";
+    if notes
+        .last_gap_warning
+        .is_none_or(|t| t.elapsed() >= GAP_LOG_EVERY)
+    {
+        notes.last_gap_warning = Some(Instant::now());
+        warn!(
+            gap_seconds = seconds,
+            lost_seconds = beyond,
+            retention,
+            "{message}"
+        );
+    } else {
+        debug!(
+            gap_seconds = seconds,
+            lost_seconds = beyond,
+            retention,
+            "{message}"
+        );
     }
+}
+
+/// Pop errors after CPA handed records out: what did not arrive whole is lost.
+fn is_cut_off(e: &PopError) -> bool {
+    matches!(
+        e,
+        PopError::TooLarge(_) | PopError::Interrupted(_) | PopError::NotAnArray(_)
+    )
 }
 
 /// How often stale series are looked for: a tenth of the retirement, between 1 s and 1 h.
@@ -259,8 +332,10 @@ fn retire(store: &mut Store, shared: &Shared, after: Duration) {
 #[derive(Debug, Default)]
 struct Notes {
     last_invalid_warning: Option<Instant>,
+    last_gap_warning: Option<Instant>,
     /// Families whose series limit was reached, said once per process.
     overflow_said: [bool; Family::COUNT],
+    quota_overflow_said: [bool; crate::ingest::quota::FAMILIES.len()],
 }
 
 /// Say that a batch held malformed elements: a warning at most once a minute, else debug.
@@ -323,35 +398,6 @@ pub(crate) async fn sleep_or_shutdown(
     stopped || *shutdown.borrow()
 }
 
-/// Ingest and commit one popped batch; returns the number of elements it held, or `None` when
-/// the body was not a JSON array.
-async fn commit_popped(
-    popped: &Popped,
-    store: &mut Store,
-    shared: &Shared,
-    shutdown: &mut watch::Receiver<bool>,
-    notes: &mut Notes,
-) -> Option<usize> {
-    // Decoding needs no lock: the dedup window belongs to the store, which only this loop uses.
-    let batch = ingest::ingest_payload(&popped.payload, &shared.pricing, |id| store.seen(id));
-    let batch = match batch {
-        Ok(b) => b,
-        Err(e) => {
-            // The records in it are gone from CPA; all that can be done is to say so.
-            error!(
-                bytes = popped.payload.len_bytes(),
-                "{e}; whatever it held is lost"
-            );
-            return None;
-        }
-    };
-    note_invalid(&batch, notes);
-    if batch.elements > 0 {
-        commit_until_done(&batch, store, shared, shutdown, notes).await;
-    }
-    Some(batch.elements)
-}
-
 /// Commit a batch, retrying while the store fails. Popping more meanwhile would lose records.
 async fn commit_until_done(
     batch: &Batch,
@@ -385,6 +431,23 @@ async fn commit_until_done(
                                 family = family.id(),
                                 series_limit = store.limits().series_per_family,
                                 "the family reached its series limit: new label sets are folded into one __other__ series (sums stay exact; counted in cpa_exporter_series_overflow_total)"
+                            );
+                        }
+                    }
+                }
+                for (f, &n) in plan.quota_overflowed.iter().enumerate() {
+                    let family = crate::ingest::quota::FAMILIES[f];
+                    if n > 0 {
+                        shared
+                            .live
+                            .series_overflow
+                            .get_or_create(&[("family", family)])
+                            .inc_by(n);
+                        if !std::mem::replace(&mut notes.quota_overflow_said[f], true) {
+                            warn!(
+                                family,
+                                series_limit = store.limits().series_per_family,
+                                "the quota family reached its series limit: values of new credentials (or new windows) are not kept (counted in cpa_exporter_series_overflow_total)"
                             );
                         }
                     }
@@ -436,7 +499,11 @@ mod tests {
     struct Refusing(std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>);
 
     impl Source for Refusing {
-        fn pop(&mut self, _: usize) -> impl Future<Output = Result<Popped, PopError>> + Send {
+        fn pop<K: Sink + Send>(
+            &mut self,
+            _: usize,
+            _: &mut K,
+        ) -> impl Future<Output = Result<Popped, PopError>> + Send {
             self.0.lock().unwrap().push(tokio::time::Instant::now());
             std::future::ready(Err(PopError::Auth(AuthCause::WrongKey)))
         }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cost;
 pub mod cpa;
 pub mod drain;
+pub mod gap;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

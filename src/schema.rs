@@ -211,6 +211,16 @@ pub mod reason {
     /// An element nesting objects and arrays deeper than
     /// [`crate::ingest::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
     pub const TOO_DEEP: &str = "too_deep";
+    /// An element larger than `max-response-bytes`, skipped unread (the response is streamed,
+    /// so only one element is ever held).
+    pub const TOO_LARGE: &str = "too_large";
     /// Every reason: exported from zero at start, so `rate()` sees the first of each.
-    pub const ALL: [&str; 5] = [NOT_JSON, NOT_OBJECT, BAD_FIELD, INVALID_NUMBER, TOO_DEEP];
+    pub const ALL: [&str; 6] = [
+        NOT_JSON,
+        NOT_OBJECT,
+        BAD_FIELD,
+        INVALID_NUMBER,
+        TOO_DEEP,
+        TOO_LARGE,
+    ];
 }

@@ -124,3 +124,79 @@ fn a_broken_price_file_fails_at_start_naming_the_setting() {
         "{stderr}"
     );
 }
+
+/// `check` pops once and commits what it took exactly as the drain loop would: priced with
+/// `--prices-file` and `model-aliases`, not the built-in table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prices_what_it_pops_like_the_drain_loop() {
+    use cpa_usage_exporter::schema::Family;
+    use cpa_usage_exporter::series::Value;
+    use cpa_usage_exporter::sim::SimCredential;
+    let cpa = FakeCpa::start(SimConfig {
+        management_key: KEY.into(),
+        credentials: vec![SimCredential::new(
+            "codex",
+            "feedfacefeedface",
+            "someone@example.com",
+        )],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.yaml");
+    std::fs::write(
+        &prices,
+        "models:\n  round-gpt: { input: 2, cache_read: 0.5, output: 10 }\n  round-claude: { input: 4, cache_read: 0.4, cache_write: 5, output: 20 }\n",
+    )
+    .unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "model-aliases:\n  claude-via-alias: round-claude\n",
+    )
+    .unwrap();
+    let db = dir.path().join("check.db");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["check", "--consumer-window", "2s"])
+        .env_clear()
+        .env("CPA_URL", cpa.url())
+        .env("CPA_MANAGEMENT_KEY", KEY)
+        .env("CPA_EXPORTER_DB", &db)
+        .env("CPA_EXPORTER_PRICES_FILE", &prices)
+        .env("CPA_EXPORTER_CONFIG", &config);
+    let check = tokio::task::spawn_blocking(move || cmd.output().expect("run check"));
+    // Traffic throughout the check, so CPA counts attempts in its window and the pop finds some.
+    let codex = r#"{"input_tokens":1000,"cached_tokens":200,"cache_read_tokens":200,"output_tokens":300,"reasoning_tokens":100,"total_tokens":1300}"#;
+    let claude = r#"{"input_tokens":100,"cache_read_tokens":5000,"cache_creation_tokens":1000,"output_tokens":400,"total_tokens":6500}"#;
+    while !check.is_finished() {
+        cpa.push_raw(&record("codex", "round-gpt", "round-gpt", codex, false));
+        cpa.push_raw(&record("claude", "claude-via-alias", "", claude, false));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = check.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("committed to the state database"),
+        "{stdout}"
+    );
+    let (_, state) =
+        cpa_usage_exporter::store::Store::open(&db, cpa_usage_exporter::store::Limits::default())
+            .unwrap();
+    let sum = |family: Family, model: &str| -> u64 {
+        state.families[family as usize]
+            .iter()
+            .filter(|(labels, _)| labels.iter().any(|v| &**v == model))
+            .map(|(_, s)| match s.value {
+                Value::Counter(n) => n,
+                Value::Histogram(_) => 0,
+            })
+            .sum()
+    };
+    for (model, nano_each) in [("round-gpt", 4_700_000), ("claude-via-alias", 15_400_000)] {
+        let records = sum(Family::Requests, model);
+        assert!(records > 0, "{model}: {stdout}");
+        assert_eq!(sum(Family::Cost, model), records * nano_each, "{model}");
+        assert_eq!(sum(Family::UnpricedRequests, model), 0, "{model}");
+    }
+}

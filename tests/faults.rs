@@ -126,14 +126,20 @@ async fn a_response_reset_mid_body_is_counted_and_said_lost() {
     let mut cut =
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
             .to_vec();
+    // The first element arrived whole: it is a popped record like any other, and is kept.
+    cut.extend_from_slice(format!("[{REC},").as_bytes());
     cut.extend_from_slice(&REC.as_bytes()[..60]);
     let (url, _) = raw_server(vec![cut, http_200(b"[]")]).await;
     let dir = tempfile::tempdir().unwrap();
     let exporter = Exporter::spawn(&setup(url, &dir, &[("CPA_TRANSPORT", "http")]));
     says(&exporter, "broke off mid-body").await;
-    says(&exporter, "the records in it are lost").await;
+    says(&exporter, "the rest of the response is lost").await;
     let m = still_serving(&exporter).await;
     assert!(m.sum("cpa_exporter_polls_total", &[("result", "bad_response")]) >= 1.0);
+    assert_eq!(
+        m.sum("cpa_exporter_records_total", &[("outcome", "ingested")]),
+        1.0
+    );
     // It recovers by itself on the next poll.
     let up = eventually(Duration::from_secs(10), async || {
         exporter.scrape().await.get("cpa_up") == Some(1.0)
@@ -214,12 +220,58 @@ async fn a_redirect_is_not_followed() {
     );
 }
 
+/// 3 000 records carrying a 70 KB `fail.body` (a field the exporter never reads) and 2 000
+/// small ones: whole pops of 70 MB, over the old 64 MiB response limit, that CPA has already
+/// removed from its queue. The response is streamed element by element, so every record counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_response_over_the_size_limit_is_refused_over_http_and_resp() {
+async fn large_responses_lose_no_records_over_http_and_resp() {
+    let body = "e".repeat(70_000);
+    let big = rec_with(
+        r#""latency_ms":900"#,
+        &format!(r#""latency_ms":900,"fail":{{"status_code":200,"body":"{body}"}}"#),
+    );
     for transport in ["http", "resp"] {
         let cpa = fake_cpa().await;
-        // 100 records of about 1.4 KB: about 140 KB in one pop, over a 64 KiB limit.
-        push_workload(&cpa, 3, WorkloadMix::default(), 100);
+        for i in 0..5_000 {
+            cpa.push_raw(if i % 5 < 3 { &big } else { REC });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let exporter = Exporter::spawn(&setup(cpa.url(), &dir, &[("CPA_TRANSPORT", transport)]));
+        let all = eventually(Duration::from_secs(60), async || {
+            accounted(&exporter.scrape().await) == 5_000.0
+        })
+        .await;
+        let m = still_serving(&exporter).await;
+        assert!(all, "{transport}: {}", exporter.log_text());
+        assert_eq!(
+            m.sum("cpa_exporter_records_total", &[("outcome", "ingested")]),
+            5_000.0,
+            "{transport}"
+        );
+        assert_eq!(
+            m.sum("cpa_exporter_polls_total", &[("result", "bad_response")]),
+            0.0,
+            "{transport}"
+        );
+    }
+}
+
+/// An element over `max-response-bytes` is skipped unread and counted as invalid with its own
+/// reason; the records around it count, and the connection is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_element_over_the_size_limit_is_counted_invalid_over_http_and_resp() {
+    let big = rec_with(
+        r#""latency_ms":900"#,
+        &format!(
+            r#""latency_ms":900,"fail":{{"status_code":200,"body":"{}"}}"#,
+            "e".repeat(70_000)
+        ),
+    );
+    for transport in ["http", "resp"] {
+        let cpa = fake_cpa().await;
+        for i in 0..100 {
+            cpa.push_raw(if i % 10 == 0 { &big } else { REC });
+        }
         let dir = tempfile::tempdir().unwrap();
         let s = setup(
             cpa.url(),
@@ -230,14 +282,21 @@ async fn a_response_over_the_size_limit_is_refused_over_http_and_resp() {
             ],
         );
         let exporter = Exporter::spawn(&s);
-        says(&exporter, "exceeds 65536 bytes (max-response-bytes)").await;
-        says(&exporter, "lower batch-size or raise max-response-bytes").await;
+        let all = eventually(Duration::from_secs(15), async || {
+            accounted(&exporter.scrape().await) == 100.0
+        })
+        .await;
+        assert!(all, "{transport}: {}", exporter.log_text());
+        says(&exporter, "too_large=10").await;
         let m = still_serving(&exporter).await;
-        assert!(
-            m.sum("cpa_exporter_polls_total", &[("result", "bad_response")]) >= 1.0,
+        let invalid = |reason| m.sum("cpa_exporter_invalid_records_total", &[("reason", reason)]);
+        assert_eq!(invalid("too_large"), 10.0, "{transport}");
+        assert_eq!(
+            m.sum("cpa_exporter_records_total", &[("outcome", "ingested")]),
+            90.0,
             "{transport}"
         );
-        assert_eq!(accounted(&m), 0.0);
+        assert_eq!(m.get("cpa_up"), Some(1.0), "{transport}");
     }
 }
 
@@ -265,7 +324,7 @@ async fn a_body_that_is_not_an_array() {
     let dir = tempfile::tempdir().unwrap();
     let exporter = Exporter::spawn(&setup(url, &dir, &[("CPA_TRANSPORT", "http")]));
     says(&exporter, "not a JSON array").await;
-    says(&exporter, "whatever it held is lost").await;
+    says(&exporter, "the rest of the response is lost").await;
     let m = still_serving(&exporter).await;
     assert!(m.sum("cpa_exporter_polls_total", &[("result", "bad_response")]) >= 1.0);
     assert_eq!(m.get("cpa_up"), Some(0.0));
@@ -633,4 +692,62 @@ fn a_database_that_cannot_be_opened_stops_the_exporter_at_start() {
         stderr.contains("state database (--db / CPA_EXPORTER_DB)"),
         "{stderr}"
     );
+}
+
+/// The exporter paused (SIGSTOP) for longer than CPA's queue retention, then down across a
+/// restart for longer than it: each stretch is one gap, counted and said, though every poll
+/// around it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_or_downtime_longer_than_the_retention_is_counted_and_said() {
+    let cpa = FakeCpa::start(SimConfig {
+        management_key: KEY.to_owned(),
+        retention: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("fake CPA");
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(cpa.url(), &dir, &[("CPA_TRANSPORT", "http")]);
+    let gaps = |m: &Metrics| m.get("cpa_exporter_drain_gaps_total");
+    let exporter = Exporter::spawn(&s);
+    let known = eventually(Duration::from_secs(15), async || {
+        exporter
+            .scrape()
+            .await
+            .get("cpa_usage_queue_retention_seconds")
+            == Some(3.0)
+    })
+    .await;
+    assert!(known, "{}", exporter.log_text());
+    assert_eq!(gaps(&exporter.scrape().await), Some(0.0));
+    let pid = exporter.child.id().to_string();
+    let signal = |sig: &str| {
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    signal("-CONT");
+    let counted = eventually(Duration::from_secs(10), async || {
+        gaps(&exporter.scrape().await) == Some(1.0)
+    })
+    .await;
+    assert!(counted, "{}", exporter.log_text());
+    says(&exporter, "longer than CPA's queue retention").await;
+    let m = exporter.scrape().await;
+    let lost = m.get("cpa_exporter_drain_gap_seconds_total").unwrap();
+    assert!((2.0..6.0).contains(&lost), "{lost}");
+    assert_eq!(m.get("cpa_up"), Some(1.0));
+
+    // Down across a restart: the last pop before it is in the database.
+    exporter.sigterm();
+    exporter.wait_exit(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let exporter = Exporter::spawn(&s);
+    let counted = eventually(Duration::from_secs(15), async || {
+        gaps(&exporter.scrape().await) == Some(1.0)
+    })
+    .await;
+    assert!(counted, "{}", exporter.log_text());
+    says(&exporter, "longer than CPA's queue retention").await;
 }

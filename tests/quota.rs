@@ -122,3 +122,122 @@ fn civil(z: i64) -> (i64, i64, i64) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
+
+async fn quota_cpa() -> FakeCpa {
+    FakeCpa::start(SimConfig {
+        management_key: KEY.into(),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A record stamped 2099 counts as made when it was popped: no gauge moves into the future,
+/// and a later real observation replaces its values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_stamped_in_the_future_freezes_nothing() {
+    let cpa = quota_cpa().await;
+    let headers = |pct: u32| format!(r#"{{"x-codex-primary-used-percent":["{pct}"]}}"#);
+    cpa.push_raw(&record(
+        "2099-01-01T00:00:00Z",
+        "codex",
+        "c0dec0dec0dec0de",
+        &headers(90),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        cpa_url: cpa.url(),
+        key: KEY,
+        db: &dir.path().join("q.db"),
+        log: dir.path().join("q.log"),
+        extra: vec![],
+    };
+    let exporter = Exporter::spawn(&setup);
+    let used = |m: &Metrics| m.sum("cpa_quota_used_ratio", &[("window", "primary")]);
+    let ok = eventually(Duration::from_secs(20), async || {
+        used(&exporter.scrape().await) == 0.9
+    })
+    .await;
+    assert!(ok, "{}", exporter.log_text());
+    let m = exporter.scrape().await;
+    let now = unix_now() + 1.0;
+    assert!(m.get("cpa_exporter_last_record_timestamp_seconds").unwrap() <= now);
+    assert!(m.sum("cpa_quota_last_observed_timestamp_seconds", &[]) <= now);
+    // A real observation popped later wins, and keeps winning after a restart.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ts = cpa_usage_exporter::sim::workload::rfc3339_nano(unix_now() - 0.6);
+    cpa.push_raw(&record(&ts, "codex", "c0dec0dec0dec0de", &headers(30)));
+    let ok = eventually(Duration::from_secs(20), async || {
+        used(&exporter.scrape().await) == 0.3
+    })
+    .await;
+    assert!(ok, "{}", exporter.log_text());
+    exporter.sigterm();
+    assert!(exporter.wait_exit(Duration::from_secs(10)).success());
+    let restarted = Exporter::spawn(&setup);
+    assert_eq!(used(&restarted.scrape().await), 0.3);
+}
+
+/// 300 credentials against a series limit of 20: each quota family holds at most 20 series,
+/// reported in cpa_exporter_series, and the refused records are counted as overflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_families_stay_under_the_series_limit() {
+    let cpa = quota_cpa().await;
+    let ts = cpa_usage_exporter::sim::workload::rfc3339_nano(unix_now() - 5.0);
+    for i in 0..300 {
+        cpa.push_raw(&record(
+            &ts,
+            "codex",
+            &format!("{i:016x}"),
+            r#"{"x-codex-primary-used-percent":["10"],"x-codex-secondary-used-percent":["20"],"x-ratelimit-remaining-requests":["9"]}"#,
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, "series-limit: 20\n").unwrap();
+    let setup = Setup {
+        cpa_url: cpa.url(),
+        key: KEY,
+        db: &dir.path().join("q.db"),
+        log: dir.path().join("q.log"),
+        extra: vec![("CPA_EXPORTER_CONFIG", config.display().to_string())],
+    };
+    let exporter = Exporter::spawn(&setup);
+    let ok = eventually(Duration::from_secs(20), async || {
+        accounted(&exporter.scrape().await) == 300.0
+    })
+    .await;
+    assert!(ok, "{}", exporter.log_text());
+    let m = exporter.scrape().await;
+    for (family, metric) in [
+        ("quota_used_ratio", "cpa_quota_used_ratio"),
+        ("ratelimit_remaining", "cpa_ratelimit_remaining"),
+        (
+            "quota_last_observed_timestamp_seconds",
+            "cpa_quota_last_observed_timestamp_seconds",
+        ),
+    ] {
+        let reported = m.sum("cpa_exporter_series", &[("family", family)]);
+        assert_eq!(reported, m.series(metric).len() as f64, "{family}");
+        assert_eq!(reported, 20.0, "{family}");
+    }
+    // Twenty credentials fit; the used-ratio family is full after ten of them (two windows
+    // each), so the next ten keep only their rate limit; the other 280 records are refused.
+    let overflow = |family| m.sum("cpa_exporter_series_overflow_total", &[("family", family)]);
+    assert_eq!(overflow("quota_used_ratio"), 10.0);
+    assert_eq!(overflow("ratelimit_remaining"), 0.0);
+    assert_eq!(
+        m.sum(
+            "cpa_exporter_series_overflow_total",
+            &[("family", "quota_last_observed_timestamp_seconds")]
+        ),
+        280.0
+    );
+}

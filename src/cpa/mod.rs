@@ -9,12 +9,14 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::{redirect, StatusCode};
 
 use crate::config::{ApiVersion, Secret};
+use crate::ingest::split::{Sink, Splitter};
 
 pub mod mgmt;
 pub mod resp;
 pub mod source;
 
-/// Largest queue response accepted (a full batch of 1000 records is about 1.5 MB).
+/// Largest queue element accepted by default (a record is about 1.5 KB; the response itself is
+/// streamed and has no size limit).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +96,10 @@ pub enum PopError {
     /// The connection broke after the response started (reset or closed mid-body).
     #[error("CPA's response broke off mid-body: {0}")]
     Interrupted(String),
-    #[error("CPA's queue response is not a JSON array")]
-    NotAnArray,
+    /// The body is not a JSON array (or stops being one part way: the elements before the fault
+    /// were kept).
+    #[error("CPA's queue response is not a JSON array: {0}")]
+    NotAnArray(String),
     /// A RESP reply that cannot be used (malformed, refused, or not RESP at all).
     #[error("{0}")]
     BadReply(String),
@@ -111,26 +115,8 @@ impl PopError {
             PopError::Unreachable(_) | PopError::Timeout => "unreachable",
             PopError::TooLarge(_)
             | PopError::Interrupted(_)
-            | PopError::NotAnArray
+            | PopError::NotAnArray(_)
             | PopError::BadReply(_) => "bad_response",
-        }
-    }
-}
-
-/// What a pop returned, in the transport's own shape.
-#[derive(Debug)]
-pub enum Payload {
-    /// HTTP: the JSON array as CPA sent it.
-    JsonArray(Vec<u8>),
-    /// RESP: one raw payload per element (normally a JSON object; anything CPA published).
-    Elements(Vec<Vec<u8>>),
-}
-
-impl Payload {
-    pub fn len_bytes(&self) -> usize {
-        match self {
-            Payload::JsonArray(b) => b.len(),
-            Payload::Elements(e) => e.iter().map(Vec::len).sum(),
         }
     }
 }
@@ -151,10 +137,11 @@ impl Via {
     }
 }
 
-/// One successful pop.
+/// One successful pop. Its elements went to the [`Sink`] given to the pop as they arrived.
 #[derive(Debug)]
 pub struct Popped {
-    pub payload: Payload,
+    /// Bytes of the response (HTTP body, or RESP element payloads).
+    pub bytes: u64,
     pub via: Via,
     /// `X-CPA-VERSION` / `X-CPA-COMMIT`, when CPA sent them (HTTP only).
     pub cpa_version: Option<String>,
@@ -200,9 +187,15 @@ impl Client {
         }
     }
 
-    /// Pop up to `count` elements. With `auto` routes, v8 is tried first and v0 after a 404;
-    /// a 401/403 ends the attempt at once, so one poll never costs two failed logins.
-    pub async fn pop(&mut self, count: usize) -> Result<Popped, PopError> {
+    /// Pop up to `count` elements, handing each to `sink` as it arrives. With `auto` routes, v8
+    /// is tried first and v0 after a 404; a 401/403 ends the attempt at once, so one poll never
+    /// costs two failed logins. On an error after the body started, the elements already
+    /// handed over are real records (CPA has removed them): the caller keeps them.
+    pub async fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> Result<Popped, PopError> {
         let candidates = self.candidates();
         let mut disabled = false;
         for &route in candidates {
@@ -214,9 +207,9 @@ impl Client {
             match status {
                 StatusCode::OK => {
                     self.resolved = Some(route);
-                    let body = read_limited(resp, self.max_body_bytes).await?;
+                    let bytes = stream_elements(resp, self.max_body_bytes, sink).await?;
                     return Ok(Popped {
-                        payload: Payload::JsonArray(body),
+                        bytes,
                         via: Via::Http(route),
                         cpa_version,
                         cpa_commit,
@@ -292,6 +285,31 @@ pub fn transport_error(e: reqwest::Error) -> PopError {
         cause = next;
     }
     PopError::Unreachable(cause.to_string())
+}
+
+/// Split a queue response into elements while it arrives. Only the element being read is held
+/// (at most `max_element` bytes of it; a larger one is skipped and reported as oversize).
+async fn stream_elements(
+    mut resp: reqwest::Response,
+    max_element: usize,
+    sink: &mut impl Sink,
+) -> Result<u64, PopError> {
+    let mut splitter = Splitter::new(max_element);
+    let mut bytes = 0u64;
+    let broken = |e: reqwest::Error| match transport_error(e) {
+        PopError::Unreachable(cause) => PopError::Interrupted(cause),
+        other => other,
+    };
+    while let Some(chunk) = resp.chunk().await.map_err(broken)? {
+        bytes += chunk.len() as u64;
+        splitter
+            .feed(&chunk, sink)
+            .map_err(|e| PopError::NotAnArray(e.to_string()))?;
+    }
+    splitter
+        .finish()
+        .map_err(|e| PopError::NotAnArray(e.to_string()))?;
+    Ok(bytes)
 }
 
 async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, PopError> {

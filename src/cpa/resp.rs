@@ -22,8 +22,9 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{classify_auth_message, AuthCause, Payload, PopError, Popped, Via};
+use super::{classify_auth_message, AuthCause, PopError, Popped, Via};
 use crate::config::Secret;
+use crate::ingest::split::Sink;
 
 /// Arrays nested deeper than this are refused. CPA's pop replies are flat (depth 1).
 pub const MAX_DEPTH: usize = 4;
@@ -33,6 +34,8 @@ pub const MAX_LINE: usize = 4096;
 const AUTH_REPLY_LIMIT: usize = 64 * 1024;
 /// Longest piece of CPA's error text kept in a `LPOP` error.
 const MAX_ERROR_TEXT: usize = 160;
+/// Read buffer kept between polls; a larger one (grown by a large element) is released.
+const KEEP_BUFFER: usize = 1 << 20;
 /// The one queue CPA serves (`LPOP` on any other key: `-ERR unsupported channel`).
 const USAGE_KEY: &[u8] = b"usage";
 
@@ -412,7 +415,8 @@ pub struct RespOptions {
     pub key: Secret,
     /// Bound of each exchange (connect: at most 10 s of it).
     pub timeout: Duration,
-    /// Largest reply accepted (the same bound as an HTTP body).
+    /// Largest element accepted (the same bound as for HTTP); larger ones are skipped unread
+    /// and reported as oversize. The reply itself is streamed.
     pub max_reply_bytes: usize,
 }
 
@@ -499,38 +503,57 @@ impl RespClient {
         self.conn.is_some()
     }
 
-    /// Pop up to `count` elements, connecting and authenticating first when needed.
-    pub async fn pop(&mut self, count: usize) -> Result<Popped, PopError> {
-        self.try_pop(count).await.map_err(PopError::from)
+    /// Pop up to `count` elements into `sink`, connecting and authenticating first when needed.
+    pub async fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> Result<Popped, PopError> {
+        self.try_pop(count, sink).await.map_err(PopError::from)
     }
 
     /// [`RespClient::pop`] with the RESP-level detail. On any error the connection is dropped;
     /// the next call reconnects. A kept connection that turns out dead (CPA restarted since the
     /// last poll) is replaced at once, once: a new connection costs one AUTH, never a failure.
-    pub async fn try_pop(&mut self, count: usize) -> Result<Popped, RespError> {
+    pub async fn try_pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> Result<Popped, RespError> {
         let reused = self.conn.is_some();
-        match self.pop_once(count).await {
-            Err(RespError::Io(_) | RespError::Closed { during_auth: false }) if reused => {
+        let mut delivered = 0usize;
+        match self.pop_once(count, sink, &mut delivered).await {
+            // Only when nothing was popped on the dead connection: a retry is then harmless.
+            Err(RespError::Io(_) | RespError::Closed { during_auth: false })
+                if reused && delivered == 0 =>
+            {
                 debug!("the RESP connection to CPA went away; reconnecting");
-                self.pop_once(count).await
+                self.pop_once(count, sink, &mut delivered).await
             }
             other => other,
         }
     }
 
-    async fn pop_once(&mut self, count: usize) -> Result<Popped, RespError> {
+    async fn pop_once<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+        delivered: &mut usize,
+    ) -> Result<Popped, RespError> {
         // Take the connection out: it goes back only after a clean exchange, so an error (or a
         // timeout, which drops this future's state) never leaves a half-read stream behind.
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
             None => self.open().await?,
         };
-        let elements = conn
-            .lpop(count, self.timeout, self.max_reply_bytes, &self.key)
-            .await?;
+        let limit = self.max_reply_bytes;
+        let exchange = conn.lpop(count, limit, &self.key, sink, delivered);
+        let bytes = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| RespError::Timeout)??;
         self.conn = Some(conn);
         Ok(Popped {
-            payload: Payload::Elements(elements),
+            bytes,
             via: Via::Resp,
             cpa_version: None,
             cpa_commit: None,
@@ -595,28 +618,144 @@ impl Conn {
         }
     }
 
-    async fn lpop(
+    /// `LPOP usage <count>`, handing each element to `sink` as it arrives: only the element
+    /// being read is held, at most `max_element` bytes of it (a larger one is read past and
+    /// reported as oversize). Returns the bytes of the elements. `delivered` counts elements
+    /// handed over, which stay popped whatever happens next.
+    async fn lpop<K: Sink + Send>(
         &mut self,
         count: usize,
-        timeout: Duration,
-        max_bytes: usize,
+        max_element: usize,
         key: &Secret,
-    ) -> Result<Vec<Vec<u8>>, RespError> {
+        sink: &mut K,
+        delivered: &mut usize,
+    ) -> Result<u64, RespError> {
         let count = count.max(1).to_string();
         let command = encode_command(&[b"LPOP", USAGE_KEY, count.as_bytes()]);
-        match self.request(&command, timeout, max_bytes).await? {
-            OwnedReply::Array(None) | OwnedReply::Bulk(None) => Ok(Vec::new()),
-            OwnedReply::Bulk(Some(one)) => Ok(vec![one]),
-            OwnedReply::Array(Some(items)) => items
-                .into_iter()
-                .map(|item| match item {
-                    OwnedReply::Bulk(Some(payload)) => Ok(payload),
-                    _ => Err(RespError::Protocol(ProtocolError::UnexpectedReply)),
-                })
-                .collect(),
-            OwnedReply::Error(msg) => Err(pop_refusal(&msg, key)),
-            _ => Err(RespError::Protocol(ProtocolError::UnexpectedReply)),
+        self.io.write_all(&command).await.map_err(RespError::io)?;
+        self.io.flush().await.map_err(RespError::io)?;
+        self.buf.clear();
+        let mut pos = 0usize;
+        let header = self.line(&mut pos).await?;
+        let elements = match header.split_first() {
+            Some((b'*', n)) => parse_len(n)?.unwrap_or_default(),
+            Some((b'$', n)) => match parse_len(n)? {
+                None => 0,
+                Some(len) => {
+                    let bytes = self.bulk(&mut pos, len, max_element, sink).await?;
+                    *delivered += 1;
+                    return self.end_of_reply(pos, bytes as u64);
+                }
+            },
+            Some((b'-', msg)) => return Err(pop_refusal(msg, key)),
+            Some((&b, _)) if !is_type_byte(b) => return Err(ProtocolError::NotResp(b).into()),
+            _ => return Err(ProtocolError::UnexpectedReply.into()),
+        };
+        let mut total = 0u64;
+        for _ in 0..elements {
+            let line = self.line(&mut pos).await?;
+            let len = match line.split_first() {
+                Some((b'$', n)) => parse_len(n)?,
+                _ => None,
+            };
+            let Some(len) = len else {
+                return Err(ProtocolError::UnexpectedReply.into());
+            };
+            total += self.bulk(&mut pos, len, max_element, sink).await? as u64;
+            *delivered += 1;
         }
+        self.end_of_reply(pos, total)
+    }
+
+    /// One command, one reply: anything after it is not CPA speaking.
+    fn end_of_reply(&mut self, pos: usize, bytes: u64) -> Result<u64, RespError> {
+        if pos != self.buf.len() {
+            return Err(ProtocolError::TrailingBytes.into());
+        }
+        self.buf.clear();
+        // A large element grew the buffer: give the memory back between polls.
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
+        Ok(bytes)
+    }
+
+    /// Read more bytes into the buffer, first dropping the `pos` bytes already used.
+    async fn read_more(&mut self, pos: &mut usize, want: usize) -> Result<(), RespError> {
+        if *pos > 0 {
+            self.buf.drain(..*pos);
+            *pos = 0;
+        }
+        self.buf.reserve(want.clamp(4096, 1 << 20));
+        let n = self
+            .io
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(RespError::io)?;
+        if n == 0 {
+            return Err(RespError::Closed { during_auth: false });
+        }
+        Ok(())
+    }
+
+    /// The next CRLF-terminated line, without its CRLF.
+    async fn line(&mut self, pos: &mut usize) -> Result<Vec<u8>, RespError> {
+        loop {
+            let rest = &self.buf[*pos..];
+            if let Some(i) = memchr::memchr(b'\n', rest) {
+                if i == 0 || rest[i - 1] != b'\r' || i > MAX_LINE + 1 {
+                    return Err(ProtocolError::BadLineEnd.into());
+                }
+                let line = rest[..i - 1].to_vec();
+                *pos += i + 1;
+                return Ok(line);
+            }
+            if rest.len() > MAX_LINE + 1 {
+                return Err(ProtocolError::LineTooLong.into());
+            }
+            self.read_more(pos, 4096).await?;
+        }
+    }
+
+    /// A bulk string's `len` bytes and CRLF: handed to `sink`, or read past when over the limit.
+    async fn bulk<K: Sink + Send>(
+        &mut self,
+        pos: &mut usize,
+        len: usize,
+        max_element: usize,
+        sink: &mut K,
+    ) -> Result<usize, RespError> {
+        let end = len.checked_add(2).ok_or(ProtocolError::BadInteger)?;
+        if len > max_element {
+            let mut left = len;
+            while left > 0 {
+                if self.buf.len() == *pos {
+                    self.read_more(pos, left).await?;
+                }
+                let have = (self.buf.len() - *pos).min(left);
+                *pos += have;
+                left -= have;
+            }
+            while self.buf.len() - *pos < 2 {
+                self.read_more(pos, 2).await?;
+            }
+            if &self.buf[*pos..*pos + 2] != b"\r\n" {
+                return Err(ProtocolError::BadBulkEnd.into());
+            }
+            *pos += 2;
+            sink.oversize();
+            return Ok(len);
+        }
+        while self.buf.len() - *pos < end {
+            let want = end - (self.buf.len() - *pos);
+            self.read_more(pos, want).await?;
+        }
+        if &self.buf[*pos + len..*pos + end] != b"\r\n" {
+            return Err(ProtocolError::BadBulkEnd.into());
+        }
+        sink.element(&self.buf[*pos..*pos + len], None);
+        *pos += end;
+        Ok(len)
     }
 
     /// Write one command and read its reply, both within `timeout`.
@@ -849,6 +988,19 @@ mod tests {
         (url, task)
     }
 
+    /// What a pop handed over: payloads, `None` for an element over the limit.
+    #[derive(Default)]
+    struct Got(Vec<Option<Vec<u8>>>);
+
+    impl Sink for Got {
+        fn element(&mut self, bytes: &[u8], _: Option<usize>) {
+            self.0.push(Some(bytes.to_vec()));
+        }
+        fn oversize(&mut self) {
+            self.0.push(None);
+        }
+    }
+
     fn client(url: &str) -> RespClient {
         RespClient::new(RespOptions {
             base_url: url.into(),
@@ -864,15 +1016,70 @@ mod tests {
         let (url, server) =
             scripted(vec![b"+OK\r\n", b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n", b"*0\r\n"]).await;
         let mut c = client(&url);
-        let p = c.try_pop(5).await.unwrap();
-        assert!(
-            matches!(p.payload, Payload::Elements(ref e) if e == &[b"1".to_vec(), b"2".to_vec()])
-        );
+        let mut got = Got::default();
+        let p = c.try_pop(5, &mut got).await.unwrap();
+        assert_eq!(got.0, [Some(b"1".to_vec()), Some(b"2".to_vec())]);
         assert_eq!(p.via, Via::Resp);
-        let p = c.try_pop(5).await.unwrap();
-        assert!(matches!(p.payload, Payload::Elements(ref e) if e.is_empty()));
+        let mut got = Got::default();
+        c.try_pop(5, &mut got).await.unwrap();
+        assert!(got.0.is_empty());
         let seen = server.await.unwrap();
         assert!(seen.starts_with(b"*2\r\n$4\r\nAUTH\r\n$7\r\nthe-key\r\n*3\r\n$4\r\nLPOP\r\n"));
+    }
+
+    /// A server that answers AUTH, then writes `reply` to LPOP a few bytes at a time.
+    async fn trickling(reply: Vec<u8>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"+OK\r\n").await.unwrap();
+            let _ = s.read(&mut buf).await.unwrap();
+            for piece in reply.chunks(7) {
+                s.write_all(piece).await.unwrap();
+                s.flush().await.unwrap();
+            }
+            let _ = s.read(&mut buf).await;
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn elements_are_streamed_and_one_over_the_limit_is_skipped_not_fatal() {
+        let big = "x".repeat(5000);
+        let reply = format!(
+            "*3\r\n$7\r\n{{\"a\":1}}\r\n${}\r\n{big}\r\n$1\r\n7\r\n",
+            big.len()
+        );
+        let mut c = client(&trickling(reply.into_bytes()).await);
+        c.max_reply_bytes = 1000;
+        let mut got = Got::default();
+        let p = c.try_pop(3, &mut got).await.unwrap();
+        assert_eq!(
+            got.0,
+            [Some(br#"{"a":1}"#.to_vec()), None, Some(b"7".to_vec())]
+        );
+        assert_eq!(p.bytes, 7 + 5000 + 1);
+        assert!(
+            c.is_connected(),
+            "the connection is kept after a skipped element"
+        );
+    }
+
+    #[tokio::test]
+    async fn elements_before_a_broken_reply_are_handed_over() {
+        let reply = b"*3\r\n$1\r\na\r\n$1\r\nbXX".to_vec();
+        let mut c = client(&trickling(reply).await);
+        let mut got = Got::default();
+        let e = c.try_pop(3, &mut got).await.unwrap_err();
+        assert!(
+            matches!(e, RespError::Protocol(ProtocolError::BadBulkEnd)),
+            "{e}"
+        );
+        assert_eq!(got.0, [Some(b"a".to_vec())]);
+        assert!(!c.is_connected());
     }
 
     #[tokio::test]
@@ -881,7 +1088,10 @@ mod tests {
             b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n",
         ])
         .await;
-        let e = client(&url).try_pop(1).await.unwrap_err();
+        let e = client(&url)
+            .try_pop(1, &mut Got::default())
+            .await
+            .unwrap_err();
         assert!(e.means_no_resp(), "{e}");
     }
 
@@ -889,7 +1099,7 @@ mod tests {
     async fn a_refused_key_is_an_auth_error_without_the_key() {
         let (url, _server) = scripted(vec![b"-ERR invalid management key\r\n"]).await;
         let mut c = client(&url);
-        let e = c.pop(1).await.unwrap_err();
+        let e = c.pop(1, &mut Got::default()).await.unwrap_err();
         assert!(matches!(e, PopError::Auth(AuthCause::WrongKey)), "{e}");
         assert!(!e.to_string().contains("the-key"));
         assert!(!c.is_connected());
@@ -915,8 +1125,9 @@ mod tests {
         });
         let mut c = client(&url);
         for want in [b"a", b"b"] {
-            let p = c.try_pop(1).await.unwrap();
-            assert!(matches!(p.payload, Payload::Elements(ref e) if e == &[want.to_vec()]));
+            let mut got = Got::default();
+            c.try_pop(1, &mut got).await.unwrap();
+            assert_eq!(got.0, [Some(want.to_vec())]);
         }
         assert_eq!(server.await.unwrap(), 2, "one AUTH per connection");
     }
@@ -925,7 +1136,7 @@ mod tests {
     async fn tls_to_a_plain_port_is_an_io_error() {
         let (url, _server) = scripted(vec![b"HTTP/1.1 400 Bad Request\r\n\r\n"]).await;
         let e = client(&url.replace("http://", "https://"))
-            .try_pop(1)
+            .try_pop(1, &mut Got::default())
             .await
             .unwrap_err();
         assert!(matches!(e, RespError::Io(_)), "{e}");
@@ -1062,7 +1273,7 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let e = client(&format!("http://127.0.0.1:{port}"))
-            .pop(1)
+            .pop(1, &mut Got::default())
             .await
             .unwrap_err();
         assert_eq!(e.result_label(), "unreachable");
@@ -1075,6 +1286,9 @@ mod tests {
         });
         let mut c = client(&url);
         c.timeout = Duration::from_millis(200);
-        assert!(matches!(c.pop(1).await, Err(PopError::Timeout)));
+        assert!(matches!(
+            c.pop(1, &mut Got::default()).await,
+            Err(PopError::Timeout)
+        ));
     }
 }

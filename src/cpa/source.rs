@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::resp::{RespClient, RespError, RespOptions, SetupError};
 use super::{Client, ClientOptions, PopError, Popped};
 use crate::config::{ApiVersion, Secret, Transport};
+use crate::ingest::split::Sink;
 
 pub struct SourceOptions {
     pub base_url: String,
@@ -113,23 +114,27 @@ impl AnySource {
         }
     }
 
-    pub async fn pop(&mut self, count: usize) -> Result<Popped, PopError> {
+    pub async fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> Result<Popped, PopError> {
         let (resp_idle, http_idle) = (self.resp_idle, self.http_idle);
         match &mut self.mode {
-            Mode::Http(http) => http.pop(count).await,
-            Mode::Resp(resp) => resp.pop(count).await,
+            Mode::Http(http) => http.pop(count, sink).await,
+            Mode::Resp(resp) => resp.pop(count, sink).await,
             Mode::Auto {
                 http,
                 chosen: Some(Transport::Http),
                 ..
-            } => http.pop(count).await,
+            } => http.pop(count, sink).await,
             Mode::Auto {
                 resp,
                 chosen: Some(_),
                 ..
-            } => resp.pop(count).await,
+            } => resp.pop(count, sink).await,
             Mode::Auto { resp, http, chosen } => {
-                let probe = resp.try_pop(count).await;
+                let probe = resp.try_pop(count, sink).await;
                 match decide(&probe) {
                     Some(Transport::Http) => {
                         let reason = probe.err().map(|e| e.to_string()).unwrap_or_default();
@@ -140,7 +145,7 @@ impl AnySource {
                             "CPA does not speak RESP on its API port: using HTTP for the life of the process"
                         );
                         *chosen = Some(Transport::Http);
-                        return http.pop(count).await;
+                        return http.pop(count, sink).await;
                     }
                     Some(transport) => {
                         if probe.is_ok() {
@@ -187,11 +192,12 @@ fn decide(probe: &Result<Popped, RespError>) -> Option<Transport> {
 }
 
 impl crate::drain::Source for AnySource {
-    fn pop(
+    fn pop<K: Sink + Send>(
         &mut self,
         count: usize,
+        sink: &mut K,
     ) -> impl std::future::Future<Output = Result<Popped, PopError>> + Send {
-        AnySource::pop(self, count)
+        AnySource::pop(self, count, sink)
     }
 
     fn idle_interval(&self) -> Option<Duration> {
@@ -203,11 +209,11 @@ impl crate::drain::Source for AnySource {
 mod tests {
     use super::*;
     use crate::cpa::resp::ProtocolError;
-    use crate::cpa::{AuthCause, Payload, Via};
+    use crate::cpa::{AuthCause, Via};
 
     fn ok() -> Result<Popped, RespError> {
         Ok(Popped {
-            payload: Payload::Elements(Vec::new()),
+            bytes: 0,
             via: Via::Resp,
             cpa_version: None,
             cpa_commit: None,

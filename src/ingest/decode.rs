@@ -171,8 +171,8 @@ pub struct RawRecord<'a> {
     #[serde(borrow)]
     pub event_id: Option<Cow<'a, str>>,
     /// Only the quota and rate-limit headers; nothing else of `response_headers` is read.
-    #[serde(deserialize_with = "super::quota::deserialize_quota_headers")]
-    pub response_headers: super::quota::QuotaHeaders,
+    #[serde(borrow, deserialize_with = "super::quota::deserialize_quota_headers")]
+    pub response_headers: super::quota::QuotaHeaders<'a>,
 }
 
 /// What one queue element turned out to be.
@@ -279,7 +279,12 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
         if digits == 0 {
             return None;
         }
-        frac = format!("0.{}", &after_dot[..digits]).parse().ok()?;
+        // Nanoseconds at most matter; without allocating a string per record.
+        let mut n = 0u64;
+        for b in after_dot.bytes().take(digits.min(9)) {
+            n = n * 10 + u64::from(b - b'0');
+        }
+        frac = n as f64 / 10f64.powi(digits.min(9) as i32);
         rest = &after_dot[digits..];
     }
     let offset_secs = match rest.as_bytes() {

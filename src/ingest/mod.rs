@@ -52,6 +52,15 @@ impl Delta {
     pub fn is_empty(&self) -> bool {
         self.families.iter().all(HashMap::is_empty)
     }
+
+    /// Add another batch's increments to these.
+    pub fn absorb(&mut self, mut other: Delta) {
+        for family in Family::ALL {
+            for (labels, value) in std::mem::take(&mut other.families[family as usize]) {
+                self.add(family, labels, value);
+            }
+        }
+    }
 }
 
 /// The outcome of ingesting one popped batch, ready to be committed in one transaction.
@@ -73,6 +82,37 @@ pub struct Batch {
     pub repaired_utf8: u64,
 }
 
+impl Batch {
+    /// Add the outcome of the next part of the same pop.
+    pub fn absorb(&mut self, other: Batch) {
+        if self.elements == 0 && self.delta.is_empty() {
+            *self = other;
+            return;
+        }
+        self.delta.absorb(other.delta);
+        self.event_ids.extend(other.event_ids);
+        self.elements += other.elements;
+        self.ingested += other.ingested;
+        self.last_record_timestamp = match (self.last_record_timestamp, other.last_record_timestamp)
+        {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        for (credential, obs) in other.quota {
+            match self.quota.entry(credential) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().merge(&obs),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(obs);
+                }
+            }
+        }
+        for (reason, n) in other.invalid {
+            *self.invalid.entry(reason).or_default() += n;
+        }
+        self.repaired_utf8 += other.repaired_utf8;
+    }
+}
+
 /// Quota and rate-limit values a credential's responses reported, as of `observed_at`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuotaObservation {
@@ -80,11 +120,15 @@ pub struct QuotaObservation {
     /// Unix seconds when the response carrying the headers arrived.
     pub observed_at: f64,
     pub fields: BTreeMap<quota::Field, f64>,
+    /// Records that carried these values in the batch (0 once stored): what the series limit
+    /// counts as folded when it refuses them.
+    pub records: u64,
 }
 
 impl QuotaObservation {
     /// Merge another observation of the same credential: per field, the later value wins.
     pub fn merge(&mut self, other: &QuotaObservation) {
+        self.records += other.records;
         if other.observed_at >= self.observed_at {
             self.fields
                 .extend(other.fields.iter().map(|(f, v)| (*f, *v)));
@@ -122,21 +166,127 @@ impl<'a> Text<'a> {
     }
 }
 
-/// Ingest an HTTP queue response (a JSON array). `seen` tells whether a dedup id was applied.
+/// Bytes of elements gathered before they are decoded together: large enough that a batch of
+/// CPA-sized records is decoded in one or two goes, small enough to bound memory.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// Builds one [`Batch`] from the elements of one pop as they arrive ([`split::Sink`]). Elements
+/// are gathered up to [`CHUNK_BYTES`], decoded and folded into the batch, so memory follows the
+/// largest element, not the response. Elements over the transport's per-element limit are
+/// counted as invalid (`too_large`).
+pub struct BatchBuilder<'p, F> {
+    pricing: &'p Pricing,
+    seen: F,
+    /// When the pop started, Unix seconds: no record time is later than this.
+    now: f64,
+    arena: Vec<u8>,
+    /// Each gathered element: its range in `arena` and its depth when known.
+    spans: Vec<(usize, usize, Option<usize>)>,
+    batch: Batch,
+    /// Dedup ids of the parts already decoded.
+    ids: HashSet<u64>,
+    oversize: u64,
+}
+
+impl<'p, F: Fn(u64) -> bool> BatchBuilder<'p, F> {
+    /// `seen` tells whether a dedup id was applied before; `now` is when the pop started.
+    pub fn new(pricing: &'p Pricing, now: f64, seen: F) -> Self {
+        BatchBuilder {
+            pricing,
+            seen,
+            now,
+            arena: Vec::new(),
+            spans: Vec::new(),
+            batch: Batch::default(),
+            ids: HashSet::new(),
+            oversize: 0,
+        }
+    }
+
+    /// Elements received so far (decoded or not).
+    pub fn elements(&self) -> usize {
+        self.batch.elements + self.spans.len() + self.oversize as usize
+    }
+
+    fn flush(&mut self) {
+        if self.spans.is_empty() {
+            return;
+        }
+        let mut repaired = 0;
+        let texts: Vec<Text<'_>> = self
+            .spans
+            .iter()
+            .map(|&(from, to, depth)| {
+                let bytes = &self.arena[from..to];
+                let depth = depth.unwrap_or_else(|| split::nesting(bytes));
+                Text::of(bytes, depth, &mut repaired)
+            })
+            .collect();
+        let (seen, ids) = (&self.seen, &self.ids);
+        let mut part = ingest_iter(&texts, self.pricing, self.now, |id| {
+            seen(id) || ids.contains(&id)
+        });
+        drop(texts);
+        part.repaired_utf8 = repaired;
+        self.ids.extend(part.event_ids.iter().copied());
+        self.batch.absorb(part);
+        self.arena.clear();
+        self.spans.clear();
+    }
+
+    /// The batch of everything received.
+    pub fn finish(mut self) -> Batch {
+        self.flush();
+        let mut batch = self.batch;
+        let n = self.oversize;
+        if n > 0 {
+            batch.elements += n as usize;
+            *batch.invalid.entry(reason::TOO_LARGE).or_default() += n;
+            batch
+                .delta
+                .add_count(Family::Records, &[outcome::INVALID], n);
+            batch
+                .delta
+                .add_count(Family::InvalidRecords, &[reason::TOO_LARGE], n);
+        }
+        batch
+    }
+}
+
+impl<F: Fn(u64) -> bool> split::Sink for BatchBuilder<'_, F> {
+    fn element(&mut self, bytes: &[u8], depth: Option<usize>) {
+        let from = self.arena.len();
+        self.arena.extend_from_slice(bytes);
+        self.spans.push((from, self.arena.len(), depth));
+        if self.arena.len() >= CHUNK_BYTES {
+            self.flush();
+        }
+    }
+
+    fn oversize(&mut self) {
+        self.oversize += 1;
+    }
+}
+
+/// Now, Unix seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Ingest a whole HTTP queue response (a JSON array). `seen` tells whether a dedup id was
+/// applied. The drain loop streams instead ([`BatchBuilder`] fed by a [`split::Splitter`]).
 pub fn ingest_body(
     body: &[u8],
     pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
 ) -> Result<Batch, NotAnArray> {
-    let elements = split::split_array(body).map_err(NotAnArray)?;
-    let mut repaired = 0;
-    let texts: Vec<Text<'_>> = elements
-        .iter()
-        .map(|e| Text::of(e.bytes, e.depth, &mut repaired))
-        .collect();
-    let mut batch = ingest_iter(&texts, pricing, seen);
-    batch.repaired_utf8 = repaired;
-    Ok(batch)
+    let mut builder = BatchBuilder::new(pricing, unix_now(), seen);
+    let mut splitter = split::Splitter::new(usize::MAX);
+    splitter.feed(body, &mut builder).map_err(NotAnArray)?;
+    splitter.finish().map_err(NotAnArray)?;
+    Ok(builder.finish())
 }
 
 /// Ingest raw payloads, one per element (RESP).
@@ -145,29 +295,19 @@ pub fn ingest_elements(
     pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
 ) -> Batch {
-    let mut repaired = 0;
-    let texts: Vec<Text<'_>> = elements
-        .iter()
-        .map(|e| Text::of(e, split::nesting(e), &mut repaired))
-        .collect();
-    let mut batch = ingest_iter(&texts, pricing, seen);
-    batch.repaired_utf8 = repaired;
-    batch
-}
-
-/// Ingest whatever a transport popped.
-pub fn ingest_payload(
-    payload: &crate::cpa::Payload,
-    pricing: &Pricing,
-    seen: impl Fn(u64) -> bool,
-) -> Result<Batch, NotAnArray> {
-    match payload {
-        crate::cpa::Payload::JsonArray(body) => ingest_body(body, pricing, seen),
-        crate::cpa::Payload::Elements(elements) => Ok(ingest_elements(elements, pricing, seen)),
+    let mut builder = BatchBuilder::new(pricing, unix_now(), seen);
+    for e in elements {
+        split::Sink::element(&mut builder, e, None);
     }
+    builder.finish()
 }
 
-fn ingest_iter<'a>(texts: &'a [Text<'a>], pricing: &Pricing, seen: impl Fn(u64) -> bool) -> Batch {
+fn ingest_iter<'a>(
+    texts: &'a [Text<'a>],
+    pricing: &Pricing,
+    now: f64,
+    seen: impl Fn(u64) -> bool,
+) -> Batch {
     let mut agg: HashMap<RecKey<'_>, RecAgg> = HashMap::new();
     let mut batch = Batch {
         elements: texts.len(),
@@ -178,7 +318,7 @@ fn ingest_iter<'a>(texts: &'a [Text<'a>], pricing: &Pricing, seen: impl Fn(u64) 
     for text in texts {
         let outcome = match text {
             Text::Json(raw) => {
-                decode_element_into(raw, &mut agg, &mut batch, &mut ids_in_batch, &seen)
+                decode_element_into(raw, now, &mut agg, &mut batch, &mut ids_in_batch, &seen)
             }
             Text::TooDeep => Outcome::Invalid(reason::TOO_DEEP),
         };
@@ -220,6 +360,7 @@ enum Outcome {
 
 fn decode_element_into<'a>(
     raw: &'a str,
+    now: f64,
     agg: &mut HashMap<RecKey<'a>, RecAgg>,
     batch: &mut Batch,
     ids_in_batch: &mut HashSet<u64>,
@@ -240,12 +381,18 @@ fn decode_element_into<'a>(
         }
         batch.event_ids.push(h);
     }
-    let started = rec.timestamp.as_deref().and_then(decode::parse_rfc3339);
+    // A record cannot have started after it was popped: a later time (a wrong clock, or a
+    // record stamped 2099) counts as the time of the pop, so it never outranks a real one.
+    let started = rec
+        .timestamp
+        .as_deref()
+        .and_then(decode::parse_rfc3339)
+        .map(|t| t.min(now));
     if let Some(ts) = started {
         batch.last_record_timestamp = Some(batch.last_record_timestamp.map_or(ts, |t| t.max(ts)));
     }
     if !rec.response_headers.is_empty() {
-        note_quota(&rec, started, &obs, &mut batch.quota);
+        note_quota(&rec, started, now, &obs, &mut batch.quota);
     }
     agg.entry(RecKey::take(&mut rec)).or_default().add(&obs);
     Outcome::Ingested
@@ -255,6 +402,7 @@ fn decode_element_into<'a>(
 fn note_quota(
     rec: &RawRecord<'_>,
     started: Option<f64>,
+    now: f64,
     obs: &Observation,
     quota: &mut HashMap<String, QuotaObservation>,
 ) {
@@ -264,25 +412,50 @@ fn note_quota(
     let Some(started) = started else {
         return;
     };
-    let observed_at = started + obs.ttft_seconds.or(obs.latency_seconds).unwrap_or(0.0);
-    let fields = rec.response_headers.fields(observed_at);
-    if fields.is_empty() {
-        return;
-    }
+    let observed_at = (started + obs.ttft_seconds.or(obs.latency_seconds).unwrap_or(0.0)).min(now);
     let provider = rec
         .provider
         .as_deref()
         .filter(|p| !p.is_empty())
         .unwrap_or("unknown");
+    let provider = labels::sanitize(provider);
+    let credential = labels::sanitize(credential);
+    // Most records of a batch update a credential already seen in it: merge in place,
+    // allocating nothing.
+    if let Some(q) = quota.get_mut(&*credential) {
+        let mut any = false;
+        let later = observed_at >= q.observed_at;
+        rec.response_headers
+            .for_each_field(observed_at, |field, v| {
+                any = true;
+                if later {
+                    q.fields.insert(field, v);
+                } else {
+                    q.fields.entry(field).or_insert(v);
+                }
+            });
+        if any {
+            q.records += 1;
+            if later {
+                q.observed_at = observed_at;
+                if q.provider != *provider {
+                    q.provider = provider.into_owned();
+                }
+            }
+        }
+        return;
+    }
+    let fields = rec.response_headers.fields(observed_at);
+    if fields.is_empty() {
+        return;
+    }
     let new = QuotaObservation {
-        provider: labels::sanitize(provider).into_owned(),
+        provider: provider.into_owned(),
         observed_at,
         fields,
+        records: 1,
     };
-    quota
-        .entry(labels::sanitize(credential).into_owned())
-        .and_modify(|q| q.merge(&new))
-        .or_insert(new);
+    quota.insert(credential.into_owned(), new);
 }
 
 /// What one usage record contributes besides its labels.

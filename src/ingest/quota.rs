@@ -95,6 +95,33 @@ impl Field {
     }
 }
 
+/// The quota gauge families, by their `family` label in `cpa_exporter_series` and
+/// `cpa_exporter_series_overflow_total` (the metric name without `cpa_`). Index = [`Field::family`];
+/// the last one has one series per credential.
+pub const FAMILIES: [&str; 6] = [
+    "quota_used_ratio",
+    "quota_window_seconds",
+    "quota_reset_timestamp_seconds",
+    "ratelimit_remaining",
+    "ratelimit_limit",
+    "quota_last_observed_timestamp_seconds",
+];
+/// Index in [`FAMILIES`] of the one-series-per-credential family.
+pub const PER_CREDENTIAL: usize = 5;
+
+impl Field {
+    /// Index in [`FAMILIES`] of the gauge family this field is a series of.
+    pub fn family(self) -> usize {
+        match self {
+            Field::UsedRatio(_) => 0,
+            Field::WindowSeconds(_) => 1,
+            Field::ResetTimestamp(_) => 2,
+            Field::RateLimitRemaining(_) => 3,
+            Field::RateLimitLimit(_) => 4,
+        }
+    }
+}
+
 /// How a header's text becomes a field value.
 #[derive(Debug, Clone, Copy)]
 enum Conv {
@@ -193,33 +220,46 @@ const HEADERS: [(&str, Field, Conv); 16] = [
     ),
 ];
 
-/// The quota header values of one record, still as text (converted once the time is known).
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct QuotaHeaders(Vec<(usize, String)>);
+/// Longest header value read; quota values are short numbers or timestamps.
+const MAX_VALUE_CHARS: usize = 64;
 
-impl QuotaHeaders {
+/// The quota header values of one record, still as text (converted once the time is known),
+/// borrowed from the response where they hold no escapes: one slot per known header, the last
+/// occurrence wins. Decoding them allocates nothing.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct QuotaHeaders<'a>([Option<Cow<'a, str>>; HEADERS.len()]);
+
+impl QuotaHeaders<'_> {
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.iter().all(Option::is_none)
     }
 
-    /// Field values as of `observed_at` (Unix seconds). Anthropic windows imply their length.
-    pub fn fields(&self, observed_at: f64) -> BTreeMap<Field, f64> {
-        let mut out = BTreeMap::new();
-        for (i, text) in &self.0 {
-            let (_, field, conv) = HEADERS[*i];
+    /// Each field value as of `observed_at` (Unix seconds), in header order. Anthropic windows
+    /// imply their length.
+    pub fn for_each_field(&self, observed_at: f64, mut f: impl FnMut(Field, f64)) {
+        for (text, (_, field, conv)) in self.0.iter().zip(HEADERS) {
+            let Some(text) = text else { continue };
             if let Some(v) = convert(conv, text.trim(), observed_at) {
-                out.insert(field, v);
+                f(field, v);
                 match field {
                     Field::UsedRatio(Window::FiveHour) => {
-                        out.insert(Field::WindowSeconds(Window::FiveHour), 5.0 * 3600.0);
+                        f(Field::WindowSeconds(Window::FiveHour), 5.0 * 3600.0);
                     }
                     Field::UsedRatio(Window::SevenDay) => {
-                        out.insert(Field::WindowSeconds(Window::SevenDay), 7.0 * 86_400.0);
+                        f(Field::WindowSeconds(Window::SevenDay), 7.0 * 86_400.0);
                     }
                     _ => {}
                 }
             }
         }
+    }
+
+    /// Field values as of `observed_at` (Unix seconds).
+    pub fn fields(&self, observed_at: f64) -> BTreeMap<Field, f64> {
+        let mut out = BTreeMap::new();
+        self.for_each_field(observed_at, |field, v| {
+            out.insert(field, v);
+        });
         out
     }
 }
@@ -243,34 +283,46 @@ fn convert(conv: Conv, text: &str, observed_at: f64) -> Option<f64> {
     }
 }
 
+/// Shortest and longest known header name: a cheap pre-check, most response headers are
+/// neither quota nor rate-limit headers.
+const NAME_LEN: std::ops::RangeInclusive<usize> = {
+    let (mut min, mut max, mut i) = (usize::MAX, 0, 0);
+    while i < HEADERS.len() {
+        let len = HEADERS[i].0.len();
+        min = if len < min { len } else { min };
+        max = if len > max { len } else { max };
+        i += 1;
+    }
+    min..=max
+};
+
 fn header_index(name: &str) -> Option<usize> {
-    // Cheap pre-check: most response headers are neither quota nor rate-limit headers.
     let first = name.as_bytes().first()?.to_ascii_lowercase();
-    if first != b'x' && first != b'a' {
+    if (first != b'x' && first != b'a') || !NAME_LEN.contains(&name.len()) {
         return None;
     }
     HEADERS
         .iter()
-        .position(|(h, _, _)| h.eq_ignore_ascii_case(name))
+        .position(|(h, _, _)| h.len() == name.len() && h.eq_ignore_ascii_case(name))
 }
 
 /// `response_headers`: `name -> [values]`. Only known names are decoded (their first value).
 pub fn deserialize_quota_headers<'de, D: Deserializer<'de>>(
     d: D,
-) -> Result<QuotaHeaders, D::Error> {
+) -> Result<QuotaHeaders<'de>, D::Error> {
     struct MapVisitor;
     impl<'de> Visitor<'de> for MapVisitor {
-        type Value = QuotaHeaders;
+        type Value = QuotaHeaders<'de>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a map of header names to values")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<QuotaHeaders, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<QuotaHeaders<'de>, A::Error> {
             let mut out = QuotaHeaders::default();
             while let Some(name) = map.next_key::<Cow<'de, str>>()? {
                 match header_index(&name) {
                     Some(i) => {
                         if let FirstValue(Some(v)) = map.next_value()? {
-                            out.0.push((i, v));
+                            out.0[i] = Some(v);
                         }
                     }
                     None => {
@@ -281,25 +333,25 @@ pub fn deserialize_quota_headers<'de, D: Deserializer<'de>>(
             Ok(out)
         }
         // Anything but a map (null, a string, ...) carries no quota information.
-        fn visit_unit<E: de::Error>(self) -> Result<QuotaHeaders, E> {
+        fn visit_unit<E: de::Error>(self) -> Result<QuotaHeaders<'de>, E> {
             Ok(QuotaHeaders::default())
         }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<QuotaHeaders, E> {
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<QuotaHeaders<'de>, E> {
             Ok(QuotaHeaders::default())
         }
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<QuotaHeaders, E> {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<QuotaHeaders<'de>, E> {
             Ok(QuotaHeaders::default())
         }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<QuotaHeaders, E> {
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<QuotaHeaders<'de>, E> {
             Ok(QuotaHeaders::default())
         }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<QuotaHeaders, E> {
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<QuotaHeaders<'de>, E> {
             Ok(QuotaHeaders::default())
         }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<QuotaHeaders, E> {
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<QuotaHeaders<'de>, E> {
             Ok(QuotaHeaders::default())
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<QuotaHeaders, A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<QuotaHeaders<'de>, A::Error> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
             Ok(QuotaHeaders::default())
         }
@@ -307,41 +359,53 @@ pub fn deserialize_quota_headers<'de, D: Deserializer<'de>>(
     d.deserialize_any(MapVisitor)
 }
 
-/// The first string of a header's value list (or the value itself if it is a bare string).
-struct FirstValue(Option<String>);
+/// The first string of a header's value list (or the value itself if it is a bare string),
+/// borrowed when it holds no escapes.
+struct FirstValue<'a>(Option<Cow<'a, str>>);
 
-impl<'de> de::Deserialize<'de> for FirstValue {
+/// At most [`MAX_VALUE_CHARS`] characters of `v`.
+fn bounded(v: &str) -> &str {
+    match v.char_indices().nth(MAX_VALUE_CHARS) {
+        Some((i, _)) => &v[..i],
+        None => v,
+    }
+}
+
+impl<'de> de::Deserialize<'de> for FirstValue<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = FirstValue;
+            type Value = FirstValue<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a list of header values")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<FirstValue, E> {
-                Ok(FirstValue(Some(v.chars().take(64).collect())))
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<FirstValue<'de>, E> {
+                Ok(FirstValue(Some(Cow::Borrowed(bounded(v)))))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<FirstValue, E> {
-                Ok(FirstValue(Some(v.to_string())))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<FirstValue<'de>, E> {
+                Ok(FirstValue(Some(Cow::Owned(bounded(v).to_owned()))))
             }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<FirstValue, E> {
-                Ok(FirstValue(Some(v.to_string())))
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<FirstValue<'de>, E> {
+                Ok(FirstValue(Some(Cow::Owned(v.to_string()))))
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<FirstValue, E> {
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<FirstValue<'de>, E> {
+                Ok(FirstValue(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<FirstValue<'de>, E> {
                 Ok(FirstValue(None))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<FirstValue, E> {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<FirstValue<'de>, E> {
                 Ok(FirstValue(None))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<FirstValue, E> {
+            fn visit_unit<E: de::Error>(self) -> Result<FirstValue<'de>, E> {
                 Ok(FirstValue(None))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FirstValue, A::Error> {
-                let first = seq.next_element::<FirstValue>()?.and_then(|f| f.0);
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FirstValue<'de>, A::Error> {
+                let first = seq.next_element::<FirstValue<'de>>()?.and_then(|f| f.0);
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(FirstValue(first))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FirstValue, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FirstValue<'de>, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(FirstValue(None))
             }
@@ -354,7 +418,7 @@ impl<'de> de::Deserialize<'de> for FirstValue {
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> QuotaHeaders {
+    fn parse(json: &str) -> QuotaHeaders<'_> {
         let mut de = serde_json::Deserializer::from_str(json);
         deserialize_quota_headers(&mut de).unwrap()
     }

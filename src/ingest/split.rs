@@ -193,6 +193,240 @@ pub fn nesting(bytes: &[u8]) -> usize {
     deepest
 }
 
+/// Receives the elements of a queue response as they arrive, one at a time.
+pub trait Sink {
+    /// One whole element: its bytes as sent, and how deeply it nests when the transport knows
+    /// (the HTTP splitter does; RESP payloads are measured by the receiver).
+    fn element(&mut self, bytes: &[u8], depth: Option<usize>);
+    /// An element larger than the per-element limit, skipped without being kept.
+    fn oversize(&mut self);
+}
+
+/// What the incremental splitter expects next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Whitespace, then `[`.
+    Open,
+    /// The first element or `]`.
+    FirstOrEnd,
+    /// An element (after a comma).
+    Next,
+    /// The rest of the element being read.
+    Element,
+    /// `,` or `]` after an element.
+    After,
+    /// Only whitespace until the end.
+    Done,
+}
+
+/// What kind of value the current element is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Container,
+    Str,
+    Scalar,
+}
+
+/// [`split_array`] over a body that arrives in pieces: each element is handed to a [`Sink`]
+/// as soon as its last byte is in, and only the element being read is kept. An element whose
+/// bytes exceed `max_element` is skipped (still scanned, never stored) and reported as
+/// [`Sink::oversize`], so memory is bounded by the limit, not by the response.
+#[derive(Debug)]
+pub struct Splitter {
+    expect: Expect,
+    max_element: usize,
+    /// Bytes of the current element that arrived in earlier pieces.
+    held: Vec<u8>,
+    /// Bytes of the current element so far, kept or not.
+    len: usize,
+    oversize: bool,
+    shape: Shape,
+    depth: usize,
+    deepest: usize,
+    in_string: bool,
+    /// The previous piece ended on a backslash inside a string.
+    escaped: bool,
+    /// Bytes fed before the current piece (for error offsets).
+    consumed: usize,
+}
+
+impl Splitter {
+    pub fn new(max_element: usize) -> Splitter {
+        Splitter {
+            expect: Expect::Open,
+            max_element,
+            held: Vec::new(),
+            len: 0,
+            oversize: false,
+            shape: Shape::Scalar,
+            depth: 0,
+            deepest: 0,
+            in_string: false,
+            escaped: false,
+            consumed: 0,
+        }
+    }
+
+    /// Feed the next piece of the body. After an error the splitter must not be fed again.
+    pub fn feed(&mut self, piece: &[u8], sink: &mut impl Sink) -> Result<(), SplitError> {
+        let mut i = 0;
+        while i < piece.len() {
+            match self.expect {
+                Expect::Element => i = self.element(piece, i, sink),
+                expect => {
+                    i = skip_ws(piece, i);
+                    let Some(&b) = piece.get(i) else { break };
+                    let unexpected = SplitError::Unexpected {
+                        byte: b,
+                        offset: self.consumed + i,
+                    };
+                    match (expect, b) {
+                        (Expect::Open, b'[') => {
+                            self.expect = Expect::FirstOrEnd;
+                            i += 1;
+                        }
+                        (Expect::Open, _) => return Err(SplitError::NotAnArray),
+                        (Expect::FirstOrEnd, b']') | (Expect::After, b']') => {
+                            self.expect = Expect::Done;
+                            i += 1;
+                        }
+                        (Expect::After, b',') => {
+                            self.expect = Expect::Next;
+                            i += 1;
+                        }
+                        (Expect::FirstOrEnd | Expect::Next, b']' | b',' | b'}') => {
+                            return Err(unexpected)
+                        }
+                        (Expect::FirstOrEnd | Expect::Next, _) => self.start(b),
+                        (Expect::After | Expect::Done, _) => return Err(unexpected),
+                        (Expect::Element, _) => unreachable!("handled above"),
+                    }
+                }
+            }
+        }
+        self.consumed += piece.len();
+        Ok(())
+    }
+
+    /// The body ended: it must have closed the array.
+    pub fn finish(&self) -> Result<(), SplitError> {
+        match self.expect {
+            Expect::Done => Ok(()),
+            Expect::Open => Err(SplitError::NotAnArray),
+            _ => Err(SplitError::Truncated(self.consumed)),
+        }
+    }
+
+    fn start(&mut self, first: u8) {
+        self.expect = Expect::Element;
+        self.len = 0;
+        self.oversize = false;
+        self.held.clear();
+        self.shape = match first {
+            b'{' | b'[' => Shape::Container,
+            b'"' => Shape::Str,
+            _ => Shape::Scalar,
+        };
+        (self.depth, self.deepest) = (0, 0);
+        (self.in_string, self.escaped) = (false, false);
+    }
+
+    /// Read the current element from `piece[i..]`; returns where reading stopped.
+    fn element(&mut self, piece: &[u8], i: usize, sink: &mut impl Sink) -> usize {
+        let (end, done) = self.scan(piece, i);
+        let part = &piece[i..end];
+        self.len += part.len();
+        if !self.oversize && self.len > self.max_element {
+            self.oversize = true;
+            self.held = Vec::new();
+        }
+        if done {
+            self.expect = Expect::After;
+            let depth = Some(self.deepest);
+            if self.oversize {
+                sink.oversize();
+            } else if self.held.is_empty() {
+                // The whole element is in this piece: no copy.
+                sink.element(part, depth);
+            } else {
+                self.held.extend_from_slice(part);
+                sink.element(&self.held, depth);
+                self.held.clear();
+            }
+        } else if !self.oversize {
+            self.held.extend_from_slice(part);
+        }
+        end
+    }
+
+    /// Scan the current element from `i`; returns where it ends (or the end of the piece) and
+    /// whether it ended.
+    fn scan(&mut self, piece: &[u8], mut i: usize) -> (usize, bool) {
+        loop {
+            if self.escaped {
+                if i >= piece.len() {
+                    return (i, false);
+                }
+                self.escaped = false;
+                i += 1;
+            }
+            if self.in_string {
+                let rest = piece.get(i..).unwrap_or_default();
+                match memchr::memchr2(b'"', b'\\', rest) {
+                    None => return (piece.len(), false),
+                    Some(p) if rest[p] == b'"' => {
+                        i += p + 1;
+                        self.in_string = false;
+                        if self.depth == 0 {
+                            return (i, true);
+                        }
+                    }
+                    Some(p) => {
+                        i += p + 1;
+                        self.escaped = true;
+                    }
+                }
+                continue;
+            }
+            match self.shape {
+                Shape::Scalar => {
+                    let rest = piece.get(i..).unwrap_or_default();
+                    // The first byte belongs to the scalar whatever it is.
+                    let from = usize::from(self.len == 0);
+                    return match rest
+                        .iter()
+                        .skip(from)
+                        .position(|&b| is_ws(b) || matches!(b, b',' | b']' | b'}'))
+                    {
+                        Some(p) => (i + from + p, true),
+                        None => (piece.len(), false),
+                    };
+                }
+                Shape::Str | Shape::Container => {
+                    i = next_structural(piece, i);
+                    let Some(&b) = piece.get(i) else {
+                        return (piece.len(), false);
+                    };
+                    i += 1;
+                    match b {
+                        b'"' => self.in_string = true,
+                        b'{' | b'[' => {
+                            self.depth += 1;
+                            self.deepest = self.deepest.max(self.depth);
+                        }
+                        _ => {
+                            self.depth = self.depth.saturating_sub(1);
+                            if self.depth == 0 {
+                                return (i, true);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,7 +512,104 @@ mod tests {
         })
     }
 
+    /// Collects what a [`Splitter`] hands out.
+    #[derive(Default)]
+    struct Collect(Vec<Option<(Vec<u8>, Option<usize>)>>);
+
+    impl Sink for Collect {
+        fn element(&mut self, bytes: &[u8], depth: Option<usize>) {
+            self.0.push(Some((bytes.to_vec(), depth)));
+        }
+        fn oversize(&mut self) {
+            self.0.push(None);
+        }
+    }
+
+    fn split_in_pieces(body: &[u8], piece: usize, max: usize) -> Result<Collect, SplitError> {
+        let mut s = Splitter::new(max);
+        let mut out = Collect::default();
+        for p in body.chunks(piece.max(1)) {
+            s.feed(p, &mut out)?;
+        }
+        s.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn pieces_of_any_size_give_the_same_elements_and_big_ones_are_skipped() {
+        let body = br#" [{"a":"x,]}\"y","b":[1,{"c":2}]}, "s\\", 12 , -1.5e3,true,null,[1,[2]]] "#;
+        let whole = split_array(body).unwrap();
+        for piece in 1..body.len() + 1 {
+            let got = split_in_pieces(body, piece, 1 << 20).unwrap();
+            let got: Vec<_> = got.0.into_iter().map(Option::unwrap).collect();
+            assert_eq!(got.len(), whole.len(), "piece {piece}");
+            for (g, w) in got.iter().zip(&whole) {
+                assert_eq!(g.0, w.bytes, "piece {piece}");
+                assert_eq!(g.1, Some(w.depth), "piece {piece}");
+            }
+        }
+        // Over the limit: skipped and reported, neighbours intact.
+        let big = format!(r#"[{{"a":1}},{{"body":"{}"}},7]"#, "x".repeat(5000));
+        for piece in [1, 7, 4096, 1 << 20] {
+            let got = split_in_pieces(big.as_bytes(), piece, 1000).unwrap().0;
+            assert_eq!(got.len(), 3);
+            assert_eq!(got[0].as_ref().unwrap().0, br#"{"a":1}"#);
+            assert!(got[1].is_none());
+            assert_eq!(got[2].as_ref().unwrap().0, b"7");
+        }
+    }
+
+    #[test]
+    fn pieces_that_are_not_arrays() {
+        use SplitError::*;
+        let err = |b: &str| split_in_pieces(b.as_bytes(), 3, 1 << 20).err().unwrap();
+        assert_eq!(err(""), NotAnArray);
+        assert_eq!(err(r#"{"error":"x"}"#), NotAnArray);
+        assert!(matches!(err("[1,2"), Truncated(_)));
+        assert!(matches!(err(r#"[{"a":"b"#), Truncated(_)));
+        assert!(matches!(err("[1,]"), Unexpected { byte: b']', .. }));
+        assert!(matches!(err("[,1]"), Unexpected { byte: b',', .. }));
+        assert!(matches!(err("[1] x"), Unexpected { byte: b'x', .. }));
+        assert!(matches!(err("[1 2]"), Unexpected { byte: b'2', .. }));
+    }
+
     proptest! {
+        /// Fed in pieces of any size, the streaming splitter finds what the whole-body one does.
+        #[test]
+        fn streaming_agrees_with_the_whole_body_splitter(
+            items in prop::collection::vec(json_value(), 0..10),
+            pretty in any::<bool>(),
+            piece in 1usize..64,
+        ) {
+            let array = serde_json::Value::Array(items);
+            let body = if pretty {
+                serde_json::to_string_pretty(&array).unwrap()
+            } else {
+                serde_json::to_string(&array).unwrap()
+            };
+            let whole = split_array(body.as_bytes()).unwrap();
+            let got = split_in_pieces(body.as_bytes(), piece, usize::MAX).unwrap().0;
+            prop_assert_eq!(got.len(), whole.len());
+            for (g, w) in got.iter().zip(&whole) {
+                let g = g.as_ref().unwrap();
+                prop_assert_eq!(&g.0[..], w.bytes);
+                prop_assert_eq!(g.1, Some(w.depth));
+            }
+        }
+
+        #[test]
+        fn streaming_never_panics_on_array_like_bytes(
+            parts in prop::collection::vec(prop_oneof![
+                Just(&b"["[..]), Just(&b"]"[..]), Just(&b"{"[..]), Just(&b"}"[..]),
+                Just(&b","[..]), Just(&b"\""[..]), Just(&b"\\"[..]), Just(&b" "[..]),
+                Just(&b"1"[..]), Just(&b":"[..]), Just(&b"\xff"[..]),
+            ], 0..64),
+            piece in 1usize..9,
+        ) {
+            let body: Vec<u8> = std::iter::once(&b"["[..]).chain(parts).flatten().copied().collect();
+            let _ = split_in_pieces(&body, piece, 16);
+        }
+
         /// On valid JSON, the scanner finds exactly the elements serde_json finds.
         #[test]
         fn agrees_with_serde_json_on_valid_arrays(

@@ -36,6 +36,8 @@ pub const SERIES_OVERFLOW: &str = "cpa_exporter_series_overflow";
 pub const STORE_SIZE: &str = "cpa_exporter_store_size";
 pub const STORE_ERRORS: &str = "cpa_exporter_store_errors";
 pub const SERIES_RETIRED: &str = "cpa_exporter_series_retired";
+pub const DRAIN_GAPS: &str = "cpa_exporter_drain_gaps";
+pub const DRAIN_GAP: &str = "cpa_exporter_drain_gap";
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
 const POLL_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -52,6 +54,10 @@ pub struct Live {
     pub store_errors: Counter,
     /// Series deleted by `series-retirement`, per family.
     pub series_retired: MetricFamily<OneLabel, Counter>,
+    /// Stretches without a successful pop longer than CPA's queue retention, and their
+    /// seconds beyond it (see [`crate::gap`]).
+    pub drain_gaps: Counter,
+    pub drain_gap_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
@@ -81,6 +87,8 @@ impl Default for Live {
             series_overflow: MetricFamily::default(),
             store_errors: Counter::default(),
             series_retired: MetricFamily::default(),
+            drain_gaps: Counter::default(),
+            drain_gap_seconds: Counter::default(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             key_state: std::sync::atomic::AtomicU8::new(0),
@@ -98,6 +106,9 @@ impl Default for Live {
             let _ = live
                 .series_retired
                 .get_or_create(&[("family", family.id())]);
+        }
+        for family in crate::ingest::quota::FAMILIES {
+            let _ = live.series_overflow.get_or_create(&[("family", family)]);
         }
         live
     }
@@ -244,6 +255,17 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "Series deleted because no record updated them within series-retirement (a returning series restarts at zero)",
         live.series_retired.clone(),
     );
+    r.register(
+        DRAIN_GAPS,
+        "Stretches without a successful pop (between two pops, or across a restart) longer than CPA's queue retention: records queued then expired unseen",
+        live.drain_gaps.clone(),
+    );
+    r.register_with_unit(
+        DRAIN_GAP,
+        "Seconds of those stretches beyond CPA's queue retention: records queued in them expired unseen",
+        Unit::Seconds,
+        live.drain_gap_seconds.clone(),
+    );
     r.register_collector(Box::new(cpa::CpaCollector(shared.clone())));
     r.register_collector(Box::new(StoredCollector(shared)));
     r.register_collector(Box::new(process::ProcessCollector));
@@ -328,6 +350,13 @@ impl prometheus_client::collector::Collector for StoredCollector {
         for family in Family::ALL {
             m.encode_family(&[("family", family.id())])?
                 .encode_gauge(&(state.series_count(family) as i64))?;
+        }
+        for (family, n) in crate::ingest::quota::FAMILIES
+            .iter()
+            .zip(state.quota_series())
+        {
+            m.encode_family(&[("family", *family)])?
+                .encode_gauge(&(n as i64))?;
         }
         let now = unix_now();
         for family in Family::ALL {

@@ -726,7 +726,7 @@ fn failure_body(status: u16) -> String {
 }
 
 /// Go's RFC3339Nano in UTC: fraction without trailing zeros, omitted when zero.
-fn rfc3339_nano(unix_secs: f64) -> String {
+pub fn rfc3339_nano(unix_secs: f64) -> String {
     let unix = if unix_secs.is_finite() {
         unix_secs.max(0.0)
     } else {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::ingest::quota::Field;
+use crate::ingest::quota::{self, Field};
 use crate::ingest::{Batch, QuotaObservation};
 use crate::schema::{is_structural_label, outcome, reason, Family, Kind, OVERFLOW_VALUE};
 use crate::series::{Hist, LabelValues, Value};
@@ -45,7 +45,20 @@ const MIGRATIONS: [&str; 3] = [
     "ALTER TABLE series ADD COLUMN created_at INTEGER;",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+/// `PRAGMA application_id` of our databases ("CPAE"), so another application's SQLite file is
+/// recognised and left alone.
+pub const APPLICATION_ID: i32 = 0x4350_4145;
+/// Schema versions written before databases carried [`APPLICATION_ID`]; such a database is ours
+/// when it holds only our tables.
+const UNMARKED_VERSIONS: std::ops::RangeInclusive<i64> = 1..=2;
+/// Every table those versions created.
+const UNMARKED_TABLES: [&str; 4] = ["series", "dedup", "meta", "quota"];
 const META_LAST_RECORD_TS: &str = "last_record_timestamp";
+/// When the last successful pop started, Unix seconds: the start of a gap across a restart.
+const META_LAST_POP: &str = "last_successful_pop";
+/// The last pop time is written at most this often (a gap across a restart is measured to
+/// within it).
+const LAST_POP_EVERY: f64 = 5.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +72,10 @@ pub enum StoreError {
         "the state database {path} has schema version {found}, newer than this exporter's {SCHEMA_VERSION}; use a newer exporter or another --db"
     )]
     TooNew { path: PathBuf, found: i64 },
+    #[error(
+        "{path} is not a cpa-usage-exporter state database ({why}); it was left untouched: point --db / CPA_EXPORTER_DB at another file (a new or empty one is initialised)"
+    )]
+    Foreign { path: PathBuf, why: String },
     #[error("the state database holds a corrupt row ({0})")]
     Corrupt(String),
     #[error("SQLite: {0}")]
@@ -154,6 +171,18 @@ impl State {
         self.families[family as usize].len()
     }
 
+    /// Series of each quota gauge family (indexed like [`quota::FAMILIES`]).
+    pub fn quota_series(&self) -> [usize; quota::FAMILIES.len()] {
+        let mut n = [0; quota::FAMILIES.len()];
+        for q in self.quota.values() {
+            n[quota::PER_CREDENTIAL] += 1;
+            for f in q.fields.keys() {
+                n[f.family()] += 1;
+            }
+        }
+        n
+    }
+
     /// Stored series over all families.
     pub fn total_series(&self) -> usize {
         self.families.iter().map(BTreeMap::len).sum()
@@ -204,6 +233,9 @@ pub struct Plan {
     writes: Vec<Write>,
     /// Records folded into the overflow series, per family.
     pub overflowed: [u64; Family::COUNT],
+    /// Records whose quota values were not kept because a quota family reached the series
+    /// limit, per quota family (indexed like [`quota::FAMILIES`]).
+    pub quota_overflowed: [u64; quota::FAMILIES.len()],
     event_ids: Vec<(i64, u64)>,
     last_record_timestamp: Option<f64>,
     /// Merged quota observations to write.
@@ -219,6 +251,8 @@ pub struct Store {
     path: PathBuf,
     limits: Limits,
     dedup: Dedup,
+    /// The last successful pop: (time, whether written to the database).
+    last_pop: Option<(f64, bool)>,
 }
 
 impl Store {
@@ -231,6 +265,8 @@ impl Store {
         create_private(path).map_err(|e| open_err(e.into()))?;
         let conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Nothing is written before the file is known to be ours (or empty).
+        claim(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| open_err(e.into()))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -240,6 +276,7 @@ impl Store {
             path: path.to_owned(),
             limits,
             dedup: Dedup::default(),
+            last_pop: None,
         };
         store.migrate()?;
         store.init_known_series()?;
@@ -250,6 +287,49 @@ impl Store {
     /// Whether an `event_id` (hashed) was applied within the dedup window.
     pub fn seen(&self, id: u64) -> bool {
         self.dedup.set.contains(&id)
+    }
+
+    /// The `event_id`s (hashed) within the dedup window.
+    pub fn seen_ids(&self) -> &HashSet<u64> {
+        &self.dedup.set
+    }
+
+    /// When the last successful pop recorded in the database started (by this process or an
+    /// earlier one), Unix seconds.
+    pub fn last_pop(&self) -> Option<f64> {
+        self.last_pop.map(|(t, _)| t)
+    }
+
+    /// Remember a successful pop. It is written to the database at most every few seconds;
+    /// [`Store::flush_last_pop`] writes the latest at once.
+    pub fn note_pop(&mut self, at: f64) -> Result<(), StoreError> {
+        let written = self
+            .last_pop
+            .filter(|(_, written)| *written)
+            .map(|(t, _)| t);
+        self.last_pop = Some((at, false));
+        if written.is_none_or(|w| at - w >= LAST_POP_EVERY) {
+            self.flush_last_pop()?;
+        }
+        Ok(())
+    }
+
+    /// Write the last pop time now (at shutdown).
+    pub fn flush_last_pop(&mut self) -> Result<(), StoreError> {
+        if let Some((at, false)) = self.last_pop {
+            // No fsync for this one (it would slow every idle poll): a process crash keeps it
+            // (the write-ahead log is in the OS's hands), only a power loss may lose it.
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            let written = self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![META_LAST_POP, at],
+            );
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            written?;
+            self.last_pop = Some((at, true));
+        }
+        Ok(())
     }
 
     /// `event_id`s currently remembered.
@@ -359,6 +439,12 @@ impl Store {
     }
 
     fn load(&mut self) -> Result<State, StoreError> {
+        // Times beyond now were written by versions that trusted a record's future timestamp
+        // (a record stamped 2099 froze its credential's quota gauges): they count as now, so a
+        // later real observation outranks them and the retention drops them in time.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let mut state = State {
             quota_retention: self.limits.quota_retention,
             new_series_hold: self.limits.new_series_hold,
@@ -414,7 +500,18 @@ impl Store {
                 [META_LAST_RECORD_TS],
                 |r| r.get::<_, f64>(0),
             )
-            .optional()?;
+            .optional()?
+            .map(|t| t.min(now));
+        self.last_pop = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [META_LAST_POP],
+                |r| r.get::<_, f64>(0),
+            )
+            .optional()?
+            .filter(|t| *t <= now)
+            .map(|t| (t, true));
         let mut stmt = self
             .conn
             .prepare("SELECT credential, field, provider, value, observed_at FROM quota")?;
@@ -425,8 +522,9 @@ impl Store {
             };
             let obs = QuotaObservation {
                 provider: row.get(2)?,
-                observed_at: row.get(4)?,
+                observed_at: row.get::<_, f64>(4)?.min(now),
                 fields: [(field, row.get(3)?)].into(),
+                records: 0,
             };
             state
                 .quota
@@ -443,6 +541,12 @@ impl Store {
         // Index into `plan.writes` of each series touched; folded label sets share one write.
         let mut slots: [HashMap<LabelValues, usize>; Family::COUNT] = Default::default();
         let mut new_series = [0usize; Family::COUNT];
+        // Label sets of the tokens and cost families whose records were already counted as
+        // folded (one record feeds several token-type series).
+        let mut folded_keys: [HashSet<LabelValues>; Family::COUNT] = Default::default();
+        // Records per (provider, model, credential, api_key), built only when such a series
+        // folds (rare): the requests family counts records under a superset of those labels.
+        let mut records_per_key: Option<HashMap<LabelValues, u64>> = None;
         for (family, labels, delta) in batch.delta.iter() {
             let f = family as usize;
             let stored = &state.families[f];
@@ -452,7 +556,20 @@ impl Store {
                 && family.is_capped()
                 && stored.len() + new_series[f] >= self.limits.series_per_family
             {
-                plan.overflowed[f] += records_in(delta);
+                plan.overflowed[f] += match family {
+                    // Their values are tokens and nano-USD: count the records behind them.
+                    Family::Tokens | Family::Cost => {
+                        let key: LabelValues = labels.iter().take(4).cloned().collect();
+                        let per_key = records_per_key.get_or_insert_with(|| records_by_key(batch));
+                        let n = per_key.get(&key).copied().unwrap_or(0);
+                        if folded_keys[f].insert(key) {
+                            n
+                        } else {
+                            0
+                        }
+                    }
+                    _ => records_in(delta),
+                };
                 folded = fold(family, labels);
                 &folded
             } else {
@@ -482,13 +599,43 @@ impl Store {
                 *n = (*n).min(MAX_COUNTER);
             }
         }
+        // Quota gauges are under the series limit too: a new credential, or a new field of a
+        // known one, is not kept once its family is full (a gauge cannot be summed into an
+        // `__other__` series), and its records are counted as folded.
+        let limit = self.limits.series_per_family;
+        let mut quota_series = None;
         for (credential, obs) in &batch.quota {
-            let mut merged = state
-                .quota
-                .get(credential)
-                .cloned()
-                .unwrap_or_else(|| obs.clone());
+            let series = quota_series.get_or_insert_with(|| state.quota_series());
+            let stored = state.quota.get(credential);
+            if stored.is_none() {
+                if series[quota::PER_CREDENTIAL] >= limit {
+                    plan.quota_overflowed[quota::PER_CREDENTIAL] += obs.records;
+                    continue;
+                }
+                series[quota::PER_CREDENTIAL] += 1;
+            }
+            let mut merged = stored.cloned().unwrap_or_else(|| QuotaObservation {
+                fields: BTreeMap::new(),
+                ..obs.clone()
+            });
             merged.merge(obs);
+            let mut refused = [false; quota::FAMILIES.len()];
+            merged.fields.retain(|field, _| {
+                if stored.is_some_and(|s| s.fields.contains_key(field)) {
+                    return true;
+                }
+                let f = field.family();
+                if series[f] >= limit {
+                    refused[f] = true;
+                    return false;
+                }
+                series[f] += 1;
+                true
+            });
+            for (f, refused) in refused.into_iter().enumerate() {
+                plan.quota_overflowed[f] += if refused { obs.records } else { 0 };
+            }
+            merged.records = 0;
             plan.quota.push((credential.clone(), merged));
         }
         plan.event_ids = (self.dedup.next_seq()..)
@@ -629,6 +776,52 @@ impl Store {
     }
 }
 
+/// Make sure the database at `path` is ours, and mark it so: a database with our
+/// application id, an empty one (a zero-byte file is one), or one an older version created
+/// (no id, a schema version it wrote, and only its tables). Anything else is refused before
+/// a byte of it changes.
+fn claim(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let foreign = |why: String| StoreError::Foreign {
+        path: path.to_owned(),
+        why,
+    };
+    // A file that is not SQLite at all fails here, on the first read.
+    let id: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(|e| foreign(e.to_string()))?;
+    if id == APPLICATION_ID {
+        return Ok(());
+    }
+    if id != 0 {
+        return Err(foreign(format!("SQLite application_id {id:#x}")));
+    }
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let empty = version == 0 && tables.is_empty();
+    let older_ours = UNMARKED_VERSIONS.contains(&version)
+        && tables.iter().any(|t| t == "series")
+        && tables.iter().all(|t| UNMARKED_TABLES.contains(&t.as_str()));
+    if !(empty || older_ours) {
+        let mut shown: Vec<&str> = tables.iter().map(String::as_str).take(5).collect();
+        if tables.len() > shown.len() {
+            shown.push("...");
+        }
+        return Err(foreign(format!(
+            "user_version {version}, tables: {}",
+            if shown.is_empty() {
+                "none".to_owned()
+            } else {
+                shown.join(", ")
+            }
+        )));
+    }
+    conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+    Ok(())
+}
+
 /// Create the database file with mode 0600 before SQLite does (it would use the umask).
 fn create_private(path: &Path) -> std::io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
@@ -643,6 +836,21 @@ fn zero(family: Family) -> Value {
         Kind::Counter => Value::Counter(0),
         Kind::Histogram(bounds) => Value::Histogram(Hist::new(bounds)),
     }
+}
+
+/// Records per (provider, model, credential, api_key), the leading labels of the tokens and
+/// cost families, summed from the requests family (provider, model, requested_model,
+/// credential, api_key, endpoint).
+fn records_by_key(batch: &Batch) -> HashMap<LabelValues, u64> {
+    let mut out: HashMap<LabelValues, u64> = HashMap::new();
+    for (labels, value) in &batch.delta.families[Family::Requests as usize] {
+        let key: LabelValues = [0, 1, 3, 4]
+            .iter()
+            .filter_map(|&i| labels.get(i).cloned())
+            .collect();
+        *out.entry(key).or_default() += records_in(value);
+    }
+    out
 }
 
 fn records_in(delta: &Value) -> u64 {
@@ -819,6 +1027,217 @@ mod tests {
         assert!(state.families[Family::Tokens as usize]
             .keys()
             .any(|k| k[1].as_ref() == OVERFLOW_VALUE && k[4].as_ref() == "input"));
+    }
+
+    #[test]
+    fn overflow_counts_folded_records_not_tokens_or_nano_usd() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            series_per_family: 3,
+            ..Limits::default()
+        };
+        let (store, state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
+        // Ten priced models, two records each, 1000 input tokens per record: one token series
+        // and one cost series per model.
+        let body: Vec<String> = (0..20)
+            .map(|i| {
+                format!(
+                    r#"{{"timestamp":"2026-08-22T14:39:03Z","provider":"openai","model":"gpt-4o","auth_index":"c{}","tokens":{{"input_tokens":1000,"total_tokens":1000}}}}"#,
+                    i % 10
+                )
+            })
+            .collect();
+        let batch = ingest_body(
+            format!("[{}]", body.join(",")).as_bytes(),
+            &crate::cost::Pricing::embedded(),
+            |_| false,
+        )
+        .unwrap();
+        let plan = store.plan(&state, &batch);
+        for family in [Family::Requests, Family::Tokens, Family::Cost] {
+            assert_eq!(plan.overflowed[family as usize], 14, "{family:?}");
+        }
+    }
+
+    #[test]
+    fn a_record_stamped_in_the_future_moves_no_gauge_past_now_and_never_freezes_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
+        let quota = |ts: &str, pct: u32| {
+            format!(
+                r#"[{{"timestamp":"{ts}","provider":"codex","auth_index":"c1","response_headers":{{"x-codex-primary-used-percent":["{pct}"]}}}}]"#
+            )
+        };
+        let used = |state: &State| {
+            state.quota["c1"].fields[&Field::UsedRatio(crate::ingest::quota::Window::Primary)]
+        };
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        ingest(&mut store, &mut state, &quota("2099-01-01T00:00:00Z", 90));
+        let after = before + 5.0;
+        assert!(state.last_record_timestamp.unwrap() <= after);
+        assert!(state.quota["c1"].observed_at <= after);
+        assert_eq!(used(&state), 0.9);
+        // A later real observation wins, in memory and after a restart.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let real = crate::sim::workload::rfc3339_nano(now);
+        ingest(&mut store, &mut state, &quota(&real, 30));
+        assert_eq!(used(&state), 0.3);
+        drop(store);
+        let (_, reopened) = Store::open(&path, Limits::default()).unwrap();
+        assert_eq!(used(&reopened), 0.3);
+    }
+
+    #[test]
+    fn future_times_stored_by_older_versions_count_as_now_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let (store, _) = Store::open(&path, Limits::default()).unwrap();
+            store
+                .conn
+                .execute_batch(
+                    "INSERT INTO quota VALUES ('c1', 'used_ratio:primary', 'codex', 0.9, 4070908800.0);
+                     INSERT INTO meta VALUES ('last_record_timestamp', 4070908800.0);",
+                )
+                .unwrap();
+        }
+        let (_, state) = Store::open(&path, Limits::default()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(state.last_record_timestamp.unwrap() <= now);
+        assert!(state.quota["c1"].observed_at <= now);
+    }
+
+    fn application_id(path: &Path) -> i32 {
+        Connection::open(path)
+            .unwrap()
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn new_and_zero_byte_files_are_initialised_and_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero = dir.path().join("zero.db");
+        std::fs::write(&zero, b"").unwrap();
+        for path in [dir.path().join("new.db"), zero] {
+            Store::open(&path, Limits::default()).unwrap();
+            assert_eq!(application_id(&path), APPLICATION_ID);
+            Store::open(&path, Limits::default()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_database_an_older_version_created_still_opens_and_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO series (family, labels, value, updated_at) VALUES ('requests', ?1, 7, 0)",
+                ["provider=p\u{1f}model=m\u{1f}requested_model=m\u{1f}credential=c\u{1f}api_key=k\u{1f}endpoint=e"],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let (_, state) = Store::open(&path, Limits::default()).unwrap();
+        assert_eq!(requests(&state), 7);
+        assert_eq!(application_id(&path), APPLICATION_ID);
+    }
+
+    #[test]
+    fn another_applications_database_is_refused_untouched_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        type Make<'a> = &'a dyn Fn(&Connection);
+        let cases: [(&str, Make<'_>); 4] = [
+            ("tables.db", &|c| {
+                c.execute_batch("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('x');")
+                    .unwrap()
+            }),
+            ("other-id.db", &|c| {
+                c.pragma_update(None, "application_id", 0x0f0f_0f0f)
+                    .unwrap();
+                c.execute_batch("CREATE TABLE series (x);").unwrap();
+            }),
+            // Our table names, but a schema version we never wrote without the id.
+            ("lookalike.db", &|c| {
+                c.execute_batch(MIGRATIONS[0]).unwrap();
+                c.pragma_update(None, "user_version", 7).unwrap();
+            }),
+            ("versioned.db", &|c| {
+                c.pragma_update(None, "user_version", 3).unwrap()
+            }),
+        ];
+        for (name, make) in cases {
+            let path = dir.path().join(name);
+            make(&Connection::open(&path).unwrap());
+            let before = std::fs::read(&path).unwrap();
+            let e = Store::open(&path, Limits::default()).err().expect(name);
+            assert!(matches!(e, StoreError::Foreign { .. }), "{name}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains("left untouched"), "{msg}");
+            assert_eq!(std::fs::read(&path).unwrap(), before, "{name} was modified");
+            assert!(!dir.path().join(format!("{name}-wal")).exists(), "{name}");
+        }
+        // Not SQLite at all.
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "my notes, not a database\n".repeat(100)).unwrap();
+        let e = Store::open(&path, Limits::default()).err().unwrap();
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "my notes, not a database\n".repeat(100)
+        );
+    }
+
+    #[test]
+    fn quota_families_stay_under_the_series_limit_and_count_what_they_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            series_per_family: 4,
+            ..Limits::default()
+        };
+        let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
+        // Ten credentials, two records each, each with a primary and a secondary window.
+        let body: Vec<String> = (0..20)
+            .map(|i| {
+                format!(
+                    r#"{{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","auth_index":"c{}","response_headers":{{"x-codex-primary-used-percent":["10"],"x-codex-secondary-used-percent":["20"]}}}}"#,
+                    i % 10
+                )
+            })
+            .collect();
+        let batch = ingest_body(
+            format!("[{}]", body.join(",")).as_bytes(),
+            &crate::cost::Pricing::embedded(),
+            |_| false,
+        )
+        .unwrap();
+        let mut plan = store.plan(&state, &batch);
+        let refused: u64 = plan.quota_overflowed.iter().sum();
+        assert!(refused > 0);
+        store.commit(&mut plan, 1_787_409_600).unwrap();
+        store.apply(&mut state, plan);
+        for (family, n) in quota::FAMILIES.iter().zip(state.quota_series()) {
+            assert!(n <= 4, "{family}: {n}");
+        }
+        // Four credentials fit, two windows each: the used-ratio family holds only 4 of their 8
+        // series; the rest of the 20 records were refused and counted.
+        assert_eq!(state.quota_series()[quota::PER_CREDENTIAL], 4);
+        assert_eq!(state.quota_series()[0], 4);
     }
 
     #[test]
