@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use cpa_usage_exporter::cost::Pricing;
 use cpa_usage_exporter::ingest::ingest_body;
 use cpa_usage_exporter::ingest::split::split_array;
-use cpa_usage_exporter::metrics::text::{render, Format};
-use cpa_usage_exporter::metrics::{registry, Shared};
+use cpa_usage_exporter::metrics::render::render_to_string;
+use cpa_usage_exporter::metrics::text::Format;
+use cpa_usage_exporter::metrics::Shared;
 use cpa_usage_exporter::sim::{Workload, WorkloadMix};
 use cpa_usage_exporter::store::{Limits, State, Store};
 
@@ -186,8 +187,7 @@ fn main() {
             Default::default(),
             dir.path().join("x.db"),
         ));
-        let reg = registry(shared.clone());
-        let (d, len) = best_of(20, || render(&reg, Format::Text004).unwrap().len());
+        let (d, len) = best_of(20, || render_to_string(&shared, Format::Text004).len());
         println!(
             "scrape at {:>6} series:      {:>9.2} ms per scrape ({:.1} MB of text 0.0.4)",
             shared.state().total_series(),
@@ -222,8 +222,7 @@ fn rss_child(target: usize) {
         Default::default(),
         dir.path().join("x.db"),
     ));
-    let reg = registry(shared);
-    let len = render(&reg, Format::Text004).unwrap().len();
+    let len = render_to_string(&shared, Format::Text004).len();
     println!(
         "RSS at {:>6} series:         {:>9.1} MiB after start-up and one scrape ({:.1} MB)",
         series,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use cpa_usage_exporter::config::LabelOptions;
 use cpa_usage_exporter::http::{self, ConnLimits, Protection, ServeOptions, WebConfig};
-use cpa_usage_exporter::metrics::{self, Shared};
+use cpa_usage_exporter::metrics::Shared;
 use cpa_usage_exporter::sim::{FakeCpa, Fault, Routes, SimConfig, Workload, WorkloadMix};
 use cpa_usage_exporter::store::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -767,14 +767,12 @@ async fn serve_in_process(limits: ConnLimits, protection: Protection) -> SocketA
         LabelOptions::default(),
         PathBuf::from("/nonexistent/state.db"),
     ));
-    let registry = metrics::registry(shared.clone());
     let (tx, rx) = tokio::sync::watch::channel(false);
     // The sender lives as long as the test's runtime.
     std::mem::forget(tx);
     tokio::spawn(http::serve(
         listener,
         shared,
-        registry,
         ServeOptions {
             ready_window: Duration::from_secs(30),
             protection,
