@@ -433,7 +433,8 @@ fn state_at_the_default_cap(db: &Path) -> usize {
         .unwrap();
         let mut plan = store.plan(&state, &batch);
         // Now, so that series retirement leaves them be.
-        store.commit(&mut plan, cpa_usage_exporter::metrics::unix_now() as i64)
+        store
+            .commit(&mut plan, cpa_usage_exporter::metrics::unix_now() as i64)
             .unwrap();
         store.apply(&mut state, plan);
     }

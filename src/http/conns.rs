@@ -2,6 +2,9 @@
 //! did anything. When every slot is taken, a new connection evicts the connection that has been
 //! idle (no request in progress) the longest: a client that sends nothing, or trickles its
 //! headers, loses its slot to a scraper instead of making it wait in the kernel's queue.
+//! A connection younger than [`MIN_AGE`] is never evicted: a newcomer gets that long to send
+//! its request, and clients that reconnect at once cannot churn the table faster than
+//! `max_connections` per [`MIN_AGE`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -13,6 +16,9 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+/// How long a new connection is safe from eviction.
+pub const MIN_AGE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// One connection's state, shared by its task, its service and the table.
 #[derive(Debug)]
 pub struct Conn {
@@ -20,6 +26,8 @@ pub struct Conn {
     in_flight: AtomicU32,
     /// Milliseconds since the table's epoch of the last byte read or response finished.
     last_active: AtomicU64,
+    /// Milliseconds since the table's epoch when the connection was admitted.
+    admitted_at: u64,
     /// Notified to evict the connection.
     pub evict: Notify,
     epoch: Instant,
@@ -27,8 +35,8 @@ pub struct Conn {
 
 impl Conn {
     fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_active.store(ms, Ordering::Relaxed);
+        self.last_active
+            .store(ms_since(self.epoch), Ordering::Relaxed);
     }
 
     /// Mark a request in progress until the guard is dropped (with the response body).
@@ -37,6 +45,10 @@ impl Conn {
         self.touch();
         Busy(self.clone())
     }
+}
+
+fn ms_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A request in progress on a connection.
@@ -91,18 +103,24 @@ impl Table {
     }
 
     /// A slot for a new connection: at once if one is free, else by evicting the connection
-    /// idle the longest, else (every connection is serving a request) when one ends.
+    /// idle the longest, else (every connection is serving a request or is new) when one ends
+    /// or ages.
     pub async fn admit(self: &Arc<Self>) -> Slot {
+        let min_age = u64::try_from(MIN_AGE.as_millis()).unwrap_or(u64::MAX);
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             {
+                let now = ms_since(self.epoch);
                 let mut conns = self.lock();
                 if conns.len() >= self.max {
                     let victim = conns
                         .iter()
-                        .filter(|(_, c)| c.in_flight.load(Ordering::Relaxed) == 0)
+                        .filter(|(_, c)| {
+                            c.in_flight.load(Ordering::Relaxed) == 0
+                                && now.saturating_sub(c.admitted_at) >= min_age
+                        })
                         .min_by_key(|(_, c)| c.last_active.load(Ordering::Relaxed))
                         .map(|(id, _)| *id);
                     if let Some(id) = victim {
@@ -116,6 +134,7 @@ impl Table {
                     let conn = Arc::new(Conn {
                         in_flight: AtomicU32::new(0),
                         last_active: AtomicU64::new(0),
+                        admitted_at: now,
                         evict: Notify::new(),
                         epoch: self.epoch,
                     });
@@ -128,7 +147,10 @@ impl Table {
                     };
                 }
             }
-            freed.await;
+            tokio::select! {
+                () = freed => {},
+                () = tokio::time::sleep(MIN_AGE / 5) => {},
+            }
         }
     }
 }
@@ -190,7 +212,7 @@ mod tests {
     use super::*;
 
     async fn tick() {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        tokio::time::sleep(MIN_AGE + std::time::Duration::from_millis(5)).await;
     }
 
     async fn evicted(slot: &Slot) -> bool {
@@ -213,6 +235,12 @@ mod tests {
         // `a` is serving a request: `b`, though younger, is the one to go.
         let c = table.admit().await;
         assert!(evicted(&b).await);
+        // A connection younger than MIN_AGE is not evicted: a newcomer waits.
+        let t = table.clone();
+        let early = tokio::spawn(async move { t.admit().await });
+        tokio::time::sleep(MIN_AGE / 2).await;
+        assert!(!early.is_finished());
+        early.abort();
         tick().await;
         drop(busy_a);
         tick().await;

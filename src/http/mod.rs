@@ -64,6 +64,8 @@ pub const MAX_RENDERS: usize = 3;
 /// How long a scrape without `X-Prometheus-Scrape-Timeout-Seconds` may wait for a render and
 /// take to receive its body (Prometheus' default scrape timeout is 10 s).
 pub const DEFAULT_SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an evicted connection may take to flush a response it has finished.
+const EVICT_GRACE: Duration = Duration::from_millis(500);
 /// The longest scrape timeout honoured.
 const MAX_SCRAPE_TIMEOUT: Duration = Duration::from_secs(300);
 const SCRAPE_TIMEOUT_HEADER: &str = "x-prometheus-scrape-timeout-seconds";
@@ -215,25 +217,21 @@ pub async fn serve(
                 io: stream,
                 conn: conn.clone(),
             };
-            let served = async {
-                match &ctx.protection.tls {
-                    None => serve_connection(stream, ctx, conn.clone(), limits).await,
-                    Some(tls) => {
-                        let acceptor = tls.acceptor();
-                        let handshake = acceptor.accept(stream);
-                        match tokio::time::timeout(limits.header_read_timeout, handshake).await {
-                            Ok(Ok(stream)) => {
-                                serve_connection(stream, ctx, conn.clone(), limits).await
-                            }
+            match &ctx.protection.tls {
+                None => serve_connection(stream, ctx, conn, limits).await,
+                Some(tls) => {
+                    let acceptor = tls.acceptor();
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(stream)) => serve_connection(stream, ctx, conn, limits).await,
                             Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
                             Err(_) => debug!("TLS handshake timed out"),
-                        }
+                        },
+                        () = conn.evict.notified() => debug!("connection evicted during its TLS handshake"),
                     }
                 }
-            };
-            tokio::select! {
-                () = served => {},
-                () = conn.evict.notified() => debug!("idle connection evicted for a new one"),
             }
             drop(slot);
         });
@@ -245,6 +243,7 @@ async fn serve_connection<I>(io: I, ctx: Ctx, conn: Arc<conns::Conn>, limits: Co
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let evicted = conn.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         let busy = conn.busy();
@@ -260,13 +259,25 @@ where
             }))
         }
     });
-    let conn = http1::Builder::new()
+    let http = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    tokio::pin!(http);
+    let mut conn = http;
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        () = evicted.evict.notified() => {
+            // Close at once if idle; let a response that is still being flushed finish.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(EVICT_GRACE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!("idle connection evicted for a new one");
+                    return;
+                }
+            }
+        }
         _ = tokio::time::sleep(limits.max_age) => {
             // Finish the response in progress (an idle connection closes at once)...
             conn.as_mut().graceful_shutdown();
