@@ -421,7 +421,7 @@ fn state_at_the_default_cap(db: &Path) -> usize {
                     i % 7,
                     i % 30_000,
                     i % 3_000,
-                    i % 2 == 0
+                    i.is_multiple_of(2)
                 )
             })
             .collect();
