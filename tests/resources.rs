@@ -405,134 +405,22 @@ fn expected_non_usage(e: &Expected) -> f64 {
         .sum()
 }
 
-/// A state database at the default series limit: every capped family holds 10 000 label sets
-/// (about 430 000 samples, 48 MB of text 0.0.4).
-fn state_at_the_default_cap(db: &Path) -> usize {
-    let pricing = Pricing::embedded();
-    let (mut store, mut state) = Store::open(db, Limits::default()).unwrap();
-    let mut i = 0usize;
-    while state.series_count(cpa_usage_exporter::schema::Family::Requests) < 10_000 {
-        let elems: Vec<String> = (0..1000)
-            .map(|_| {
-                i += 1;
-                format!(
-                    r#"{{"timestamp":"2026-11-24T10:00:00Z","provider":"codex","model":"model-{i}","auth_index":"{:016x}","api_key":"sk-{}","endpoint":"POST /v1/responses","latency_ms":{},"ttft_ms":{},"failed":{},"tokens":{{"input_tokens":100,"output_tokens":20,"cached_tokens":50,"reasoning_tokens":5,"total_tokens":125}}}}"#,
-                    i % 389,
-                    i % 7,
-                    i % 30_000,
-                    i % 3_000,
-                    i.is_multiple_of(2)
-                )
-            })
-            .collect();
-        let batch = ingest_body(
-            format!("[{}]", elems.join(",")).as_bytes(),
-            &pricing,
-            |_| false,
-        )
-        .unwrap();
-        let mut plan = store.plan(&state, &batch);
-        // Now, so that series retirement leaves them be.
-        store
-            .commit(&mut plan, cpa_usage_exporter::metrics::unix_now() as i64)
-            .unwrap();
-        store.apply(&mut state, plan);
-    }
-    state.total_series()
-}
-
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM in /proc/<pid>/status")
-}
-
-/// A complete body: it ends where the exposition ends, with every stored sample in it.
-fn assert_complete(body: &str, what: &str) {
-    let samples = body.lines().filter(|l| !l.starts_with('#')).count();
-    assert!(samples > 400_000, "{what}: only {samples} samples");
-    assert!(
-        body.lines()
-            .last()
-            .is_some_and(|l| l.starts_with("process_max_fds") || l == "# EOF"),
-        "{what}: the body does not end with the exposition's last line"
-    );
-}
-
 /// The real binary at the default series limit keeps its peak resident memory (`VmHWM`) under
 /// 48 MiB through one text scrape, one gzip scrape and ten parallel scrapes, with every body
-/// complete: a scrape costs a chunk of memory, not the exposition.
+/// complete: a scrape costs a chunk of memory, not the exposition (figures per series count in
+/// `cargo bench --bench stress`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrapes_at_the_default_cap_stay_under_48_mib() {
     const LIMIT_KIB: u64 = 48 * 1024;
     let cpa = fake_cpa().await;
     let dir = tempfile::tempdir().unwrap();
-    let series = state_at_the_default_cap(&dir.path().join("state.db"));
+    let series = stress::fill_state(&dir.path().join("state.db"), 10_000);
     let exporter = Exporter::spawn(&setup(cpa.url(), &dir, &[]));
-    let pid = exporter.child.id();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let get = |accept_encoding: Option<&'static str>, accept: Option<&'static str>| {
-        let mut req = client
-            .get(exporter.url("/metrics"))
-            .header("X-Prometheus-Scrape-Timeout-Seconds", "110");
-        if let Some(e) = accept_encoding {
-            req = req.header("Accept-Encoding", e);
-        }
-        if let Some(a) = accept {
-            req = req.header("Accept", a);
-        }
-        async move {
-            let resp = req.send().await.expect("scrape");
-            assert_eq!(resp.status(), 200);
-            let gzip = resp
-                .headers()
-                .get("content-encoding")
-                .is_some_and(|v| v == "gzip");
-            let bytes = resp.bytes().await.expect("whole body");
-            if gzip {
-                let mut text = String::new();
-                std::io::Read::read_to_string(
-                    &mut flate2::read::GzDecoder::new(&bytes[..]),
-                    &mut text,
-                )
-                .expect("valid gzip");
-                text
-            } else {
-                String::from_utf8(bytes.to_vec()).unwrap()
-            }
-        }
-    };
-    let idle = vm_hwm_kib(pid);
-    assert_complete(&get(None, None).await, "text scrape");
-    let after_text = vm_hwm_kib(pid);
-    assert_complete(&get(Some("gzip"), None).await, "gzip scrape");
-    let after_gzip = vm_hwm_kib(pid);
-    let parallel: Vec<_> = (0..10)
-        .map(|i| {
-            let (enc, accept) = match i % 3 {
-                0 => (Some("gzip"), None),
-                1 => (None, Some("application/openmetrics-text;version=1.0.0")),
-                _ => (None, None),
-            };
-            tokio::spawn(get(enc, accept))
-        })
-        .collect();
-    for (i, p) in parallel.into_iter().enumerate() {
-        assert_complete(&p.await.unwrap(), &format!("parallel scrape {i}"));
-    }
-    let after_parallel = vm_hwm_kib(pid);
-    eprintln!(
-        "{series} series; VmHWM idle {idle} KiB, after a text scrape {after_text} KiB, after a gzip scrape {after_gzip} KiB, after ten parallel scrapes {after_parallel} KiB"
-    );
+    let m = stress::memory_under_scrapes(&exporter, 400_000).await;
+    eprintln!("{series} series; VmHWM in KiB: {m:?}");
     assert!(
-        after_parallel < LIMIT_KIB,
-        "VmHWM {after_parallel} KiB over {LIMIT_KIB} KiB"
+        m.parallel < LIMIT_KIB,
+        "VmHWM {} KiB over {LIMIT_KIB} KiB",
+        m.parallel
     );
 }

@@ -877,41 +877,6 @@ async fn a_client_that_never_says_hello_cannot_hold_a_tls_slot() {
     assert!(waited < Duration::from_secs(2), "waited {waited:?}");
 }
 
-/// Hostile connections that keep coming back: `idle` ones send nothing, the others trickle one
-/// header byte every 2 s. Each is reopened as soon as the server closes it.
-fn hostile_connections(
-    port: u16,
-    idle: usize,
-    trickling: usize,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..idle + trickling)
-        .map(|i| {
-            tokio::spawn(async move {
-                loop {
-                    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)).await else {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    let mut buf = [0u8; 64];
-                    if i < idle {
-                        let _ = c.read(&mut buf).await;
-                        continue;
-                    }
-                    for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
-                        if c.write_all(&[*byte]).await.is_err() {
-                            break;
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(2)) => {},
-                            _ = c.read(&mut buf) => break,
-                        }
-                    }
-                }
-            })
-        })
-        .collect()
-}
-
 /// The real binary with its default bounds (128 connections): 200 idle and 200 trickling
 /// connections, reopened whenever closed, do not starve scrapes. The server evicts the
 /// connection idle the longest to admit a new one, so every scrape answers (the figures are in
@@ -921,30 +886,8 @@ async fn four_hundred_idle_and_trickling_connections_do_not_starve_scrapes() {
     let cpa = fake_cpa().await;
     let dir = tempfile::tempdir().unwrap();
     let exporter = Exporter::spawn(&setup(cpa.url(), &dir, "idle"));
-    let hostile = hostile_connections(exporter.port, 200, 200);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut slowest = Duration::ZERO;
-    for i in 0..5 {
-        let start = Instant::now();
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let resp = client
-            .get(exporter.url("/metrics"))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("scrape {i} behind 400 hostile connections: {e}"));
-        assert_eq!(resp.status(), 200);
-        assert!(resp.text().await.expect("whole body").contains("cpa_up"));
-        slowest = slowest.max(start.elapsed());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    eprintln!("5 scrapes behind 400 idle or trickling connections: slowest {slowest:?}");
-    for h in hostile {
-        h.abort();
-    }
+    let took = stress::scrapes_behind_hostile_connections(&exporter, 5).await;
+    eprintln!("5 scrapes behind 400 idle or trickling connections: {took:?}");
 }
 
 /// A flood of wrong passwords with `basic_auth_users` (the hash at the usual cost 10): a first,
@@ -954,62 +897,11 @@ async fn four_hundred_idle_and_trickling_connections_do_not_starve_scrapes() {
 async fn a_password_flood_does_not_lock_out_the_right_password() {
     let cpa = fake_cpa().await;
     let dir = tempfile::tempdir().unwrap();
-    let web = dir.path().join("web.yml");
-    let hash = bcrypt::hash("right-password", 10).unwrap();
-    std::fs::write(&web, format!("basic_auth_users:\n  prometheus: '{hash}'\n")).unwrap();
+    let web = stress::web_config_with_password(dir.path());
     let mut s = setup(cpa.url(), &dir, "flood");
     s.extra
         .push(("CPA_EXPORTER_WEB_CONFIG", web.display().to_string()));
     let exporter = Exporter::spawn(&s);
-    let url = exporter.url("/metrics");
-    let refused = Arc::new(AtomicUsize::new(0));
-    let flood: Vec<_> = (0..200)
-        .map(|_| {
-            let (url, refused) = (url.clone(), refused.clone());
-            tokio::spawn(async move {
-                let client = plain_client();
-                loop {
-                    let r = client
-                        .get(&url)
-                        .basic_auth("prometheus", Some("wrong-password"))
-                        .send()
-                        .await;
-                    match r.map(|r| r.status().as_u16()) {
-                        Ok(401 | 429) => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(other) => panic!("a wrong password got {other}"),
-                        // An idle keep-alive connection evicted for a newcomer.
-                        Err(_) => {}
-                    }
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
-    let start = Instant::now();
-    let health = client.get(exporter.url("/healthz")).send().await;
-    let healthz = start.elapsed();
-    assert_eq!(health.expect("/healthz during the flood").status(), 200);
-    let start = Instant::now();
-    let login = client
-        .get(&url)
-        .basic_auth("prometheus", Some("right-password"))
-        .send()
-        .await
-        .expect("the right password during the flood");
-    let first_login = start.elapsed();
-    assert_eq!(login.status(), 200);
-    eprintln!(
-        "200 clients flooding a wrong password ({} refused): /healthz {healthz:?}, first correct login {first_login:?}",
-        refused.load(Ordering::Relaxed)
-    );
-    for f in flood {
-        f.abort();
-    }
+    let f = stress::password_flood(&exporter).await;
+    eprintln!("200 clients flooding a wrong password: {f:?}");
 }
