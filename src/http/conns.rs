@@ -1,14 +1,18 @@
 //! The connection table: who holds a slot, whether it is serving a request, and when it last
-//! did anything. When every slot is taken, a new connection evicts the connection that has been
-//! idle (no request in progress) the longest: a client that sends nothing, or trickles its
-//! headers, loses its slot to a scraper instead of making it wait in the kernel's queue.
-//! A connection younger than [`MIN_AGE`] is never evicted: a newcomer gets that long to send
-//! its request, and clients that reconnect at once cannot churn the table faster than
-//! `max_connections` per [`MIN_AGE`].
+//! did anything.
+//!
+//! Every connection is accepted at once (the kernel's queue stays empty, so a scraper never
+//! waits in it behind idle clients) and waits for a slot outside the table. When every slot is
+//! taken, a newcomer whose whole request (or TLS hello) has already arrived evicts the
+//! connection idle the longest (no request in progress, no byte lately, older than
+//! [`MIN_AGE`]): a client that sends nothing, or trickles its headers, loses its slot to a
+//! scraper. A newcomer that has sent nothing complete waits for a free slot, and is closed after
+//! the header timeout; so idle clients, however many and however fast they reconnect, only
+//! ever wait behind each other.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -16,8 +20,8 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-/// How long a new connection is safe from eviction.
-pub const MIN_AGE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long a new connection is safe from eviction (it sends its request well within that).
+pub const MIN_AGE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One connection's state, shared by its task, its service and the table.
 #[derive(Debug)]
@@ -70,6 +74,8 @@ pub struct Table {
     next_id: AtomicU64,
     /// Notified when a connection leaves the table.
     freed: Notify,
+    /// Connections accepted and waiting for a slot.
+    waiting: AtomicUsize,
 }
 
 /// A slot in the table, given back when dropped.
@@ -83,7 +89,7 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.table.lock().remove(&self.id);
-        self.table.freed.notify_one();
+        self.table.freed.notify_waiters();
     }
 }
 
@@ -95,6 +101,7 @@ impl Table {
             conns: Mutex::default(),
             next_id: AtomicU64::new(0),
             freed: Notify::new(),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -102,56 +109,71 @@ impl Table {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A slot for a new connection: at once if one is free, else by evicting the connection
-    /// idle the longest, else (every connection is serving a request or is new) when one ends
-    /// or ages.
-    pub async fn admit(self: &Arc<Self>) -> Slot {
+    /// Connections waiting for a slot (or `None` when there are too many already).
+    pub fn wait(self: &Arc<Self>) -> Option<Waiting> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max * WAITING_PER_SLOT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Waiting(self.clone()))
+    }
+
+    /// Notified when a slot may have become free.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// A slot, if one is free or, for a newcomer whose request has arrived (`ready`), if an
+    /// idle connection can be evicted for it.
+    pub fn try_admit(self: &Arc<Self>, ready: bool) -> Option<Slot> {
+        let now = ms_since(self.epoch);
         let min_age = u64::try_from(MIN_AGE.as_millis()).unwrap_or(u64::MAX);
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            {
-                let now = ms_since(self.epoch);
-                let mut conns = self.lock();
-                if conns.len() >= self.max {
-                    let victim = conns
-                        .iter()
-                        .filter(|(_, c)| {
-                            c.in_flight.load(Ordering::Relaxed) == 0
-                                && now.saturating_sub(c.admitted_at) >= min_age
-                        })
-                        .min_by_key(|(_, c)| c.last_active.load(Ordering::Relaxed))
-                        .map(|(id, _)| *id);
-                    if let Some(id) = victim {
-                        if let Some(c) = conns.remove(&id) {
-                            c.evict.notify_one();
-                        }
-                    }
-                }
-                if conns.len() < self.max {
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let conn = Arc::new(Conn {
-                        in_flight: AtomicU32::new(0),
-                        last_active: AtomicU64::new(0),
-                        admitted_at: now,
-                        evict: Notify::new(),
-                        epoch: self.epoch,
-                    });
-                    conn.touch();
-                    conns.insert(id, conn.clone());
-                    return Slot {
-                        table: self.clone(),
-                        id,
-                        conn,
-                    };
-                }
-            }
-            tokio::select! {
-                () = freed => {},
-                () = tokio::time::sleep(MIN_AGE / 5) => {},
+        let mut conns = self.lock();
+        if conns.len() >= self.max && ready {
+            let victim = conns
+                .iter()
+                .filter(|(_, c)| {
+                    c.in_flight.load(Ordering::Relaxed) == 0
+                        && now.saturating_sub(c.admitted_at) >= min_age
+                })
+                .min_by_key(|(_, c)| c.last_active.load(Ordering::Relaxed))
+                .map(|(id, _)| *id);
+            if let Some(c) = victim.and_then(|id| conns.remove(&id)) {
+                c.evict.notify_one();
             }
         }
+        if conns.len() >= self.max {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            in_flight: AtomicU32::new(0),
+            last_active: AtomicU64::new(now),
+            admitted_at: now,
+            evict: Notify::new(),
+            epoch: self.epoch,
+        });
+        conns.insert(id, conn.clone());
+        Some(Slot {
+            table: self.clone(),
+            id,
+            conn,
+        })
+    }
+}
+
+/// Connections waiting for a slot, at most this many per slot; more are closed at once unless
+/// their request has arrived.
+const WAITING_PER_SLOT: usize = 2;
+
+/// A place among the connections waiting for a slot.
+#[derive(Debug)]
+pub struct Waiting(Arc<Table>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -225,40 +247,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_table_evicts_the_connection_idle_longest_never_a_busy_one() {
+    async fn a_full_table_evicts_the_longest_idle_for_a_ready_newcomer_only() {
         let table = Table::new(2);
-        let a = table.admit().await;
+        let a = table.try_admit(false).unwrap();
         tick().await;
-        let b = table.admit().await;
+        let b = table.try_admit(false).unwrap();
         tick().await;
+        // Full: a newcomer that has sent nothing complete waits.
+        assert!(table.try_admit(false).is_none());
         let busy_a = a.conn.busy();
-        // `a` is serving a request: `b`, though younger, is the one to go.
-        let c = table.admit().await;
+        // One whose request has arrived evicts the longest idle; `a` is serving, so `b` goes.
+        let c = table.try_admit(true).unwrap();
         assert!(evicted(&b).await);
-        // A connection younger than MIN_AGE is not evicted: a newcomer waits.
-        let t = table.clone();
-        let early = tokio::spawn(async move { t.admit().await });
-        tokio::time::sleep(MIN_AGE / 2).await;
-        assert!(!early.is_finished());
-        early.abort();
+        // `c` is younger than MIN_AGE, `a` is busy: nothing to evict.
+        assert!(table.try_admit(true).is_none());
         tick().await;
         drop(busy_a);
         tick().await;
         // `a` just finished a response, so `c` has been idle longer.
-        let d = table.admit().await;
+        let _d = table.try_admit(true).unwrap();
         assert!(evicted(&c).await);
         assert!(!evicted(&a).await);
-        // Both remaining busy: a newcomer waits for one to leave.
-        let busy = (a.conn.busy(), d.conn.busy());
-        let t = table.clone();
-        let waiting = tokio::spawn(async move { t.admit().await });
-        tick().await;
-        assert!(!waiting.is_finished());
-        drop(busy);
+        // A slot given back is free for anyone.
         drop(a);
-        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
-            .await
-            .expect("admitted once a slot frees")
-            .unwrap();
+        assert!(table.try_admit(false).is_some());
+    }
+
+    #[test]
+    fn waiting_connections_are_bounded() {
+        let table = Table::new(1);
+        let w: Vec<_> = (0..WAITING_PER_SLOT).map(|_| table.wait().unwrap()).collect();
+        assert!(table.wait().is_none());
+        drop(w);
+        assert!(table.wait().is_some());
     }
 }

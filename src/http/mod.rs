@@ -7,9 +7,11 @@
 //! unknown ones) answers 401 with `WWW-Authenticate` without valid credentials.
 //!
 //! A slow or hostile client cannot hold the server ([`ConnLimits`]):
-//! - at most `max_connections` are open at once; when all are taken, a new connection evicts the
-//!   one idle the longest (no request in progress, no byte received lately; [`conns`]), so idle
-//!   or trickling connections make room for a scraper instead of making it queue;
+//! - at most `max_connections` are served at once; every connection is accepted at once, and
+//!   when all slots are taken, a newcomer whose request has arrived evicts the connection idle
+//!   the longest (no request in progress, no byte received lately; [`conns`]), so idle or
+//!   trickling connections make room for a scraper instead of making it queue; newcomers that
+//!   send nothing wait (at most two per slot, each for at most `header_read_timeout`);
 //! - the TLS handshake, and each request's headers, must arrive within `header_read_timeout`;
 //!   the same bound closes a keep-alive connection idle between requests;
 //! - a connection older than `max_age` is asked to close after the response in progress (an idle
@@ -206,12 +208,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let slot = tokio::select! {
-            s = table.admit() => s,
-            _ = shutdown.wait_for(|s| *s) => break,
-        };
         let ctx = ctx.clone();
+        let table = table.clone();
         tokio::spawn(async move {
+            let tls = ctx.protection.tls.is_some();
+            let Some(slot) = admit(&table, &stream, tls, limits.header_read_timeout).await else {
+                debug!("connection closed: no slot and no request");
+                return;
+            };
             let conn = slot.conn.clone();
             let stream = conns::Tracked {
                 io: stream,
@@ -235,6 +239,59 @@ pub async fn serve(
             }
             drop(slot);
         });
+    }
+}
+
+/// How often a connection waiting for a slot is looked at again.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+/// How long a connection may wait for its request when too many are waiting already.
+const NO_PLACE_GRACE: Duration = Duration::from_millis(200);
+
+/// Whether the client's whole request head (or, with TLS, its first handshake record) has
+/// arrived; `None` when the client has closed the connection.
+async fn request_ready(stream: &tokio::net::TcpStream, tls: bool) -> Option<bool> {
+    let mut buf = vec![0u8; 8192];
+    let n = match tokio::time::timeout(Duration::ZERO, stream.peek(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => return None,
+        Ok(Ok(n)) => n,
+        Err(_) => return Some(false),
+    };
+    let head = &buf[..n];
+    Some(if tls {
+        // A TLS record: type, version (2 bytes), length (2 bytes), then the handshake.
+        head.len() >= 5 && head.len() >= 5 + usize::from(u16::from_be_bytes([head[3], head[4]]))
+    } else {
+        memchr::memmem::find(head, b"\r\n\r\n").is_some()
+    })
+}
+
+/// A slot for an accepted connection (see [`conns`]): `None` closes it.
+async fn admit(
+    table: &Arc<conns::Table>,
+    stream: &tokio::net::TcpStream,
+    tls: bool,
+    timeout: Duration,
+) -> Option<conns::Slot> {
+    let waiting = table.wait();
+    let deadline = tokio::time::Instant::now()
+        + if waiting.is_some() {
+            timeout
+        } else {
+            NO_PLACE_GRACE
+        };
+    loop {
+        let freed = table.freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let ready = request_ready(stream, tls).await?;
+        if let Some(slot) = table.try_admit(ready) {
+            return Some(slot);
+        }
+        tokio::select! {
+            () = freed => {},
+            () = tokio::time::sleep(WAIT_POLL) => {},
+            () = tokio::time::sleep_until(deadline) => return None,
+        }
     }
 }
 
