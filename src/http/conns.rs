@@ -276,7 +276,9 @@ mod tests {
     #[test]
     fn waiting_connections_are_bounded() {
         let table = Table::new(1);
-        let w: Vec<_> = (0..WAITING_PER_SLOT).map(|_| table.wait().unwrap()).collect();
+        let w: Vec<_> = (0..WAITING_PER_SLOT)
+            .map(|_| table.wait().unwrap())
+            .collect();
         assert!(table.wait().is_none());
         drop(w);
         assert!(table.wait().is_some());
