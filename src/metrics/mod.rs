@@ -178,9 +178,10 @@ impl Live {
 /// What the drain loop, the collector and the HTTP server share.
 #[derive(Debug)]
 pub struct Shared {
-    /// Read by scrapes (concurrently), written by the drain loop only to apply a committed
-    /// batch. Writers are preferred: a waiting write holds back new readers, so a crowd of
-    /// scrapes delays ingestion by at most the renders already under way.
+    /// Read by scrapes (concurrently, a chunk of series at a time, never across the network),
+    /// written by the drain loop only to apply a committed batch. Writers are preferred: a
+    /// waiting write holds back new readers, so a crowd of scrapes delays ingestion by at most
+    /// the chunks being rendered.
     state: RwLock<State>,
     pub live: Live,
     pub labels: LabelOptions,
