@@ -11,8 +11,9 @@ use cpa_usage_exporter::cost::Pricing;
 use cpa_usage_exporter::ingest::labels::api_key_label;
 use cpa_usage_exporter::ingest::split::{split_array, Splitter};
 use cpa_usage_exporter::ingest::{ingest_body, BatchBuilder};
-use cpa_usage_exporter::metrics::text::{render, Format};
-use cpa_usage_exporter::metrics::{registry, Shared};
+use cpa_usage_exporter::metrics::render::{render, render_to_string};
+use cpa_usage_exporter::metrics::text::Format;
+use cpa_usage_exporter::metrics::Shared;
 use cpa_usage_exporter::sim::{Workload, WorkloadMix, CLIENT_API_KEYS};
 use cpa_usage_exporter::store::{Limits, State, Store};
 
@@ -20,18 +21,7 @@ const RECORDS: usize = 200_000;
 const BATCH: usize = 1_000;
 
 fn status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn rss_bytes() -> u64 {
-    status_bytes("VmRSS:")
+    status_kib(field) * 1024
 }
 
 /// Piece size the streaming figures feed (what a socket read typically yields).
@@ -319,13 +309,19 @@ fn main() {
             Default::default(),
             dir.path().join("x.db"),
         ));
-        let reg = registry(shared.clone());
-        let (d, len) = best_of(20, || render(&reg, Format::Text004).unwrap().len());
+        let text = render_to_string(&shared, Format::Text004);
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        drop(text);
+        // Streamed as the server does: chunks into a writer that discards them.
+        let (d, _) = best_of(20, || {
+            render(&shared, Format::Text004, &mut std::io::sink())
+        });
         println!(
-            "scrape at {:>6} series:      {:>9.2} ms per scrape ({:.1} MB of text 0.0.4)",
+            "scrape at {:>6} series:      {:>9.2} ms per scrape, {:.2} µs per sample ({} samples)",
             shared.state().total_series(),
             d.as_secs_f64() * 1e3,
-            len as f64 / 1e6,
+            d.as_secs_f64() * 1e6 / samples as f64,
+            samples,
         );
     }
     // Memory in a fresh process, so the workload above does not count.
@@ -339,7 +335,7 @@ fn main() {
         let out = cmd.output().expect("re-exec");
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
-    for target in [10_000, 100_000] {
+    for target in [1_000, 10_000, 100_000] {
         let out = std::process::Command::new(&exe)
             .args(["--rss-child", &target.to_string()])
             .output()
@@ -369,14 +365,35 @@ fn rss_child(target: usize) {
         Default::default(),
         dir.path().join("x.db"),
     ));
-    let reg = registry(shared);
-    let len = render(&reg, Format::Text004).unwrap().len();
+    let before = status_kib("VmRSS:");
+    // Reset the peak (Linux: 5 > clear_refs), so the peak below is the scrape's own.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    // A text scrape, then a gzip one, streamed as the server does.
+    render(&shared, Format::Text004, &mut std::io::sink()).unwrap();
+    let text_peak = status_kib("VmHWM:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let mut gz = flate2::write::GzEncoder::new(std::io::sink(), flate2::Compression::fast());
+    render(&shared, Format::OpenMetrics, &mut gz).unwrap();
+    gz.finish().unwrap();
+    let gzip_peak = status_kib("VmHWM:");
     println!(
-        "RSS at {:>6} series:         {:>9.1} MiB after start-up and one scrape ({:.1} MB)",
+        "RSS at {:>6} series:         {:>9.1} MiB after start-up; peak during one scrape +{:.1} MiB (text), +{:.1} MiB (gzip)",
         series,
-        rss_bytes() as f64 / 1048576.0,
-        len as f64 / 1e6
+        before as f64 / 1024.0,
+        text_peak.saturating_sub(before) as f64 / 1024.0,
+        gzip_peak.saturating_sub(before) as f64 / 1024.0,
     );
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn rand_suffix() -> u128 {

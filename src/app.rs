@@ -11,7 +11,7 @@ use tracing::info;
 use crate::config::{Config, Secret, Transport};
 use crate::cpa::source::{AnySource, BuildError, SourceOptions};
 use crate::drain::{self, DrainOptions};
-use crate::metrics::{self, Shared};
+use crate::metrics::Shared;
 use crate::store::Store;
 
 /// A start-up failure, said in terms of the setting to fix.
@@ -135,7 +135,6 @@ pub async fn run_with_key(
     let shared = Arc::new(
         Shared::new(state, config.labels.clone(), config.db.clone()).with_pricing(pricing),
     );
-    let registry = metrics::registry(shared.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = listener.local_addr().unwrap_or(config.listen);
     info!(
@@ -158,7 +157,6 @@ pub async fn run_with_key(
     let server = tokio::spawn(crate::http::serve(
         listener,
         shared.clone(),
-        registry,
         crate::http::ServeOptions {
             ready_window: ready_window(&config),
             protection,

@@ -9,19 +9,13 @@
 
 use std::collections::HashMap;
 
-use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Unit;
-
-use crate::config::LabelOptions;
 use crate::ingest::Batch;
 use crate::schema::{label, Family, NANO_PER_UNIT};
 use crate::series::Value;
 
 pub const BUDGET: &str = "cpa_budget_usd";
 pub const SPENT: &str = "cpa_budget_spent_usd";
-/// `_seconds` is appended by the unit.
-pub const PERIOD_END: &str = "cpa_budget_period_end_timestamp";
+pub const PERIOD_END: &str = "cpa_budget_period_end_timestamp_seconds";
 
 /// Prefix of the budget rows in the store's `meta` table.
 pub const META_PREFIX: &str = "budget/";
@@ -192,61 +186,13 @@ impl Budgets {
         }
     }
 
-    /// The budget, the spend of the current period and the period's end, per budget.
-    pub fn encode(
-        &self,
-        enc: &mut DescriptorEncoder,
-        labels: &LabelOptions,
-        now: f64,
-    ) -> Result<(), std::fmt::Error> {
-        if self.budgets.is_empty() {
-            return Ok(());
-        }
-        let now = now.floor() as i64;
-        let shown: Vec<(&str, &str)> = self
-            .budgets
-            .iter()
-            .map(|b| {
-                let key = labels
-                    .api_key_aliases
-                    .get(&b.api_key)
-                    .map_or(b.api_key.as_str(), String::as_str);
-                (key, b.period.as_str())
-            })
-            .collect();
-        let mut m = enc.encode_descriptor(
-            BUDGET,
-            "Configured spend limit of a client API key per UTC day or month (budgets in the config file)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for ((key, period), b) in shown.iter().zip(&self.budgets) {
-            let set = [(label::API_KEY, *key), ("period", *period)];
-            m.encode_family(&set)?.encode_gauge(&b.usd)?;
-        }
-        let mut m = enc.encode_descriptor(
-            SPENT,
-            "Estimated spend of the key in the current UTC period, counted from cpa_cost_usd_total's cost since the period began (0 at its start)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (i, ((key, period), b)) in shown.iter().zip(&self.budgets).enumerate() {
-            let set = [(label::API_KEY, *key), ("period", *period)];
-            let usd = self.spend[i].current(b.period, now) as f64 / NANO_PER_UNIT;
-            m.encode_family(&set)?.encode_gauge(&usd)?;
-        }
-        let mut m = enc.encode_descriptor(
-            PERIOD_END,
-            "When the key's current budget period ends (the spend starts again from 0), Unix seconds",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
-        )?;
-        for ((key, period), b) in shown.iter().zip(&self.budgets) {
-            let set = [(label::API_KEY, *key), ("period", *period)];
-            m.encode_family(&set)?
-                .encode_gauge(&(b.period.end(now) as f64))?;
-        }
-        Ok(())
+    /// Each budget with the spend of its current period in USD and the period's end (Unix
+    /// seconds), as of `now`.
+    pub fn current(&self, now: i64) -> impl Iterator<Item = (&Budget, f64, i64)> + '_ {
+        self.budgets.iter().zip(&self.spend).map(move |(b, spend)| {
+            let usd = spend.current(b.period, now) as f64 / NANO_PER_UNIT;
+            (b, usd, b.period.end(now))
+        })
     }
 }
 

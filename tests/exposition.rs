@@ -72,6 +72,49 @@ async fn demo_serves_both_formats_and_promtool_accepts_the_text() {
     assert!(om.ends_with("# EOF\n"));
     assert!(om.contains("# TYPE cpa_requests counter"));
 
+    // q-values are honoured: q=0 refuses a format or an encoding.
+    let (ct, _) = get(port, Some("application/openmetrics-text;q=0, text/plain")).await;
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let (ct, _) = get(
+        port,
+        Some("application/openmetrics-text;q=0.2, text/plain;q=0.9"),
+    )
+    .await;
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    for (accept_encoding, gzip) in [
+        ("gzip", true),
+        ("gzip;q=0", false),
+        ("gzip;q=0, identity", false),
+    ] {
+        let resp = client
+            .get(&url)
+            .header("Accept-Encoding", accept_encoding)
+            .send()
+            .await
+            .unwrap();
+        let encoding = resp.headers().get("content-encoding").cloned();
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(
+            encoding.is_some_and(|e| e == "gzip"),
+            gzip,
+            "{accept_encoding}"
+        );
+        let text = if gzip {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut t)
+                .unwrap();
+            t
+        } else {
+            String::from_utf8(body.to_vec()).unwrap()
+        };
+        assert!(
+            text.contains("# TYPE cpa_requests_total counter"),
+            "{accept_encoding}"
+        );
+    }
+
     match Command::new("promtool").arg("--version").output() {
         Ok(_) => {
             let mut p = Command::new("promtool")

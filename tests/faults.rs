@@ -555,7 +555,7 @@ async fn a_locked_database_holds_the_batch_and_recovers() {
     assert!(up);
     let lock = rusqlite::Connection::open(s.db).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let expected = push_workload(&cpa, 21, WorkloadMix::default(), 1_000);
+    let expected = push_workload_at_once(&cpa, 21, WorkloadMix::default(), 1_000);
     let failed = eventually(Duration::from_secs(20), async || {
         exporter
             .scrape()
@@ -624,7 +624,7 @@ async fn a_full_disk_holds_the_batch_and_recovers() {
         assert!(status.success());
     };
     set(format!("{limit}:unlimited"));
-    let expected = push_workload(&cpa, 23, WorkloadMix::default(), 1_000);
+    let expected = push_workload_at_once(&cpa, 23, WorkloadMix::default(), 1_000);
     let failed = eventually(Duration::from_secs(20), async || {
         exporter
             .scrape()

@@ -404,3 +404,109 @@ fn expected_non_usage(e: &Expected) -> f64 {
         .map(|(_, v)| v)
         .sum()
 }
+
+/// The real binary at the default series limit keeps its peak resident memory (`VmHWM`) under
+/// 48 MiB through one text scrape, one gzip scrape and ten parallel scrapes, with every body
+/// complete: a scrape costs a chunk of memory, not the exposition (figures per series count in
+/// `cargo bench --bench stress`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_at_the_default_cap_stay_under_48_mib() {
+    const LIMIT_KIB: u64 = 48 * 1024;
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let series = stress::fill_state(&dir.path().join("state.db"), 10_000);
+    let exporter = Exporter::spawn(&setup(cpa.url(), &dir, &[]));
+    let m = stress::memory_under_scrapes(&exporter, 400_000).await;
+    eprintln!("{series} series; VmHWM in KiB: {m:?}");
+    assert!(
+        m.parallel < LIMIT_KIB,
+        "VmHWM {} KiB over {LIMIT_KIB} KiB",
+        m.parallel
+    );
+}
+
+/// Three scrapers that never read their body hold every render slot, yet the state lock is
+/// free for the drain loop (a render takes it per chunk, never across the network), a fourth
+/// scrape gets 503 once its `X-Prometheus-Scrape-Timeout-Seconds` passes instead of queueing,
+/// and past the stalled scrapes' own timeout their renders are cut off and scrapes work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_scrapers_hold_neither_the_state_lock_nor_the_server() {
+    use cpa_usage_exporter::http::{self, ServeOptions, MAX_RENDERS};
+    use cpa_usage_exporter::metrics::Shared;
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    stress::fill_state(&db, 2_000);
+    let (_store, state) = Store::open(&db, Limits::default()).unwrap();
+    let shared = Arc::new(Shared::new(state, Default::default(), db.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(http::serve(
+        listener,
+        shared.clone(),
+        ServeOptions {
+            ready_window: Duration::from_secs(30),
+            protection: Default::default(),
+            limits: Default::default(),
+        },
+        stop_rx,
+    ));
+    // Receive windows of 4 KiB, never read: each render blocks once the socket buffers fill.
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_RENDERS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut c = socket.connect(addr).await.unwrap();
+        c.write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Prometheus-Scrape-Timeout-Seconds: 4\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        stalled.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let writer = shared.clone();
+    let locked = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::task::spawn_blocking(move || drop(writer.state_mut())),
+    )
+    .await;
+    assert!(
+        locked.is_ok(),
+        "the drain loop could not take the state lock"
+    );
+
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/metrics");
+    let busy = client
+        .get(&url)
+        .header("X-Prometheus-Scrape-Timeout-Seconds", "0.5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 503);
+    assert_eq!(busy.headers()["retry-after"], "1");
+
+    // The stalled scrapes' 4 s pass: their renders stop and free the slots.
+    let served = eventually(Duration::from_secs(15), async || {
+        let Ok(r) = client
+            .get(&url)
+            .header("X-Prometheus-Scrape-Timeout-Seconds", "1")
+            .send()
+            .await
+        else {
+            return false;
+        };
+        r.status() == 200 && r.text().await.is_ok_and(|t| t.contains("process_max_fds"))
+    })
+    .await;
+    assert!(
+        served,
+        "scrapes did not recover after the stalled ones timed out"
+    );
+    drop(stalled);
+}

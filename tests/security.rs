@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use cpa_usage_exporter::config::LabelOptions;
 use cpa_usage_exporter::http::{self, ConnLimits, Protection, ServeOptions, WebConfig};
-use cpa_usage_exporter::metrics::{self, Shared};
+use cpa_usage_exporter::metrics::Shared;
 use cpa_usage_exporter::sim::{FakeCpa, Fault, Routes, SimConfig, Workload, WorkloadMix};
 use cpa_usage_exporter::store::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -767,14 +766,12 @@ async fn serve_in_process(limits: ConnLimits, protection: Protection) -> SocketA
         LabelOptions::default(),
         PathBuf::from("/nonexistent/state.db"),
     ));
-    let registry = metrics::registry(shared.clone());
     let (tx, rx) = tokio::sync::watch::channel(false);
     // The sender lives as long as the test's runtime.
     std::mem::forget(tx);
     tokio::spawn(http::serve(
         listener,
         shared,
-        registry,
         ServeOptions {
             ready_window: Duration::from_secs(30),
             protection,
@@ -880,38 +877,31 @@ async fn a_client_that_never_says_hello_cannot_hold_a_tls_slot() {
     assert!(waited < Duration::from_secs(2), "waited {waited:?}");
 }
 
-/// The real binary with its default bounds: 200 idle connections (more than the 128 served at
-/// once) delay a scrape by at most about two header timeouts, they do not block it.
+/// The real binary with its default bounds (128 connections): 200 idle and 200 trickling
+/// connections, reopened whenever closed, do not starve scrapes. The server evicts the
+/// connection idle the longest to admit a new one, so every scrape answers (the figures are in
+/// docs/benchmarks.md; the timeout here is only a generous bound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_idle_connections_do_not_starve_a_scrape() {
+async fn four_hundred_idle_and_trickling_connections_do_not_starve_scrapes() {
     let cpa = fake_cpa().await;
     let dir = tempfile::tempdir().unwrap();
     let exporter = Exporter::spawn(&setup(cpa.url(), &dir, "idle"));
-    let mut idle = Vec::new();
-    for _ in 0..200 {
-        idle.push(std::net::TcpStream::connect(("127.0.0.1", exporter.port)).unwrap());
-    }
-    let start = Instant::now();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(40))
-        .build()
-        .unwrap();
-    let resp = client.get(exporter.url("/metrics")).send().await;
-    let waited = start.elapsed();
-    let resp = resp.unwrap_or_else(|e| panic!("scrape behind idle connections: {e}"));
-    assert_eq!(resp.status(), 200);
-    eprintln!("a scrape behind 200 idle connections took {waited:?}");
-    assert!(waited < Duration::from_secs(25), "waited {waited:?}");
-    // The idle ones were closed by the server.
-    let mut closed = 0;
-    for mut c in idle {
-        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-        let mut buf = [0u8; 16];
-        let open = matches!(c.read(&mut buf), Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
-        if !open {
-            closed += 1;
-        }
-    }
-    assert!(closed >= 128, "only {closed} idle connections were closed");
+    let took = stress::scrapes_behind_hostile_connections(&exporter, 5).await;
+    eprintln!("5 scrapes behind 400 idle or trickling connections: {took:?}");
+}
+
+/// A flood of wrong passwords with `basic_auth_users` (the hash at the usual cost 10): a first,
+/// uncached, correct login still gets in and `/healthz` still answers, because a repeated wrong
+/// credential is rejected from a cache and checks past a small queue are refused at once (429).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_flood_does_not_lock_out_the_right_password() {
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let web = stress::web_config_with_password(dir.path());
+    let mut s = setup(cpa.url(), &dir, "flood");
+    s.extra
+        .push(("CPA_EXPORTER_WEB_CONFIG", web.display().to_string()));
+    let exporter = Exporter::spawn(&s);
+    let f = stress::password_flood(&exporter).await;
+    eprintln!("200 clients flooding a wrong password: {f:?}");
 }

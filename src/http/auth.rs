@@ -1,11 +1,15 @@
 //! Credentials for the HTTP endpoints: basic auth against bcrypt hashes (exporter-toolkit's
 //! `basic_auth_users`) and, our extension, a bearer token read from a file.
 //!
-//! - bcrypt compares in constant time. It is slow on purpose (about 70 ms at cost 10), so a
-//!   successful check is cached under a SHA-256 of (user, hash, presented password): a scrape
-//!   with the same credentials costs one hash lookup. Failures are never cached.
-//! - bcrypt runs on the blocking pool, one check at a time: a flood of wrong passwords costs
-//!   one core at most and never stalls the async workers (drain loop, scrapes).
+//! - bcrypt compares in constant time. It is slow on purpose (about 70 ms at cost 10), so the
+//!   outcome of a check is cached under a SHA-256 of (user, hash, presented password): a scrape
+//!   with the same credentials costs one hash lookup, and so does a flood repeating the same
+//!   wrong password (a password wrong for a hash stays wrong).
+//! - bcrypt runs on the blocking pool, one check at a time, with at most [`QUEUE`] checks
+//!   admitted (running or waiting): past that a request is answered 429 at once
+//!   ([`Verdict::Busy`]). A flood of distinct wrong passwords so costs one core at most, never
+//!   queues without bound, and never stalls the async workers (drain loop, scrapes, `/healthz`);
+//!   a correct password competes only with the few admitted checks.
 //! - An unknown user is checked against a dummy hash, so response time does not tell which
 //!   users exist.
 //! - The bearer token is compared as SHA-256 digests with a constant-time equality. Its file is
@@ -14,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine as _;
@@ -27,6 +32,29 @@ use super::tls::{stamp, Stamp};
 
 /// Successful basic-auth checks remembered; the set is emptied when it is full.
 const CACHE_CAPACITY: usize = 256;
+/// Failed basic-auth checks remembered; the set is emptied when it is full.
+const REJECTED_CAPACITY: usize = 4096;
+/// bcrypt checks admitted at once (one runs, the others wait); more are refused at once.
+pub const QUEUE: usize = 4;
+
+/// The outcome of checking a request's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    /// Too many password checks in progress: try again shortly (429).
+    Busy,
+}
+
+impl From<bool> for Verdict {
+    fn from(ok: bool) -> Verdict {
+        if ok {
+            Verdict::Allowed
+        } else {
+            Verdict::Denied
+        }
+    }
+}
 
 pub struct Authenticator {
     /// User -> bcrypt hash.
@@ -35,8 +63,11 @@ pub struct Authenticator {
     dummy_hash: String,
     bearer: Option<BearerFile>,
     cache: Mutex<HashSet<[u8; 32]>>,
+    rejected: Mutex<HashSet<[u8; 32]>>,
     /// One bcrypt check at a time.
     bcrypt: Arc<Semaphore>,
+    /// bcrypt checks running or waiting.
+    admitted: AtomicUsize,
     /// `WWW-Authenticate` values of a 401.
     pub challenges: Vec<HeaderValue>,
 }
@@ -71,51 +102,65 @@ impl Authenticator {
             dummy_hash,
             bearer,
             cache: Mutex::new(HashSet::new()),
+            rejected: Mutex::new(HashSet::new()),
             bcrypt: Arc::new(Semaphore::new(1)),
+            admitted: AtomicUsize::new(0),
             challenges,
         })
     }
 
     /// Whether the request carries valid credentials.
-    pub async fn allows(&self, headers: &HeaderMap) -> bool {
+    pub async fn check(&self, headers: &HeaderMap) -> Verdict {
         let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-            return false;
+            return Verdict::Denied;
         };
         let Some((scheme, credentials)) = value.trim().split_once(' ') else {
-            return false;
+            return Verdict::Denied;
         };
         let credentials = credentials.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
             return self
                 .bearer
                 .as_ref()
-                .is_some_and(|b| b.matches(credentials.as_bytes()));
+                .is_some_and(|b| b.matches(credentials.as_bytes()))
+                .into();
         }
         if !scheme.eq_ignore_ascii_case("basic") || self.users.is_empty() {
-            return false;
+            return Verdict::Denied;
         }
         let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(credentials) else {
-            return false;
+            return Verdict::Denied;
         };
         let Some(colon) = decoded.iter().position(|b| *b == b':') else {
-            return false;
+            return Verdict::Denied;
         };
         let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
         let Ok(user) = std::str::from_utf8(user) else {
-            return false;
+            return Verdict::Denied;
         };
         self.basic(user, password).await
     }
 
-    async fn basic(&self, user: &str, password: &[u8]) -> bool {
+    /// [`Authenticator::check`] as a yes or no (busy counts as no).
+    pub async fn allows(&self, headers: &HeaderMap) -> bool {
+        self.check(headers).await == Verdict::Allowed
+    }
+
+    async fn basic(&self, user: &str, password: &[u8]) -> Verdict {
         let known = self.users.get(user);
         let hash = known.unwrap_or(&self.dummy_hash).clone();
         let key = cache_key(user, &hash, password);
         if known.is_some() && self.cache().contains(&key) {
-            return true;
+            return Verdict::Allowed;
         }
+        if lock(&self.rejected).contains(&key) {
+            return Verdict::Denied;
+        }
+        let Some(_admitted) = Admitted::new(&self.admitted) else {
+            return Verdict::Busy;
+        };
         let Ok(permit) = self.bcrypt.clone().acquire_owned().await else {
-            return false;
+            return Verdict::Denied;
         };
         let password = password.to_vec();
         let verified = tokio::task::spawn_blocking(move || {
@@ -125,18 +170,45 @@ impl Authenticator {
         .await
         .unwrap_or(false);
         let ok = verified && known.is_some();
-        if ok {
-            let mut cache = self.cache();
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
-            }
-            cache.insert(key);
+        let (mut set, capacity) = if ok {
+            (self.cache(), CACHE_CAPACITY)
+        } else {
+            (lock(&self.rejected), REJECTED_CAPACITY)
+        };
+        if set.len() >= capacity {
+            set.clear();
         }
-        ok
+        set.insert(key);
+        ok.into()
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.cache)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A place among the [`QUEUE`] admitted checks, given back when dropped (also when the client
+/// goes away while waiting).
+struct Admitted<'a>(&'a AtomicUsize);
+
+impl<'a> Admitted<'a> {
+    fn new(count: &'a AtomicUsize) -> Option<Admitted<'a>> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < QUEUE).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admitted(count))
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -241,6 +313,35 @@ mod tests {
         assert!(!auth.allows(&HeaderMap::new()).await);
         assert_eq!(auth.cache().len(), 1);
         assert_eq!(auth.challenges.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_wrong_password_is_checked_once_and_a_flood_is_refused_not_queued() {
+        let users = BTreeMap::from([("prom".to_owned(), bcrypt::hash("s3cret", 4).unwrap())]);
+        let auth = Arc::new(Authenticator::new(users, None).unwrap());
+        assert_eq!(auth.check(&basic("prom", "wrong")).await, Verdict::Denied);
+        assert_eq!(lock(&auth.rejected).len(), 1);
+        // Hold the bcrypt slot: a remembered rejection is answered without it...
+        let held = auth.bcrypt.clone().acquire_owned().await.unwrap();
+        assert_eq!(auth.check(&basic("prom", "wrong")).await, Verdict::Denied);
+        // ...while new passwords queue, up to QUEUE of them; the next is refused at once.
+        let mut waiting = Vec::new();
+        for i in 0..QUEUE {
+            let auth = auth.clone();
+            waiting.push(tokio::spawn(async move {
+                auth.check(&basic("prom", &format!("guess-{i}"))).await
+            }));
+        }
+        while auth.admitted.load(Ordering::Acquire) < QUEUE {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(auth.check(&basic("prom", "s3cret")).await, Verdict::Busy);
+        drop(held);
+        for w in waiting {
+            assert_eq!(w.await.unwrap(), Verdict::Denied);
+        }
+        assert_eq!(auth.admitted.load(Ordering::Acquire), 0);
+        assert_eq!(auth.check(&basic("prom", "s3cret")).await, Verdict::Allowed);
     }
 
     #[tokio::test]

@@ -2,29 +2,22 @@
 //! snapshot ([`CpaView`]) that the settings/credentials poller and the drain loop update.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Unit;
-
-use super::{encode_gauge, Shared};
+use super::render::gauge;
+use super::text::{Type, Writer};
 use crate::config::LabelOptions;
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
 use crate::ingest::labels::sanitize;
 
 pub const CPA_INFO: &str = "cpa_info";
 pub const STATISTICS_ENABLED: &str = "cpa_usage_statistics_enabled";
-/// `_seconds` is appended by the unit.
-pub const QUEUE_RETENTION: &str = "cpa_usage_queue_retention";
+pub const QUEUE_RETENTION: &str = "cpa_usage_queue_retention_seconds";
 pub const CREDENTIAL_INFO: &str = "cpa_credential_info";
 pub const CREDENTIAL_STATUS: &str = "cpa_credential_status";
 pub const CREDENTIAL_UNAVAILABLE: &str = "cpa_credential_unavailable";
 pub const CREDENTIAL_DISABLED: &str = "cpa_credential_disabled";
-/// `_seconds` is appended by the unit.
-pub const CREDENTIAL_NEXT_RETRY: &str = "cpa_credential_next_retry_timestamp";
-/// `_seconds` is appended by the unit.
-pub const SUBSCRIPTION_END: &str = "cpa_credential_subscription_end_timestamp";
+pub const CREDENTIAL_NEXT_RETRY: &str = "cpa_credential_next_retry_timestamp_seconds";
+pub const SUBSCRIPTION_END: &str = "cpa_credential_subscription_end_timestamp_seconds";
 
 /// What is known about CPA right now. Each part is absent until first read.
 #[derive(Debug, Default)]
@@ -60,52 +53,43 @@ impl CpaView {
     }
 }
 
-#[derive(Debug)]
-pub struct CpaCollector(pub Arc<Shared>);
-
-impl prometheus_client::collector::Collector for CpaCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let view = self.0.cpa();
-        if let Some((version, commit)) = &view.identity {
-            let mut m = enc.encode_descriptor(
-                CPA_INFO,
-                "CPA's build, from its X-CPA-VERSION and X-CPA-COMMIT headers; constant 1",
-                None,
-                MetricType::Gauge,
-            )?;
-            let labels = [("version", version.as_str()), ("commit", commit.as_str())];
-            m.encode_family(&labels)?.encode_gauge(&1i64)?;
-        }
-        if let Some(settings) = &view.settings {
-            encode_settings(&mut enc, settings)?;
-        }
-        if let Some(credentials) = &view.credentials {
-            encode_credentials(&mut enc, credentials, &self.0.labels)?;
-        }
-        Ok(())
+/// CPA's build, settings and credentials, as far as known.
+pub fn encode(w: &mut Writer, view: &CpaView, opts: &LabelOptions) {
+    if let Some((version, commit)) = &view.identity {
+        w.family(
+            CPA_INFO,
+            "CPA's build, from its X-CPA-VERSION and X-CPA-COMMIT headers; constant 1",
+            None,
+            Type::Gauge,
+        );
+        let labels = [("version", version.as_str()), ("commit", commit.as_str())];
+        w.gauge(CPA_INFO, &labels, 1i64);
+    }
+    if let Some(settings) = &view.settings {
+        encode_settings(w, settings);
+    }
+    if let Some(credentials) = &view.credentials {
+        encode_credentials(w, credentials, opts);
     }
 }
 
-fn encode_settings(
-    enc: &mut DescriptorEncoder,
-    settings: &UsageSettings,
-) -> Result<(), std::fmt::Error> {
+fn encode_settings(w: &mut Writer, settings: &UsageSettings) {
     if let Some(enabled) = settings.statistics_enabled {
-        encode_gauge(
-            enc,
+        gauge(
+            w,
             STATISTICS_ENABLED,
             "Whether CPA's usage-statistics-enabled is on (1); with 0 CPA publishes no usage",
             None,
             if enabled { 1.0 } else { 0.0 },
-        )?;
+        );
     }
-    encode_gauge(
-        enc,
+    gauge(
+        w,
         QUEUE_RETENTION,
         "How long CPA keeps a queued usage record (redis-usage-queue-retention-seconds, effective value)",
-        Some(Unit::Seconds),
+        Some("seconds"),
         settings.retention.as_secs_f64(),
-    )
+    );
 }
 
 /// One credential's label values, as shown.
@@ -152,32 +136,28 @@ pub fn credential_label(auth_index: &str, opts: &LabelOptions) -> String {
     }
 }
 
-fn encode_credentials(
-    enc: &mut DescriptorEncoder,
-    credentials: &[Credential],
-    opts: &LabelOptions,
-) -> Result<(), std::fmt::Error> {
+fn encode_credentials(w: &mut Writer, credentials: &[Credential], opts: &LabelOptions) {
     let shown = shown(credentials, opts);
-    let mut m = enc.encode_descriptor(
+    w.family(
         CREDENTIAL_INFO,
         "A credential in CPA's credentials listing, with its display name; constant 1",
         None,
-        MetricType::Gauge,
-    )?;
+        Type::Gauge,
+    );
     for s in &shown {
         let labels = [
             ("credential", s.credential.as_str()),
             ("provider", s.provider.as_str()),
             ("name", s.name.as_str()),
         ];
-        m.encode_family(&labels)?.encode_gauge(&1i64)?;
+        w.gauge(CREDENTIAL_INFO, &labels, 1i64);
     }
-    let mut m = enc.encode_descriptor(
+    w.family(
         CREDENTIAL_STATUS,
         "CPA's status of a credential: 1 for the current one of active, pending, refreshing, error, disabled, unknown",
         None,
-        MetricType::Gauge,
-    )?;
+        Type::Gauge,
+    );
     for s in &shown {
         for status in Status::ALL {
             let labels = [
@@ -185,53 +165,49 @@ fn encode_credentials(
                 ("provider", s.provider.as_str()),
                 ("status", status.as_str()),
             ];
-            let v = i64::from(s.c.status == status);
-            m.encode_family(&labels)?.encode_gauge(&v)?;
+            w.gauge(CREDENTIAL_STATUS, &labels, i64::from(s.c.status == status));
         }
     }
     encode_flag(
-        enc,
+        w,
         &shown,
         CREDENTIAL_UNAVAILABLE,
         "Whether CPA holds the credential back (cooldown or quota block)",
         |c| c.unavailable,
-    )?;
+    );
     encode_flag(
-        enc,
+        w,
         &shown,
         CREDENTIAL_DISABLED,
         "Whether the credential is disabled in CPA",
         |c| c.disabled,
-    )?;
-    let mut m = enc.encode_descriptor(
+    );
+    w.family(
         CREDENTIAL_NEXT_RETRY,
         "When CPA will next try a held-back credential, Unix seconds (absent when CPA gives no time)",
-        Some(&Unit::Seconds),
-        MetricType::Gauge,
-    )?;
+        Some("seconds"),
+        Type::Gauge,
+    );
     for s in &shown {
         if let Some(t) = s.c.next_retry_after {
             let labels = [
                 ("credential", s.credential.as_str()),
                 ("provider", s.provider.as_str()),
             ];
-            m.encode_family(&labels)?.encode_gauge(&t)?;
+            w.gauge(CREDENTIAL_NEXT_RETRY, &labels, t);
         }
     }
-    encode_subscriptions(enc, &shown)
+    encode_subscriptions(w, &shown);
 }
 
 /// Only credentials whose listing entry carries a subscription end (codex `id_token`).
-fn encode_subscriptions(
-    enc: &mut DescriptorEncoder,
-    shown: &[Shown<'_>],
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(
+fn encode_subscriptions(w: &mut Writer, shown: &[Shown<'_>]) {
+    w.family(
         SUBSCRIPTION_END,
         "When the subscription behind the credential ends (codex id_token chatgpt_subscription_active_until), Unix seconds",
-        Some(&Unit::Seconds),
-        MetricType::Gauge,
-    )?;
+        Some("seconds"),
+        Type::Gauge,
+    );
     for s in shown {
         if let Some(sub) = &s.c.subscription {
             let plan = if sub.plan_type.is_empty() {
@@ -244,29 +220,26 @@ fn encode_subscriptions(
                 ("provider", s.provider.as_str()),
                 ("plan_type", plan.as_str()),
             ];
-            m.encode_family(&labels)?.encode_gauge(&sub.active_until)?;
+            w.gauge(SUBSCRIPTION_END, &labels, sub.active_until);
         }
     }
-    Ok(())
 }
 
 fn encode_flag(
-    enc: &mut DescriptorEncoder,
+    w: &mut Writer,
     shown: &[Shown<'_>],
     name: &str,
     help: &str,
     flag: impl Fn(&Credential) -> bool,
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+) {
+    w.family(name, help, None, Type::Gauge);
     for s in shown {
         let labels = [
             ("credential", s.credential.as_str()),
             ("provider", s.provider.as_str()),
         ];
-        m.encode_family(&labels)?
-            .encode_gauge(&i64::from(flag(s.c)))?;
+        w.gauge(name, &labels, i64::from(flag(s.c)));
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -275,8 +248,7 @@ mod tests {
 
     use super::*;
     use crate::cpa::mgmt::Name;
-    use crate::metrics::text::{render, Format};
-    use crate::store::{Limits, Store};
+    use crate::metrics::text::Format;
 
     fn credential(index: &str, status: Status) -> Credential {
         Credential {
@@ -300,14 +272,18 @@ mod tests {
     }
 
     fn scrape(labels: LabelOptions, fill: impl FnOnce(&mut CpaView)) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let (_store, state) = Store::open(&path, Limits::default()).unwrap();
-        let shared = Arc::new(Shared::new(state, labels, path));
-        fill(&mut shared.cpa());
-        let mut r = prometheus_client::registry::Registry::default();
-        r.register_collector(Box::new(CpaCollector(shared)));
-        render(&r, Format::Text004).unwrap()
+        let mut view = CpaView::default();
+        fill(&mut view);
+        let mut out = Vec::new();
+        encode(
+            &mut Writer {
+                out: &mut out,
+                format: Format::Text004,
+            },
+            &view,
+            &labels,
+        );
+        String::from_utf8(out).unwrap()
     }
 
     #[test]

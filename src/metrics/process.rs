@@ -1,17 +1,11 @@
 //! The standard `process_*` metrics, read from `/proc/self` (prometheus-client has none, and the
 //! crates that do pin another prometheus-client version). Absent files simply omit a metric.
 
-use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Unit;
-
-use super::encode_gauge;
+use super::render::gauge;
+use super::text::{Type, Writer};
 
 /// Linux reports CPU times in USER_HZ ticks, which is 100 on every architecture's user ABI.
 const TICKS_PER_SECOND: f64 = 100.0;
-
-#[derive(Debug)]
-pub struct ProcessCollector;
 
 struct Stat {
     cpu_seconds: f64,
@@ -59,64 +53,60 @@ fn max_fds() -> Option<f64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-impl prometheus_client::collector::Collector for ProcessCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Some(stat) = read_stat() {
-            let mut m = enc.encode_descriptor(
-                "process_cpu",
-                "Total user and system CPU time spent in seconds",
-                Some(&Unit::Seconds),
-                MetricType::Counter,
-            )?;
-            m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(
-                &stat.cpu_seconds,
-                None,
-            )?;
-            encode_gauge(
-                &mut enc,
-                "process_virtual_memory",
-                "Virtual memory size in bytes",
-                Some(Unit::Bytes),
-                stat.virtual_bytes,
-            )?;
-            if let Some(boot) = boot_time() {
-                let start = boot + stat.start_ticks / TICKS_PER_SECOND;
-                encode_gauge(
-                    &mut enc,
-                    "process_start_time",
-                    "Start time of the process since unix epoch in seconds",
-                    Some(Unit::Seconds),
-                    start,
-                )?;
-            }
+/// The `process_*` metrics node_exporter's users know from client_golang.
+pub fn encode(w: &mut Writer) {
+    if let Some(stat) = read_stat() {
+        let name = "process_cpu_seconds";
+        w.family(
+            name,
+            "Total user and system CPU time spent in seconds",
+            Some("seconds"),
+            Type::Counter,
+        );
+        w.counter(name, &[], stat.cpu_seconds);
+        gauge(
+            w,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            Some("bytes"),
+            stat.virtual_bytes,
+        );
+        if let Some(boot) = boot_time() {
+            let start = boot + stat.start_ticks / TICKS_PER_SECOND;
+            gauge(
+                w,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                Some("seconds"),
+                start,
+            );
         }
-        if let Some(rss) = resident_bytes() {
-            encode_gauge(
-                &mut enc,
-                "process_resident_memory",
-                "Resident memory size in bytes",
-                Some(Unit::Bytes),
-                rss,
-            )?;
-        }
-        if let Some(n) = open_fds() {
-            encode_gauge(
-                &mut enc,
-                "process_open_fds",
-                "Number of open file descriptors",
-                None,
-                n,
-            )?;
-        }
-        if let Some(n) = max_fds() {
-            encode_gauge(
-                &mut enc,
-                "process_max_fds",
-                "Maximum number of open file descriptors",
-                None,
-                n,
-            )?;
-        }
-        Ok(())
+    }
+    if let Some(rss) = resident_bytes() {
+        gauge(
+            w,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            Some("bytes"),
+            rss,
+        );
+    }
+    if let Some(n) = open_fds() {
+        gauge(
+            w,
+            "process_open_fds",
+            "Number of open file descriptors",
+            None,
+            n,
+        );
+    }
+    if let Some(n) = max_fds() {
+        gauge(
+            w,
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            None,
+            n,
+        );
     }
 }

@@ -1,7 +1,8 @@
-//! Exposition formats: OpenMetrics (what prometheus-client writes) and Prometheus text 0.0.4
-//! (what `curl`, `promtool check metrics` and older scrapers read), converted line by line.
-
-use prometheus_client::registry::Registry;
+//! Exposition formats: OpenMetrics 1.0 and Prometheus text 0.0.4, each written directly (no
+//! crate writes 0.0.4, and converting one into the other would need the whole body in memory).
+//!
+//! The [`Writer`] appends to a byte buffer that the caller ships in chunks (see
+//! [`super::render`]), so a scrape holds a chunk, never the whole exposition.
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -13,12 +14,51 @@ pub enum Format {
     Text004,
 }
 
+/// The quality a header list gives `wanted` (`None` when it is not listed): the q-value of
+/// the most specific matching entry, as RFC 9110 says. `matches` tells how specific an entry
+/// is for `wanted`: `Some(n)` with a higher `n` for a more specific match.
+fn quality(header: &str, matches: impl Fn(&str) -> Option<u8>) -> Option<f32> {
+    let mut best: Option<(u8, f32)> = None;
+    for entry in header.split(',') {
+        let mut parts = entry.split(';');
+        let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let Some(specificity) = matches(&name) else {
+            continue;
+        };
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        if best.is_none_or(|(s, _)| specificity > s) {
+            best = Some((specificity, q));
+        }
+    }
+    best.map(|(_, q)| q)
+}
+
 impl Format {
-    /// OpenMetrics only when the scraper asks for it, as Prometheus does; text 0.0.4 otherwise.
+    /// OpenMetrics only when the scraper asks for it with a quality above zero and at least
+    /// that of text (as client_golang does); text 0.0.4 otherwise, also for `Accept` lists that
+    /// allow neither (an exporter always answers something `curl` can read).
     pub fn negotiate(accept: Option<&str>) -> Format {
-        match accept {
-            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
-            _ => Format::Text004,
+        let Some(accept) = accept else {
+            return Format::Text004;
+        };
+        let om = quality(accept, |m| {
+            (m == "application/openmetrics-text").then_some(2)
+        })
+        .unwrap_or(0.0);
+        let text = quality(accept, |m| match m {
+            "text/plain" => Some(2),
+            "text/*" => Some(1),
+            "*/*" => Some(0),
+            _ => None,
+        })
+        .unwrap_or(0.0);
+        if om > 0.0 && om >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Text004
         }
     }
 
@@ -30,75 +70,284 @@ impl Format {
     }
 }
 
-pub fn render(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
-    let mut out = String::with_capacity(64 * 1024);
-    prometheus_client::encoding::text::encode(&mut out, registry)?;
-    Ok(match format {
-        Format::OpenMetrics => out,
-        Format::Text004 => openmetrics_to_text004(&out),
-    })
+/// Whether `Accept-Encoding` allows gzip: listed (or `*`) with a quality above zero.
+pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
+    accept_encoding
+        .and_then(|a| {
+            quality(a, |e| match e {
+                "gzip" | "x-gzip" => Some(1),
+                "*" => Some(0),
+                _ => None,
+            })
+        })
+        .is_some_and(|q| q > 0.0)
 }
 
-/// Convert OpenMetrics text to Prometheus text 0.0.4: no `# EOF` or `# UNIT`; a counter family's
-/// `# HELP`/`# TYPE` name its `_total` samples; `info` becomes a gauge, `unknown` untyped.
-pub fn openmetrics_to_text004(om: &str) -> String {
-    let mut out = String::with_capacity(om.len());
-    // prometheus-client writes HELP before TYPE; hold HELP until the type is known.
-    let mut pending_help: Option<(&str, &str)> = None;
-    for line in om.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            pending_help = Some((name, help));
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, ty) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            let (name, ty) = match ty {
-                "counter" => (format!("{name}_total"), "counter"),
-                "info" => (format!("{name}_info"), "gauge"),
-                "unknown" => (name.to_owned(), "untyped"),
-                other => (name.to_owned(), other),
-            };
-            if let Some((_, help)) = pending_help.take() {
-                out.push_str(&format!("# HELP {name} {help}\n"));
-            }
-            out.push_str(&format!("# TYPE {name} {ty}\n"));
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
+/// The type of a metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A sample value, written the way Prometheus' parsers read it.
+#[derive(Debug, Clone, Copy)]
+pub enum Num {
+    U(u64),
+    I(i64),
+    F(f64),
+}
+
+impl From<u64> for Num {
+    fn from(v: u64) -> Num {
+        Num::U(v)
     }
-    out
+}
+
+impl From<i64> for Num {
+    fn from(v: i64) -> Num {
+        Num::I(v)
+    }
+}
+
+impl From<f64> for Num {
+    fn from(v: f64) -> Num {
+        Num::F(v)
+    }
+}
+
+/// Writes exposition lines in one format into a byte buffer.
+///
+/// `name` arguments are the family name as OpenMetrics declares it: with a unit suffix
+/// (`_seconds`), without `_total`. Counter samples get `_total`; in text 0.0.4 the counter's
+/// `# HELP` and `# TYPE` name the `_total` samples too.
+pub struct Writer<'a> {
+    pub out: &'a mut Vec<u8>,
+    pub format: Format,
+}
+
+impl Writer<'_> {
+    /// `# HELP`, `# TYPE` and (OpenMetrics only) `# UNIT`.
+    pub fn family(&mut self, name: &str, help: &str, unit: Option<&str>, ty: Type) {
+        let total = ty == Type::Counter && self.format == Format::Text004;
+        for (key, text) in [
+            ("# HELP ", help),
+            (
+                "# TYPE ",
+                match ty {
+                    Type::Counter => "counter",
+                    Type::Gauge => "gauge",
+                    Type::Histogram => "histogram",
+                },
+            ),
+        ] {
+            self.out.extend_from_slice(key.as_bytes());
+            self.out.extend_from_slice(name.as_bytes());
+            if total {
+                self.out.extend_from_slice(b"_total");
+            }
+            self.out.push(b' ');
+            self.out.extend_from_slice(text.as_bytes());
+            self.out.push(b'\n');
+        }
+        if let (Some(unit), Format::OpenMetrics) = (unit, self.format) {
+            self.out.extend_from_slice(b"# UNIT ");
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.push(b' ');
+            self.out.extend_from_slice(unit.as_bytes());
+            self.out.push(b'\n');
+        }
+    }
+
+    /// `name{labels} value` of a gauge.
+    pub fn gauge(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<Num>) {
+        self.sample(name, "", labels, None, value.into());
+        self.end_sample();
+    }
+
+    /// `name_total{labels} value` of a counter.
+    pub fn counter(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<Num>) {
+        self.sample(name, "_total", labels, None, value.into());
+        // An OpenMetrics exemplar of this counter would be written here (` # {..} v ts`).
+        self.end_sample();
+    }
+
+    /// A classic histogram from per-bucket (not cumulative) counts, the last one `+Inf`:
+    /// `_sum`, `_count`, then the cumulative `_bucket`s, as prometheus-client writes them.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        bounds: &[f64],
+        buckets: &[u64],
+        sum: f64,
+        count: u64,
+    ) {
+        self.sample(name, "_sum", labels, None, Num::F(sum));
+        self.end_sample();
+        self.sample(name, "_count", labels, None, Num::U(count));
+        self.end_sample();
+        let mut cumulative = 0u64;
+        let mut le = dtoa::Buffer::new();
+        for (i, n) in buckets.iter().enumerate() {
+            cumulative = cumulative.saturating_add(*n);
+            let bound = match bounds.get(i) {
+                Some(b) => le.format(*b),
+                None => "+Inf",
+            };
+            self.sample(name, "_bucket", labels, Some(bound), Num::U(cumulative));
+            // An OpenMetrics exemplar of bucket `i` would be written here.
+            self.end_sample();
+        }
+    }
+
+    /// `# EOF`, the end of an OpenMetrics exposition; nothing in text 0.0.4.
+    pub fn end(&mut self) {
+        if self.format == Format::OpenMetrics {
+            self.out.extend_from_slice(b"# EOF\n");
+        }
+    }
+
+    /// A sample line up to its value, without the newline, so that an exemplar can follow.
+    fn sample(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        labels: &[(&str, &str)],
+        le: Option<&str>,
+        value: Num,
+    ) {
+        let out = &mut *self.out;
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(suffix.as_bytes());
+        let le = le.map(|v| ("le", v));
+        let mut first = true;
+        for (k, v) in labels.iter().copied().chain(le) {
+            out.push(if first { b'{' } else { b',' });
+            first = false;
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b"=\"");
+            escape_into(out, v);
+            out.push(b'"');
+        }
+        if !first {
+            out.push(b'}');
+        }
+        out.push(b' ');
+        match value {
+            Num::U(v) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+            Num::I(v) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+            Num::F(v) if v.is_nan() => out.extend_from_slice(b"NaN"),
+            Num::F(v) if v.is_infinite() => {
+                out.extend_from_slice(if v > 0.0 { b"+Inf" } else { b"-Inf" })
+            }
+            Num::F(v) => out.extend_from_slice(dtoa::Buffer::new().format(v).as_bytes()),
+        }
+    }
+
+    fn end_sample(&mut self) {
+        self.out.push(b'\n');
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped (the same rules in both formats).
+fn escape_into(out: &mut Vec<u8>, value: &str) {
+    let bytes = value.as_bytes();
+    let mut last = 0;
+    for i in memchr::memchr3_iter(b'\\', b'"', b'\n', bytes) {
+        out.extend_from_slice(&bytes[last..i]);
+        out.extend_from_slice(match bytes[i] {
+            b'\\' => b"\\\\",
+            b'"' => b"\\\"",
+            _ => b"\\n",
+        });
+        last = i + 1;
+    }
+    out.extend_from_slice(&bytes[last..]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn written(format: Format, f: impl FnOnce(&mut Writer)) -> String {
+        let mut out = Vec::new();
+        f(&mut Writer {
+            out: &mut out,
+            format,
+        });
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
-    fn counters_info_and_markers_convert() {
-        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 3\n\
-                  # HELP d_seconds Duration.\n# TYPE d_seconds histogram\n# UNIT d_seconds seconds\nd_seconds_count 1\n# EOF\n";
-        let text = openmetrics_to_text004(om);
+    fn each_format_names_counters_and_units_its_own_way() {
+        let both = |w: &mut Writer| {
+            w.family("a_requests", "Requests.", None, Type::Counter);
+            w.counter("a_requests", &[("x", "1")], 3u64);
+            w.family("d_seconds", "Duration.", Some("seconds"), Type::Histogram);
+            w.histogram("d_seconds", &[], &[0.5, 1.0], &[1, 0, 2], 4.5, 3);
+            w.end();
+        };
         assert_eq!(
-            text,
+            written(Format::OpenMetrics, both),
+            "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 3\n\
+             # HELP d_seconds Duration.\n# TYPE d_seconds histogram\n# UNIT d_seconds seconds\n\
+             d_seconds_sum 4.5\nd_seconds_count 3\nd_seconds_bucket{le=\"0.5\"} 1\n\
+             d_seconds_bucket{le=\"1.0\"} 1\nd_seconds_bucket{le=\"+Inf\"} 3\n# EOF\n"
+        );
+        assert_eq!(
+            written(Format::Text004, both),
             "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 3\n\
-             # HELP d_seconds Duration.\n# TYPE d_seconds histogram\nd_seconds_count 1\n"
+             # HELP d_seconds Duration.\n# TYPE d_seconds histogram\n\
+             d_seconds_sum 4.5\nd_seconds_count 3\nd_seconds_bucket{le=\"0.5\"} 1\n\
+             d_seconds_bucket{le=\"1.0\"} 1\nd_seconds_bucket{le=\"+Inf\"} 3\n"
         );
     }
 
     #[test]
-    fn openmetrics_only_when_asked() {
+    fn label_values_are_escaped_and_odd_floats_spelled_out() {
+        let text = written(Format::Text004, |w| {
+            w.gauge("g", &[("v", "a\"b\\c\nd")], f64::INFINITY);
+            w.gauge("g", &[], f64::NAN);
+            w.gauge("g", &[], -1i64);
+        });
+        assert_eq!(text, "g{v=\"a\\\"b\\\\c\\nd\"} +Inf\ng NaN\ng -1\n");
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_with_a_quality_above_zero() {
         assert_eq!(Format::negotiate(None), Format::Text004);
         assert_eq!(Format::negotiate(Some("text/plain")), Format::Text004);
+        // What Prometheus 2.x sends.
         assert_eq!(
             Format::negotiate(Some(
-                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
             )),
             Format::OpenMetrics
         );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0")),
+            Format::Text004
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0.2, text/plain;q=0.9")),
+            Format::Text004
+        );
+        assert_eq!(
+            Format::negotiate(Some("Application/OpenMetrics-Text; q=0.5, */*;q=0.1")),
+            Format::OpenMetrics
+        );
+    }
+
+    #[test]
+    fn gzip_only_when_allowed() {
+        assert!(accepts_gzip(Some("gzip")));
+        assert!(accepts_gzip(Some("deflate, gzip;q=0.5")));
+        assert!(accepts_gzip(Some("*")));
+        assert!(!accepts_gzip(None));
+        assert!(!accepts_gzip(Some("gzip;q=0")));
+        assert!(!accepts_gzip(Some("gzip;q=0, *")));
+        assert!(!accepts_gzip(Some("identity")));
     }
 }

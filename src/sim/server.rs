@@ -263,34 +263,48 @@ impl FakeCpa {
     /// Enqueues one element, given as the JSON text it must have inside the response array.
     /// Text that is not valid JSON is queued as a JSON string, as CPA does with such payloads.
     pub fn push_raw(&self, element_json: &str) {
-        let text = if serde_json::from_str::<serde::de::IgnoredAny>(element_json).is_ok() {
-            element_json.to_owned()
-        } else {
-            Value::String(element_json.to_owned()).to_string()
-        };
+        self.push_raw_all([element_json]);
+    }
+
+    /// Enqueues elements as [`FakeCpa::push_raw`] does, all at once: a pop sees none or all of
+    /// them, as when CPA's requests finish between two pops.
+    pub fn push_raw_all<'e>(&self, elements: impl IntoIterator<Item = &'e str>) {
+        let texts: Vec<(&str, String)> = elements
+            .into_iter()
+            .map(|element_json| {
+                let text = if serde_json::from_str::<serde::de::IgnoredAny>(element_json).is_ok() {
+                    element_json.to_owned()
+                } else {
+                    Value::String(element_json.to_owned()).to_string()
+                };
+                (element_json, text)
+            })
+            .collect();
         let now = Instant::now();
         let mut st = self.inner.shared.lock();
         st.expire(now);
-        // CPA counts every attempt on its credential, whether or not it publishes usage.
-        if !st.cfg.credentials.is_empty() {
-            if let Some((index, failed)) = attempt_of(element_json) {
-                let mut listed = st.cfg.credentials.iter_mut();
-                if let Some(c) = listed.find(|c| c.auth_index == index) {
-                    let counter = if failed {
-                        &mut c.failed
-                    } else {
-                        &mut c.success
-                    };
-                    *counter += 1;
+        for (element_json, text) in texts {
+            // CPA counts every attempt on its credential, whether or not it publishes usage.
+            if !st.cfg.credentials.is_empty() {
+                if let Some((index, failed)) = attempt_of(element_json) {
+                    let mut listed = st.cfg.credentials.iter_mut();
+                    if let Some(c) = listed.find(|c| c.auth_index == index) {
+                        let counter = if failed {
+                            &mut c.failed
+                        } else {
+                            &mut c.success
+                        };
+                        *counter += 1;
+                    }
                 }
             }
+            // CPA publishes only with a management secret and statistics enabled.
+            if st.cfg.management_key.is_empty() || !st.cfg.usage_statistics_enabled {
+                continue;
+            }
+            st.queue.items.push_back((now, text));
+            st.stats.pushed += 1;
         }
-        // CPA publishes only with a management secret and statistics enabled.
-        if st.cfg.management_key.is_empty() || !st.cfg.usage_statistics_enabled {
-            return;
-        }
-        st.queue.items.push_back((now, text));
-        st.stats.pushed += 1;
     }
 
     /// Enqueues a record object.

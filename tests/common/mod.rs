@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod promql;
+pub mod stress;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -415,6 +416,24 @@ pub fn push_workload(cpa: &FakeCpa, seed: u64, mix: WorkloadMix, n: usize) -> Ex
         cpa.push_raw(&g.element_json);
         expected.add(&g.expect);
     }
+    expected
+}
+
+/// [`push_workload`], all records queued at once: the exporter's next pop takes a full batch.
+pub fn push_workload_at_once(cpa: &FakeCpa, seed: u64, mix: WorkloadMix, n: usize) -> Expected {
+    let mut workload = Workload::new(seed, mix);
+    let mut expected = Expected::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut elements = Vec::with_capacity(n);
+    for _ in 0..n {
+        let g = workload.next(now);
+        expected.add(&g.expect);
+        elements.push(g.element_json);
+    }
+    cpa.push_raw_all(elements.iter().map(String::as_str));
     expected
 }
 

@@ -1,0 +1,323 @@
+//! One `/metrics` exposition, written in chunks while it is sent.
+//!
+//! Memory per scrape is a chunk (plus a series), not the exposition: the [`Sink`] ships its
+//! buffer to the output whenever it passes [`CHUNK`] bytes. Stored series are walked a chunk at a
+//! time, each time under a fresh read lock ([`Sink::each`]), so the state lock is never held while
+//! the output blocks on the network, and the drain loop can apply a batch between two chunks.
+//! Each series is read whole under the lock, so a histogram is always consistent in itself.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::ops::Bound;
+use std::time::Duration;
+
+use super::text::{Format, Type, Writer};
+use super::{cpa, process, quota, unix_now, Shared};
+use crate::schema::{label, Family, Kind};
+use crate::series::{LabelValues, Value};
+use crate::store::{State, Store, Stored};
+
+/// More labels than any family has.
+const MAX_LABELS: usize = 12;
+
+/// The buffer is shipped once it holds this much.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Buffers exposition text and ships it to `out` in chunks.
+pub struct Sink<'o> {
+    buf: Vec<u8>,
+    format: Format,
+    out: &'o mut dyn Write,
+}
+
+impl<'o> Sink<'o> {
+    pub fn new(format: Format, out: &'o mut dyn Write) -> Sink<'o> {
+        Sink {
+            buf: Vec::with_capacity(CHUNK + CHUNK / 4),
+            format,
+            out,
+        }
+    }
+
+    pub fn writer(&mut self) -> Writer<'_> {
+        Writer {
+            out: &mut self.buf,
+            format: self.format,
+        }
+    }
+
+    /// Ship the buffer if it is full. Never call it while holding a lock: it may wait on the
+    /// network.
+    pub fn ship_if_full(&mut self) -> io::Result<()> {
+        if self.buf.len() >= CHUNK {
+            self.ship()?;
+        }
+        Ok(())
+    }
+
+    fn ship(&mut self) -> io::Result<()> {
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Write every entry of a map in the state, a chunk at a time: the read lock is taken for
+    /// each chunk and released before the chunk is shipped. Entries added or removed between
+    /// two chunks may or may not be seen, as with any scrape racing an update.
+    pub fn each<K: Ord + Clone, V>(
+        &mut self,
+        shared: &Shared,
+        map: impl for<'s> Fn(&'s State) -> &'s BTreeMap<K, V>,
+        mut write: impl FnMut(&mut Writer<'_>, &K, &V),
+    ) -> io::Result<()> {
+        let mut after: Option<K> = None;
+        loop {
+            let next = {
+                let state = shared.state();
+                let map = map(&state);
+                let range = match &after {
+                    Some(k) => map.range((Bound::Excluded(k), Bound::Unbounded)),
+                    None => map.range::<K, _>(..),
+                };
+                let mut w = self.writer();
+                let mut next = None;
+                for (k, v) in range {
+                    write(&mut w, k, v);
+                    if w.out.len() >= CHUNK {
+                        next = Some(k.clone());
+                        break;
+                    }
+                }
+                next
+            };
+            self.ship_if_full()?;
+            match next {
+                Some(k) => after = Some(k),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Ship what is left.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.ship()?;
+        self.out.flush()
+    }
+}
+
+/// Write the whole exposition to `out`, in chunks.
+pub fn render(shared: &Shared, format: Format, out: &mut dyn Write) -> io::Result<()> {
+    let mut sink = Sink::new(format, out);
+    super::encode_live(&mut sink.writer(), &shared.live);
+    sink.ship_if_full()?;
+    cpa::encode(&mut sink.writer(), &shared.cpa(), &shared.labels);
+    sink.ship_if_full()?;
+    stored(&mut sink, shared)?;
+    process::encode(&mut sink.writer());
+    sink.writer().end();
+    sink.finish()
+}
+
+/// The exposition as one string, for tests and benchmarks (the server streams instead).
+pub fn render_to_string(shared: &Shared, format: Format) -> String {
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = render(shared, format, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value shown for a stored series: the one place a scrape reads it. A new series shows
+/// zero for the hold, so `rate()` sees its first increment ([`Stored::shown_at`]).
+fn shown(stored: &Stored, (now, hold): (f64, Duration)) -> Cow<'_, Value> {
+    stored.shown_at(now, hold)
+}
+
+/// The stored families and the gauges about the store.
+fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
+    {
+        let mut w = sink.writer();
+        w.family(
+            super::BUILD_INFO,
+            "Build of the exporter; constant 1",
+            None,
+            Type::Gauge,
+        );
+        w.gauge(
+            super::BUILD_INFO,
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                (
+                    "revision",
+                    option_env!("CPA_EXPORTER_REVISION").unwrap_or("unknown"),
+                ),
+            ],
+            1i64,
+        );
+        if let Some(t) = shared.live.last_success() {
+            gauge(
+                &mut w,
+                "cpa_exporter_last_success_timestamp_seconds",
+                "Unix time of the last successful poll of CPA",
+                Some("seconds"),
+                t,
+            );
+        }
+        gauge(
+            &mut w,
+            "cpa_exporter_store_size_bytes",
+            "Size of the state database on disk, including its write-ahead log",
+            Some("bytes"),
+            Store::size_bytes(&shared.db_path) as f64,
+        );
+        let state = shared.state();
+        if let Some(t) = state.last_record_timestamp {
+            gauge(
+                &mut w,
+                "cpa_exporter_last_record_timestamp_seconds",
+                "Start time of the newest record ingested, Unix seconds",
+                Some("seconds"),
+                t,
+            );
+        }
+        w.family(
+            super::SERIES,
+            "Stored series per family (the series limit applies to these)",
+            None,
+            Type::Gauge,
+        );
+        for family in Family::ALL {
+            w.gauge(
+                super::SERIES,
+                &[("family", family.id())],
+                state.series_count(family) as i64,
+            );
+        }
+        for (family, n) in crate::ingest::quota::FAMILIES
+            .iter()
+            .zip(state.quota_series())
+        {
+            w.gauge(super::SERIES, &[("family", *family)], n as i64);
+        }
+    }
+    let now = unix_now();
+    let clock = (now, shared.state().new_series_hold);
+    for family in Family::ALL {
+        stored_family(sink, shared, family, clock)?;
+    }
+    quota::encode(sink, shared, now)?;
+    super::budget::encode(
+        &mut sink.writer(),
+        &shared.state().budgets,
+        &shared.labels,
+        now,
+    );
+    Ok(())
+}
+
+/// A gauge family of one sample without labels.
+pub(crate) fn gauge(w: &mut Writer, name: &str, help: &str, unit: Option<&str>, value: f64) {
+    w.family(name, help, unit, Type::Gauge);
+    w.gauge(name, &[], value);
+}
+
+/// The family's name as OpenMetrics declares it, and its unit.
+fn name_and_unit(family: Family) -> (&'static str, Option<&'static str>) {
+    let name = family.metric_name();
+    let unit = if name.ends_with("_seconds") {
+        Some("seconds")
+    } else if name.ends_with("_bytes") {
+        Some("bytes")
+    } else {
+        None
+    };
+    (name, unit)
+}
+
+fn write_value(w: &mut Writer, family: Family, labels: &[(&str, &str)], value: &Value) {
+    let name = family.metric_name();
+    match (value, family.kind()) {
+        (Value::Counter(n), _) => match family.output_divisor() {
+            Some(d) => w.counter(name, labels, *n as f64 / d),
+            None => w.counter(name, labels, *n),
+        },
+        (Value::Histogram(h), Kind::Histogram(bounds)) => {
+            w.histogram(name, labels, bounds, &h.buckets, h.sum, h.count)
+        }
+        (Value::Histogram(_), Kind::Counter) => {}
+    }
+}
+
+/// Render one stored family. Label options that drop or rename labels merge series, which
+/// needs the whole family at once: that projection is computed under the lock into a map of
+/// its own (at most the family's series limit), then written out in chunks.
+fn stored_family(
+    sink: &mut Sink,
+    shared: &Shared,
+    family: Family,
+    clock: (f64, Duration),
+) -> io::Result<()> {
+    let (name, unit) = name_and_unit(family);
+    let ty = match family.kind() {
+        Kind::Counter => Type::Counter,
+        Kind::Histogram(_) => Type::Histogram,
+    };
+    sink.writer().family(name, family.help(), unit, ty);
+    let names = family.labels();
+    let opts = &shared.labels;
+    if opts.is_identity() {
+        return sink.each(
+            shared,
+            |s| &s.families[family as usize],
+            |w, values: &LabelValues, stored| {
+                let mut pairs = [("", ""); MAX_LABELS];
+                for (slot, (name, value)) in pairs.iter_mut().zip(names.iter().zip(values.iter())) {
+                    *slot = (name, value);
+                }
+                let n = names.len().min(MAX_LABELS);
+                write_value(w, family, &pairs[..n], &shown(stored, clock));
+            },
+        );
+    }
+    let kept: Vec<(usize, &str)> = names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !opts.drop.contains(n))
+        .map(|(i, n)| (i, *n))
+        .collect();
+    let mut projected: BTreeMap<Vec<Box<str>>, Value> = BTreeMap::new();
+    {
+        let state = shared.state();
+        for (values, stored) in &state.families[family as usize] {
+            let key: Vec<Box<str>> = kept
+                .iter()
+                .map(|&(i, name)| {
+                    let value = &*values[i];
+                    let alias = match name {
+                        label::API_KEY => opts.api_key_aliases.get(value),
+                        label::CREDENTIAL => opts.credential_names.get(value),
+                        _ => None,
+                    };
+                    alias.map_or(value, String::as_str).into()
+                })
+                .collect();
+            let value = shown(stored, clock);
+            projected
+                .entry(key)
+                .and_modify(|acc| acc.merge(&value))
+                .or_insert_with(|| value.into_owned());
+        }
+    }
+    let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(kept.len());
+    for (values, value) in &projected {
+        pairs.clear();
+        pairs.extend(
+            kept.iter()
+                .map(|(_, n)| *n)
+                .zip(values.iter().map(|v| &**v)),
+        );
+        write_value(&mut sink.writer(), family, &pairs, value);
+        sink.ship_if_full()?;
+    }
+    Ok(())
+}
