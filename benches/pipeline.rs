@@ -6,15 +6,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cpa_usage_exporter::budget::{Budget, Budgets, Period};
-use cpa_usage_exporter::cost::Pricing;
-use cpa_usage_exporter::ingest::labels::api_key_label;
-use cpa_usage_exporter::ingest::split::{split_array, Splitter};
+use cpa_usage_exporter::cpa::split::{split_array, Splitter};
 use cpa_usage_exporter::ingest::{ingest_body, BatchBuilder};
+use cpa_usage_exporter::labels::api_key_label;
 use cpa_usage_exporter::metrics::render::{render, render_to_string};
 use cpa_usage_exporter::metrics::text::Format;
 use cpa_usage_exporter::metrics::Shared;
+use cpa_usage_exporter::pricing::Pricing;
 use cpa_usage_exporter::sim::{Workload, WorkloadMix, CLIENT_API_KEYS};
+use cpa_usage_exporter::store::budget::{Budget, Budgets, Period};
 use cpa_usage_exporter::store::{Limits, State, Store};
 
 const RECORDS: usize = 200_000;

@@ -10,8 +10,9 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{Config, Secret, Transport};
+use crate::config::{Config, Secret};
 use crate::cpa::mgmt::{Credential, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
+use crate::cpa::Transport;
 use crate::cpa::{AuthCause, Client, ClientOptions, PopError};
 use crate::ingest::Batch;
 use crate::store::{State, Store};
@@ -233,7 +234,7 @@ impl Checker<'_> {
             }
         };
         let mut plan = store.plan(&state, &Batch::default());
-        let now = crate::metrics::unix_now() as i64;
+        let now = crate::time::unix_now() as i64;
         if let Err(e) = store.commit(&mut plan, now) {
             self.say(failed(
                 "database",
@@ -328,7 +329,7 @@ impl Checker<'_> {
             }
             (None, Err(e @ MgmtError::RouteNotFound { .. })) => {
                 let fix = match config.api_version {
-                    crate::config::ApiVersion::Auto => {
+                    crate::cpa::ApiVersion::Auto => {
                         "upgrade CPA (the queue needs v6.10.8 or newer)"
                     }
                     _ => "set --api-version auto",
@@ -532,15 +533,15 @@ enum PopCommitError {
 async fn pop_and_commit(
     client: &mut Client,
     count: usize,
-    pricing: &crate::cost::Pricing,
+    pricing: &crate::pricing::Pricing,
     store: &mut Store,
     state: &mut State,
 ) -> Result<usize, PopCommitError> {
-    let (batch, popped) = crate::drain::pop_batch(client, count, store, pricing).await;
+    let (batch, popped) = crate::pipeline::drain::pop_batch(client, count, store, pricing).await;
     // What arrived is committed even when the pop failed part way: CPA removed those records.
     if batch.elements > 0 {
         let mut plan = store.plan(state, &batch);
-        store.commit(&mut plan, crate::metrics::unix_now() as i64)?;
+        store.commit(&mut plan, crate::time::unix_now() as i64)?;
         store.apply(state, plan);
     }
     popped?;

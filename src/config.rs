@@ -12,29 +12,15 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::budget::{Budget, Period};
-use crate::ingest::labels::{api_key_label, sanitize};
-use crate::schema::label;
+use crate::cpa::{ApiVersion, Transport};
+use crate::families::label;
+use crate::labels::{api_key_label, sanitize};
+use crate::metrics::LabelOptions;
+use crate::store::budget::{Budget, Period};
 use crate::store::Limits;
 
-/// A secret that never prints.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+/// Re-exported: the binary and the tests name them through the configuration.
+pub use crate::secret::Secret;
 
 #[derive(Parser, Debug)]
 #[command(name = "cpa-usage-exporter", version, about = "Prometheus exporter for CLIProxyAPI usage", long_about = None)]
@@ -213,20 +199,6 @@ pub struct Flags {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiVersion {
-    Auto,
-    V0,
-    V8,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Auto,
-    Http,
-    Resp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
@@ -239,25 +211,6 @@ pub const DROPPABLE_LABELS: [&str; 4] = [
     label::REQUESTED_MODEL,
     label::ENDPOINT,
 ];
-
-/// How stored label sets are shown. Applied when rendering, so changing it never loses counts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LabelOptions {
-    pub drop: Vec<&'static str>,
-    /// `sha256:<12 hex>` -> display alias.
-    pub api_key_aliases: HashMap<String, String>,
-    /// `auth_index` -> display name, for the `credential` label.
-    pub credential_names: HashMap<String, String>,
-    /// Show credential file names with their e-mail part unmasked in `cpa_credential_info`.
-    pub unmask_credential_names: bool,
-}
-
-impl LabelOptions {
-    /// Whether stored label sets render as they are (no drop, no renaming).
-    pub fn is_identity(&self) -> bool {
-        self.drop.is_empty() && self.api_key_aliases.is_empty() && self.credential_names.is_empty()
-    }
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]

@@ -89,10 +89,10 @@ fn main() -> ExitCode {
 }
 
 /// Budgets for two of the simulated client keys, so the demo shows the budget gauges.
-fn demo_budgets() -> Vec<cpa_usage_exporter::budget::Budget> {
-    use cpa_usage_exporter::budget::{Budget, Period};
-    use cpa_usage_exporter::ingest::labels::api_key_label;
+fn demo_budgets() -> Vec<cpa_usage_exporter::store::budget::Budget> {
+    use cpa_usage_exporter::labels::api_key_label;
     use cpa_usage_exporter::sim::CLIENT_API_KEYS;
+    use cpa_usage_exporter::store::budget::{Budget, Period};
     vec![
         Budget {
             api_key: api_key_label(CLIENT_API_KEYS[0]),

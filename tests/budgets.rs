@@ -9,7 +9,7 @@ use std::ops::Not;
 use std::time::Duration;
 
 use common::*;
-use cpa_usage_exporter::ingest::labels::api_key_label;
+use cpa_usage_exporter::labels::api_key_label;
 use cpa_usage_exporter::sim::{FakeCpa, SimConfig, SimCredential};
 
 const KEY: &str = "budget-test-key";

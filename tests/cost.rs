@@ -129,7 +129,7 @@ fn a_broken_price_file_fails_at_start_naming_the_setting() {
 /// `--prices-file` and `model-aliases`, not the built-in table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_prices_what_it_pops_like_the_drain_loop() {
-    use cpa_usage_exporter::schema::Family;
+    use cpa_usage_exporter::families::Family;
     use cpa_usage_exporter::series::Value;
     use cpa_usage_exporter::sim::SimCredential;
     let cpa = FakeCpa::start(SimConfig {

@@ -350,7 +350,7 @@ async fn label_options_and_series_limit_keep_sums_exact() {
     }
     // The aliased key is never shown by its hash. Which label sets win the 10 slots depends
     // on the first batch's order, so `team-a` itself may be folded into `__other__`.
-    let hashed = cpa_usage_exporter::ingest::labels::api_key_label(alias_key);
+    let hashed = cpa_usage_exporter::labels::api_key_label(alias_key);
     assert_eq!(m.sum("cpa_requests_total", &[("api_key", &hashed)]), 0.0);
     let shown: Vec<_> = m.series("cpa_requests_total").keys().cloned().collect();
     assert!(

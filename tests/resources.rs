@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use cpa_usage_exporter::cost::Pricing;
 use cpa_usage_exporter::ingest::ingest_body;
+use cpa_usage_exporter::pricing::Pricing;
 use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, Workload, WorkloadMix};
 use cpa_usage_exporter::store::{Limits, State, Store};
 

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cpa_usage_exporter::config::LabelOptions;
 use cpa_usage_exporter::http::{self, ConnLimits, Protection, ServeOptions, WebConfig};
+use cpa_usage_exporter::metrics::LabelOptions;
 use cpa_usage_exporter::metrics::Shared;
 use cpa_usage_exporter::sim::{FakeCpa, Fault, Routes, SimConfig, Workload, WorkloadMix};
 use cpa_usage_exporter::store::State;

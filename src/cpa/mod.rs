@@ -8,12 +8,29 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::{redirect, StatusCode};
 
-use crate::config::{ApiVersion, Secret};
-use crate::ingest::split::{Sink, Splitter};
+use crate::secret::Secret;
+use split::{Sink, Splitter};
+
+/// Which queue API CPA speaks (`api-version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiVersion {
+    Auto,
+    V0,
+    V8,
+}
+
+/// How the queue is popped (`transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Auto,
+    Http,
+    Resp,
+}
 
 pub mod mgmt;
 pub mod resp;
 pub mod source;
+pub mod split;
 
 /// Largest queue element accepted by default (a record is about 1.5 KB; the response itself is
 /// streamed and has no size limit).

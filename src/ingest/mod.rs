@@ -5,18 +5,18 @@
 //! element is counted with a reason and never spoils the rest of its batch.
 
 pub mod decode;
-pub mod labels;
 #[cfg(test)]
 mod props;
 pub mod quota;
-pub mod split;
 pub mod tokens;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::cost::{cost_nano_usd, Pricing};
-use crate::schema::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
+use crate::cpa::split;
+use crate::families::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
+use crate::labels;
+use crate::pricing::{cost_nano_usd, Pricing};
 use crate::series::{Hist, LabelValues, Value};
 use decode::{Element, Num, RawRecord};
 pub use tokens::Tokens;
@@ -386,7 +386,7 @@ fn decode_element_into<'a>(
     let started = rec
         .timestamp
         .as_deref()
-        .and_then(decode::parse_rfc3339)
+        .and_then(crate::time::parse_rfc3339)
         .map(|t| t.min(now));
     if let Some(ts) = started {
         batch.last_record_timestamp = Some(batch.last_record_timestamp.map_or(ts, |t| t.max(ts)));

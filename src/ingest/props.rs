@@ -7,8 +7,8 @@ use serde_json::{json, Map, Value};
 use super::decode::{self, Element, Num, RawBreakdown, RawInput, RawOutput, RawRecord, RawTokens};
 use super::tokens::{self, Semantics, Tokens};
 use super::{ingest_body, ingest_elements, Batch};
-use crate::cost::Pricing;
-use crate::schema::Family;
+use crate::families::Family;
+use crate::pricing::Pricing;
 use crate::series::Value as SeriesValue;
 
 fn sum(batch: &Batch, family: Family) -> u64 {

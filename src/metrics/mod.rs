@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod cpa;
+mod labels;
 mod process;
 mod quota;
 pub mod render;
@@ -11,16 +12,17 @@ pub mod text;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family as MetricFamily;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::config::LabelOptions;
-use crate::schema::Family;
+use crate::families::Family;
 use crate::series::Hist;
 use crate::store::State;
+use crate::time::unix_now;
+pub use labels::LabelOptions;
 use text::{Type, Writer};
 
 pub const CPA_UP: &str = "cpa_up";
@@ -50,7 +52,7 @@ pub struct Live {
     /// Series deleted by `series-retirement`, per family.
     pub series_retired: MetricFamily<OneLabel, Counter>,
     /// Stretches without a successful pop longer than CPA's queue retention, and their
-    /// seconds beyond it (see [`crate::gap`]).
+    /// seconds beyond it (see [`crate::pipeline::gap`]).
     pub drain_gaps: Counter,
     pub drain_gap_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
@@ -129,12 +131,6 @@ impl PollDuration {
     }
 }
 
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 impl Live {
     pub fn record_poll(&self, result: &'static str, took: Duration) {
         self.polls.get_or_create(&[("result", result)]).inc();
@@ -199,8 +195,6 @@ pub struct Shared {
     pub labels: LabelOptions,
     pub db_path: PathBuf,
     cpa: Mutex<cpa::CpaView>,
-    /// Prices for `cpa_cost_usd_total`, used by the drain loop at ingest.
-    pub pricing: crate::cost::Pricing,
 }
 
 impl Shared {
@@ -211,13 +205,7 @@ impl Shared {
             labels,
             db_path,
             cpa: Mutex::default(),
-            pricing: crate::cost::Pricing::embedded(),
         }
-    }
-
-    pub fn with_pricing(mut self, pricing: crate::cost::Pricing) -> Shared {
-        self.pricing = pricing;
-        self
     }
 
     /// What is known about CPA itself (build, settings, credentials).

@@ -3,8 +3,8 @@
 use super::render::Sink;
 use super::text::Type;
 use super::Shared;
-use crate::config::LabelOptions;
 use crate::ingest::quota::{Field, Resource, Window};
+use crate::metrics::LabelOptions;
 
 pub const USED_RATIO: &str = "cpa_quota_used_ratio";
 pub const WINDOW: &str = "cpa_quota_window_seconds";

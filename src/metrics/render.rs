@@ -13,10 +13,11 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use super::text::{Format, Type, Writer};
-use super::{cpa, process, quota, unix_now, Shared};
-use crate::schema::{label, Family, Kind};
+use super::{cpa, process, quota, Shared};
+use crate::families::{label, Family, Kind};
 use crate::series::{LabelValues, Value};
 use crate::store::{State, Store, Stored};
+use crate::time::unix_now;
 
 /// More labels than any family has.
 const MAX_LABELS: usize = 12;

@@ -6,15 +6,17 @@
 //! changed only after the commit succeeds, and it is what `/metrics` renders, so a scrape never
 //! reads the database and costs O(series).
 
+pub mod budget;
+
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::families::{is_structural_label, outcome, reason, Family, Kind, OVERFLOW_VALUE};
 use crate::ingest::quota::{self, Field};
 use crate::ingest::{Batch, QuotaObservation};
-use crate::schema::{is_structural_label, outcome, reason, Family, Kind, OVERFLOW_VALUE};
 use crate::series::{Hist, LabelValues, Value};
 
 /// Schema steps; step N (1-based) brings the database to `user_version` N.
@@ -161,7 +163,7 @@ pub struct State {
     /// Copied from [`Limits`] so readers can hide stale quota without a write.
     pub quota_retention: std::time::Duration,
     /// Configured budgets and their spend (set up by the caller after [`Store::open`]).
-    pub budgets: crate::budget::Budgets,
+    pub budgets: crate::store::budget::Budgets,
     /// Copied from [`Limits`]: how long a new series is shown at zero ([`Stored::shown_at`]).
     pub new_series_hold: std::time::Duration,
 }
@@ -946,7 +948,7 @@ mod tests {
     }
 
     fn ingest(store: &mut Store, state: &mut State, body: &str) {
-        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |h| {
+        let batch = ingest_body(body.as_bytes(), &crate::pricing::Pricing::embedded(), |h| {
             store.seen(h)
         })
         .unwrap();
@@ -984,7 +986,7 @@ mod tests {
         let (store2, reopened) = Store::open(&path, Limits::default()).unwrap();
         assert_eq!(reopened.families, state.families);
         assert_eq!(requests(&reopened), 2);
-        assert!(store2.seen(crate::ingest::labels::event_id_hash("1")));
+        assert!(store2.seen(crate::labels::event_id_hash("1")));
         assert_eq!(reopened.last_record_timestamp, Some(1_787_409_543.0));
         assert_eq!(store2.integrity_check().unwrap(), "ok");
         #[cfg(unix)]
@@ -1007,7 +1009,7 @@ mod tests {
         let body: Vec<String> = (0..10).map(|i| rec(&format!("m{i}"), None)).collect();
         let batch = ingest_body(
             format!("[{}]", body.join(",")).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1049,7 +1051,7 @@ mod tests {
             .collect();
         let batch = ingest_body(
             format!("[{}]", body.join(",")).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1222,7 +1224,7 @@ mod tests {
             .collect();
         let batch = ingest_body(
             format!("[{}]", body.join(",")).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1251,9 +1253,11 @@ mod tests {
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let body = r#"[{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","auth_index":"c1",
             "response_headers":{"x-codex-primary-used-percent":["25"],"x-ratelimit-remaining-requests":["9"]}}]"#;
-        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
-            false
-        })
+        let batch = ingest_body(
+            body.as_bytes(),
+            &crate::pricing::Pricing::embedded(),
+            |_| false,
+        )
         .unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1_787_409_600).unwrap();
@@ -1264,7 +1268,7 @@ mod tests {
         assert_eq!(state.quota["c1"].fields.len(), 2);
         assert_eq!(state.quota["c1"].provider, "codex");
         // Two hours later, an unrelated batch commits: the stale observation goes.
-        let batch = ingest_body(b"[]", &crate::cost::Pricing::embedded(), |_| false).unwrap();
+        let batch = ingest_body(b"[]", &crate::pricing::Pricing::embedded(), |_| false).unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1_787_409_600 + 7200).unwrap();
         store.apply(&mut state, plan);
@@ -1285,9 +1289,11 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let commit_at = |store: &mut Store, state: &mut State, body: &str, now: i64| {
-            let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
-                false
-            })
+            let batch = ingest_body(
+                body.as_bytes(),
+                &crate::pricing::Pricing::embedded(),
+                |_| false,
+            )
             .unwrap();
             let mut plan = store.plan(state, &batch);
             store.commit(&mut plan, now).unwrap();
@@ -1366,9 +1372,11 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let body = format!("[{},{}]", rec("a", None), rec("a", None));
-        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
-            false
-        })
+        let batch = ingest_body(
+            body.as_bytes(),
+            &crate::pricing::Pricing::embedded(),
+            |_| false,
+        )
         .unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1000).unwrap();
@@ -1395,7 +1403,7 @@ mod tests {
         // An increment of a known series is shown at once; only creation is held.
         let batch = ingest_body(
             format!("[{}]", rec("a", None)).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1462,6 +1470,6 @@ mod tests {
         drop(store);
         let (reopened, _) = Store::open(&path, limits).unwrap();
         assert!(reopened.dedup_len() <= 6);
-        assert!(reopened.seen(crate::ingest::labels::event_id_hash("19")));
+        assert!(reopened.seen(crate::labels::event_id_hash("19")));
     }
 }

@@ -14,11 +14,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, Secret};
-use crate::cpa::mgmt::{Call, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
+use crate::cpa::mgmt::{Call, MgmtClient, MgmtError, UsageSettings};
 use crate::cpa::ClientOptions;
-use crate::drain::{auth_wait, sleep_or_shutdown};
 use crate::metrics::Shared;
+use crate::pipeline::backoff::{auth_wait, sleep_or_shutdown};
 
 /// How often the poller looks again while waiting for the drain loop to vouch for the key.
 const KEY_WAIT: Duration = Duration::from_millis(500);
@@ -33,29 +32,16 @@ pub struct PollerOptions {
     pub idle_interval: Duration,
 }
 
-/// Start the poller for `config`'s CPA. `idle_interval` is the drain loop's, for the transport
-/// in use. Stops when `shutdown` turns true; abort the handle to cancel a read in flight (reads
-/// are not destructive).
+/// Start the poller on CPA's management API (`client` carries the URL, key and timeout).
+/// Stops when `shutdown` turns true; abort the handle to cancel a read in flight (reads are
+/// not destructive).
 pub fn spawn(
-    config: &Config,
-    key: Secret,
+    client: ClientOptions,
+    opts: PollerOptions,
     shared: Arc<Shared>,
-    idle_interval: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, reqwest::Error> {
-    let client = MgmtClient::new(ClientOptions {
-        base_url: config.cpa_url.clone(),
-        key,
-        api_version: config.api_version,
-        timeout: config.http_timeout,
-        max_body_bytes: MAX_MGMT_BODY_BYTES,
-        proxy: config.cpa_proxy.clone(),
-    })?;
-    let opts = PollerOptions {
-        settings_interval: config.settings_interval,
-        credentials_interval: config.credentials_interval,
-        idle_interval,
-    };
+    let client = MgmtClient::new(client)?;
     Ok(tokio::spawn(run(client, shared, opts, shutdown)))
 }
 

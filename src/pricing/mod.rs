@@ -51,7 +51,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::ingest::Tokens;
+use crate::tokens::Tokens;
 
 /// The built-in table.
 const EMBEDDED: &str = include_str!("prices.yaml");

@@ -178,7 +178,7 @@ pub fn is_structural_label(name: &str) -> bool {
     matches!(name, TYPE | OUTCOME | REASON)
 }
 
-/// `type` values of `cpa_tokens_total`, in the order of [`crate::ingest::Tokens`] buckets.
+/// `type` values of `cpa_tokens_total`, in the order of [`crate::tokens::Tokens`] buckets.
 pub const TOKEN_TYPES: [&str; 6] = [
     "input",
     "cache_read",
@@ -209,7 +209,7 @@ pub mod reason {
     /// A token count or latency that is negative, fractional, non-numeric or absurdly large.
     pub const INVALID_NUMBER: &str = "invalid_number";
     /// An element nesting objects and arrays deeper than
-    /// [`crate::ingest::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
+    /// [`crate::cpa::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
     pub const TOO_DEEP: &str = "too_deep";
     /// An element larger than `max-response-bytes`, skipped unread (the response is streamed,
     /// so only one element is ever held).
