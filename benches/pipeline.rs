@@ -13,9 +13,9 @@ use cpa_usage_exporter::metrics::render::{render, render_to_string};
 use cpa_usage_exporter::metrics::text::Format;
 use cpa_usage_exporter::metrics::Shared;
 use cpa_usage_exporter::pricing::Pricing;
-use cpa_usage_exporter::sim::{Workload, WorkloadMix, CLIENT_API_KEYS};
 use cpa_usage_exporter::store::budget::{Budget, Budgets, Period};
 use cpa_usage_exporter::store::{Limits, State, Store};
+use fake_cpa::{Workload, WorkloadMix, CLIENT_API_KEYS};
 
 const RECORDS: usize = 200_000;
 const BATCH: usize = 1_000;

@@ -27,5 +27,3 @@ pub mod pipeline;
 pub mod app;
 pub mod check;
 pub mod config;
-
-pub mod sim;

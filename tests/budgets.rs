@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use cpa_usage_exporter::labels::api_key_label;
-use cpa_usage_exporter::sim::{FakeCpa, SimConfig, SimCredential};
+use fake_cpa::{FakeCpa, SimConfig, SimCredential};
 
 const KEY: &str = "budget-test-key";
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use cpa_usage_exporter::ingest::ingest_body;
 use cpa_usage_exporter::pricing::Pricing;
-use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, Workload, WorkloadMix};
 use cpa_usage_exporter::store::{Limits, State, Store};
+use fake_cpa::{FakeCpa, Fault, SimConfig, Workload, WorkloadMix};
 
 const KEY: &str = "resources-test-management-key";
 

@@ -2,11 +2,12 @@
 //! ([`render`]), plus live gauges and counters of the exporter itself ([`Live`]).
 
 pub mod budget;
-pub mod cpa;
+pub mod cpa_view;
 mod labels;
 mod process;
 mod quota;
 pub mod render;
+pub mod sink;
 pub mod text;
 
 use std::path::PathBuf;
@@ -194,7 +195,7 @@ pub struct Shared {
     pub live: Live,
     pub labels: LabelOptions,
     pub db_path: PathBuf,
-    cpa: Mutex<cpa::CpaView>,
+    cpa: Mutex<cpa_view::CpaView>,
 }
 
 impl Shared {
@@ -209,7 +210,7 @@ impl Shared {
     }
 
     /// What is known about CPA itself (build, settings, credentials).
-    pub fn cpa(&self) -> MutexGuard<'_, cpa::CpaView> {
+    pub fn cpa(&self) -> MutexGuard<'_, cpa_view::CpaView> {
         self.cpa.lock().unwrap_or_else(|p| p.into_inner())
     }
 

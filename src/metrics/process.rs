@@ -1,8 +1,7 @@
 //! The standard `process_*` metrics, read from `/proc/self` (prometheus-client has none, and the
 //! crates that do pin another prometheus-client version). Absent files simply omit a metric.
 
-use super::render::gauge;
-use super::text::{Type, Writer};
+use super::text::{gauge, Type, Writer};
 
 /// Linux reports CPU times in USER_HZ ticks, which is 100 on every architecture's user ABI.
 const TICKS_PER_SECOND: f64 = 100.0;

@@ -1,6 +1,6 @@
 //! Quota and rate-limit gauges: the latest header values per credential (API.md 2.2).
 
-use super::render::Sink;
+use super::sink::Sink;
 use super::text::Type;
 use super::Shared;
 use crate::ingest::quota::{Field, Resource, Window};

@@ -1,5 +1,5 @@
 //! Slow management reads beside the drain loop: CPA's usage settings every few minutes and its
-//! credentials listing every 30 s, published through [`crate::metrics::cpa::CpaView`].
+//! credentials listing every 30 s, published through [`crate::metrics::cpa_view::CpaView`].
 //!
 //! Ban safety: every call here is a bcrypt-checked login on CPA's side, and 5 failed logins ban
 //! the IP for 30 minutes. So the poller calls nothing until the drain loop has seen the key

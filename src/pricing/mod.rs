@@ -516,7 +516,7 @@ mod tests {
         let t = PriceTable::from_yaml_str(EMBEDDED, "embedded").unwrap();
         assert_eq!(t.len(), PriceTable::embedded().len());
         assert!(t.len() >= 50, "{}", t.len());
-        // Every upstream model of src/sim/workload.rs.
+        // Every upstream model of crates/fake-cpa/src/workload.rs.
         for model in [
             "gpt-5.4",
             "gpt-5.4-mini",

@@ -1089,7 +1089,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs_f64();
-        let real = crate::sim::workload::rfc3339_nano(now);
+        let real = fake_cpa::workload::rfc3339_nano(now);
         ingest(&mut store, &mut state, &quota(&real, 30));
         assert_eq!(used(&state), 0.3);
         drop(store);

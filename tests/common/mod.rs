@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use cpa_usage_exporter::labels::api_key_label;
-use cpa_usage_exporter::sim::{Expect, FakeCpa, Workload, WorkloadMix};
+use fake_cpa::{Expect, FakeCpa, Workload, WorkloadMix};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cpa-usage-exporter");
 

@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::render::gauge;
-use super::text::{Type, Writer};
+use super::text::{gauge, Type, Writer};
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
 use crate::labels::sanitize;
 use crate::metrics::LabelOptions;
