@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::cpa::split;
+use crate::families::set::{self, LabelSet};
 use crate::families::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
 use crate::labels;
 use crate::pricing::{cost_nano_usd, Pricing};
@@ -35,9 +36,10 @@ impl Delta {
             .or_insert(value);
     }
 
-    fn add_count(&mut self, family: Family, labels: &[&str], n: u64) {
+    fn add_count<L: LabelSet>(&mut self, family: Family, labels: &L, n: u64) {
+        debug_assert!(L::FAMILIES.contains(&family), "{family:?}");
         if n > 0 {
-            self.add(family, to_labels(labels), Value::Counter(n));
+            self.add(family, labels.values(), Value::Counter(n));
         }
     }
 
@@ -242,12 +244,20 @@ impl<'p, F: Fn(u64) -> bool> BatchBuilder<'p, F> {
         if n > 0 {
             batch.elements += n as usize;
             *batch.invalid.entry(reason::TOO_LARGE).or_default() += n;
-            batch
-                .delta
-                .add_count(Family::Records, &[outcome::INVALID], n);
-            batch
-                .delta
-                .add_count(Family::InvalidRecords, &[reason::TOO_LARGE], n);
+            batch.delta.add_count(
+                Family::Records,
+                &set::Records {
+                    outcome: outcome::INVALID,
+                },
+                n,
+            );
+            batch.delta.add_count(
+                Family::InvalidRecords,
+                &set::InvalidRecords {
+                    reason: reason::TOO_LARGE,
+                },
+                n,
+            );
         }
         batch
     }
@@ -343,10 +353,16 @@ fn ingest_iter<'a>(
         outcome::CONTROL,
     ];
     for (name, n) in names.into_iter().zip(outcomes) {
-        batch.delta.add_count(Family::Records, &[name], n);
+        batch
+            .delta
+            .add_count(Family::Records, &set::Records { outcome: name }, n);
     }
     for (r, n) in &batch.invalid {
-        batch.delta.add_count(Family::InvalidRecords, &[r], *n);
+        batch.delta.add_count(
+            Family::InvalidRecords,
+            &set::InvalidRecords { reason: r },
+            *n,
+        );
     }
     batch
 }
@@ -551,10 +567,6 @@ fn observe(hist: &mut Option<Hist>, bounds: &[f64], v: f64) {
         .observe(bounds, v);
 }
 
-fn to_labels(values: &[&str]) -> LabelValues {
-    values.iter().map(|v| Box::<str>::from(*v)).collect()
-}
-
 impl RecAgg {
     fn add(&mut self, o: &Observation) {
         self.requests += 1;
@@ -596,32 +608,35 @@ impl RecAgg {
             s(&key.credential),
             s(&key.endpoint),
         );
-        let base = [
-            &*provider,
-            &*model,
-            &*requested,
-            &*credential,
-            &api_key,
-            &*endpoint,
-        ];
-        delta.add_count(Family::Requests, &base, self.requests);
+        let requests = set::Requests {
+            provider: &provider,
+            model: &model,
+            requested_model: &requested,
+            credential: &credential,
+            api_key: &api_key,
+            endpoint: &endpoint,
+        };
+        delta.add_count(Family::Requests, &requests, self.requests);
         for (code, n) in self.failures {
             let code = code.to_string();
-            let mut labels = base.to_vec();
-            labels.push(&code);
-            delta.add_count(Family::Failures, &labels, n);
+            delta.add_count(Family::Failures, &requests.failed(&code), n);
         }
-        let by_model = [&*provider, &*model];
+        let by_model = set::ByModel {
+            provider: &provider,
+            model: &model,
+        };
         // Cost is linear in tokens, so pricing the summed buckets equals summing per record
         // (up to one nano-USD of rounding per series and batch).
         match pricing.lookup(&key.model, &key.requested_model) {
             Some(price) => {
                 let nano = cost_nano_usd(price, &Tokens(self.tokens));
-                delta.add_count(
-                    Family::Cost,
-                    &[&provider, &model, &credential, &api_key],
-                    nano,
-                );
+                let cost = set::Cost {
+                    provider: &provider,
+                    model: &model,
+                    credential: &credential,
+                    api_key: &api_key,
+                };
+                delta.add_count(Family::Cost, &cost, nano);
             }
             None => delta.add_count(Family::UnpricedRequests, &by_model, self.with_tokens),
         }
@@ -630,18 +645,25 @@ impl RecAgg {
             &by_model,
             self.zero_token_successes,
         );
-        for (ty, n) in TOKEN_TYPES.into_iter().zip(self.tokens) {
-            delta.add_count(
-                Family::Tokens,
-                &[&provider, &model, &credential, &api_key, ty],
-                n,
-            );
+        for (token_type, n) in TOKEN_TYPES.into_iter().zip(self.tokens) {
+            let tokens = set::Tokens {
+                provider: &provider,
+                model: &model,
+                credential: &credential,
+                api_key: &api_key,
+                token_type,
+            };
+            delta.add_count(Family::Tokens, &tokens, n);
         }
-        let hist_labels = [&*provider, &*model, &*credential];
+        let latency = set::Latency {
+            provider: &provider,
+            model: &model,
+            credential: &credential,
+        };
         for (family, hist) in [(Family::Duration, self.latency), (Family::Ttft, self.ttft)] {
             if let Some(h) = hist {
                 debug_assert!(matches!(family.kind(), Kind::Histogram(_)));
-                delta.add(family, to_labels(&hist_labels), Value::Histogram(h));
+                delta.add(family, latency.values(), Value::Histogram(h));
             }
         }
     }
@@ -650,6 +672,10 @@ impl RecAgg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn to_labels(values: &[&str]) -> LabelValues {
+        values.iter().map(|v| Box::<str>::from(*v)).collect()
+    }
 
     fn counter(batch: &Batch, family: Family, labels: &[&str]) -> u64 {
         match batch.delta.families[family as usize].get(&to_labels(labels)) {
