@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::config::{Config, Secret};
 use crate::cpa::mgmt::{Credential, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
 use crate::cpa::Transport;
-use crate::cpa::{AuthCause, Client, ClientOptions, PopError};
+use crate::cpa::{AuthCause, ClientOptions, HttpClient, PopError};
 use crate::ingest::Batch;
 use crate::store::{State, Store};
 
@@ -197,7 +197,7 @@ impl Checker<'_> {
                 "turned off (--consumer-window 0s)",
             ));
         }
-        let pop = Client::new(client_opts(key, config.max_response_bytes));
+        let pop = HttpClient::new(client_opts(key, config.max_response_bytes));
         match pop {
             Ok(pop) => {
                 self.consumers(config, &mut mgmt, pop, (store, state), window)
@@ -395,7 +395,7 @@ impl Checker<'_> {
         &mut self,
         config: &Config,
         mgmt: &mut MgmtClient,
-        mut pop: Client,
+        mut pop: HttpClient,
         (mut store, mut state): (Store, State),
         window: Duration,
     ) {
@@ -531,7 +531,7 @@ enum PopCommitError {
 
 /// One pop, committed like the drain loop would; returns the number of elements it held.
 async fn pop_and_commit(
-    client: &mut Client,
+    client: &mut HttpClient,
     count: usize,
     pricing: &crate::pricing::Pricing,
     store: &mut Store,

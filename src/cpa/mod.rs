@@ -175,7 +175,7 @@ pub struct ClientOptions {
     pub proxy: Option<Secret>,
 }
 
-pub struct Client {
+pub struct HttpClient {
     http: reqwest::Client,
     base_url: String,
     api_version: ApiVersion,
@@ -184,10 +184,10 @@ pub struct Client {
     max_body_bytes: usize,
 }
 
-impl Client {
-    pub fn new(opts: ClientOptions) -> Result<Client, reqwest::Error> {
+impl HttpClient {
+    pub fn new(opts: ClientOptions) -> Result<HttpClient, reqwest::Error> {
         let http = http_client(&opts.key, opts.timeout, opts.proxy.as_ref())?;
-        Ok(Client {
+        Ok(HttpClient {
             http,
             base_url: opts.base_url,
             api_version: opts.api_version,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::resp::{RespClient, RespError, RespOptions, SetupError};
-use super::{Client, ClientOptions, PopError, Popped};
+use super::{ClientOptions, HttpClient, PopError, Popped};
 use crate::cpa::split::Sink;
 use crate::cpa::{ApiVersion, Transport};
 use crate::secret::Secret;
@@ -40,13 +40,13 @@ pub trait Source {
     }
 }
 
-impl Source for Client {
+impl Source for HttpClient {
     fn pop<K: Sink + Send>(
         &mut self,
         count: usize,
         sink: &mut K,
     ) -> impl Future<Output = Result<Popped, PopError>> + Send {
-        Client::pop(self, count, sink)
+        HttpClient::pop(self, count, sink)
     }
 }
 
@@ -74,11 +74,11 @@ pub enum BuildError {
 }
 
 enum Mode {
-    Http(Client),
+    Http(HttpClient),
     Resp(RespClient),
     Auto {
         resp: RespClient,
-        http: Client,
+        http: HttpClient,
         chosen: Option<Transport>,
     },
 }
@@ -93,7 +93,7 @@ pub struct AnySource {
 impl AnySource {
     pub fn new(opts: SourceOptions) -> Result<AnySource, BuildError> {
         let http = || {
-            Client::new(ClientOptions {
+            HttpClient::new(ClientOptions {
                 base_url: opts.base_url.clone(),
                 key: opts.key.clone(),
                 api_version: opts.api_version,

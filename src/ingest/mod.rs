@@ -287,7 +287,7 @@ fn unix_now() -> f64 {
 
 /// Ingest a whole HTTP queue response (a JSON array). `seen` tells whether a dedup id was
 /// applied. The drain loop streams instead ([`BatchBuilder`] fed by a [`split::Splitter`]).
-pub fn ingest_body(
+pub fn from_body(
     body: &[u8],
     pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
@@ -705,7 +705,7 @@ mod tests {
             r#"[{REC},{failed},"garbage",{{"refresh":true}},7,{}]"#,
             serde_json::to_string(REC).unwrap()
         );
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let key = api_key_label_of("sk-client-key-1");
         let base = [
             "codex",
@@ -746,11 +746,11 @@ mod tests {
     fn event_ids_deduplicate_within_and_across_batches() {
         let with_id = REC.replace(r#""request_id""#, r#""event_id":"e1","request_id""#);
         let body = format!("[{with_id},{with_id}]");
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         assert_eq!(counter(&batch, Family::Records, &["ingested"]), 1);
         assert_eq!(counter(&batch, Family::Records, &["duplicate"]), 1);
         assert_eq!(batch.event_ids.len(), 1);
-        let again = ingest_body(body.as_bytes(), &Pricing::embedded(), |h| {
+        let again = from_body(body.as_bytes(), &Pricing::embedded(), |h| {
             h == batch.event_ids[0]
         })
         .unwrap();
@@ -760,7 +760,7 @@ mod tests {
     #[test]
     fn secrets_never_reach_labels() {
         let body = format!("[{REC}]");
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         for (_, labels, _) in batch.delta.iter() {
             for v in labels.iter() {
                 for secret in ["sk-client-key-1", "alice", "203.0.113.7", "a1b2c3d4"] {
@@ -773,7 +773,7 @@ mod tests {
     #[test]
     fn empty_fields_get_documented_defaults() {
         let body = r#"[{"timestamp":"x","failed":true}]"#;
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let base = ["unknown", "unknown", "unknown", "none", "none", "unknown"];
         assert_eq!(counter(&batch, Family::Requests, &base), 1);
         let mut f = base.to_vec();
@@ -812,7 +812,7 @@ mod tests {
             rec("2026-08-22T14:40:00Z", "50"),
             rec("2026-08-22T14:39:00Z", "40")
         );
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let q = &batch.quota["3f9c2a7d1b4e8c60"];
         assert_eq!(
             q.fields[&quota::Field::UsedRatio(quota::Window::Primary)],
@@ -825,6 +825,6 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_an_array_is_an_error() {
-        assert!(ingest_body(br#"{"error":"x"}"#, &Pricing::embedded(), |_| false).is_err());
+        assert!(from_body(br#"{"error":"x"}"#, &Pricing::embedded(), |_| false).is_err());
     }
 }

@@ -937,7 +937,7 @@ fn decode_hist(blob: &[u8], bounds: &[f64]) -> Option<Hist> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::ingest_body;
+    use crate::ingest::from_body;
 
     fn rec(model: &str, id: Option<&str>) -> String {
         let id = id.map_or(String::new(), |i| format!(r#","event_id":"{i}""#));
@@ -948,7 +948,7 @@ mod tests {
     }
 
     fn ingest(store: &mut Store, state: &mut State, body: &str) {
-        let batch = ingest_body(body.as_bytes(), &crate::pricing::Pricing::embedded(), |h| {
+        let batch = from_body(body.as_bytes(), &crate::pricing::Pricing::embedded(), |h| {
             store.seen(h)
         })
         .unwrap();
@@ -1007,7 +1007,7 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
         let body: Vec<String> = (0..10).map(|i| rec(&format!("m{i}"), None)).collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", body.join(",")).as_bytes(),
             &crate::pricing::Pricing::embedded(),
             |_| false,
@@ -1049,7 +1049,7 @@ mod tests {
                 )
             })
             .collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", body.join(",")).as_bytes(),
             &crate::pricing::Pricing::embedded(),
             |_| false,
@@ -1222,7 +1222,7 @@ mod tests {
                 )
             })
             .collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", body.join(",")).as_bytes(),
             &crate::pricing::Pricing::embedded(),
             |_| false,
@@ -1253,7 +1253,7 @@ mod tests {
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let body = r#"[{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","auth_index":"c1",
             "response_headers":{"x-codex-primary-used-percent":["25"],"x-ratelimit-remaining-requests":["9"]}}]"#;
-        let batch = ingest_body(
+        let batch = from_body(
             body.as_bytes(),
             &crate::pricing::Pricing::embedded(),
             |_| false,
@@ -1268,7 +1268,7 @@ mod tests {
         assert_eq!(state.quota["c1"].fields.len(), 2);
         assert_eq!(state.quota["c1"].provider, "codex");
         // Two hours later, an unrelated batch commits: the stale observation goes.
-        let batch = ingest_body(b"[]", &crate::pricing::Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(b"[]", &crate::pricing::Pricing::embedded(), |_| false).unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1_787_409_600 + 7200).unwrap();
         store.apply(&mut state, plan);
@@ -1289,7 +1289,7 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let commit_at = |store: &mut Store, state: &mut State, body: &str, now: i64| {
-            let batch = ingest_body(
+            let batch = from_body(
                 body.as_bytes(),
                 &crate::pricing::Pricing::embedded(),
                 |_| false,
@@ -1372,7 +1372,7 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let body = format!("[{},{}]", rec("a", None), rec("a", None));
-        let batch = ingest_body(
+        let batch = from_body(
             body.as_bytes(),
             &crate::pricing::Pricing::embedded(),
             |_| false,
@@ -1401,7 +1401,7 @@ mod tests {
         assert_eq!(requests_shown(&state, 1030.0), 0);
         assert_eq!(requests_shown(&state, 1061.0), 2);
         // An increment of a known series is shown at once; only creation is held.
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", rec("a", None)).as_bytes(),
             &crate::pricing::Pricing::embedded(),
             |_| false,

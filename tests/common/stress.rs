@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cpa_usage_exporter::families::Family;
-use cpa_usage_exporter::ingest::ingest_body;
+use cpa_usage_exporter::ingest::from_body;
 use cpa_usage_exporter::pricing::Pricing;
 use cpa_usage_exporter::store::{Limits, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,7 +36,7 @@ pub fn fill_state(db: &Path, requests: usize) -> usize {
                 )
             })
             .collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", elems.join(",")).as_bytes(),
             &pricing,
             |_| false,
