@@ -318,7 +318,7 @@ fn main() {
         });
         println!(
             "scrape at {:>6} series:      {:>9.2} ms per scrape, {:.2} µs per sample ({} samples)",
-            shared.state().total_series(),
+            shared.committed.read().total_series(),
             d.as_secs_f64() * 1e3,
             d.as_secs_f64() * 1e6 / samples as f64,
             samples,

@@ -472,7 +472,7 @@ async fn stalled_scrapers_hold_neither_the_state_lock_nor_the_server() {
     let writer = shared.clone();
     let locked = tokio::time::timeout(
         Duration::from_secs(3),
-        tokio::task::spawn_blocking(move || drop(writer.state_mut())),
+        tokio::task::spawn_blocking(move || drop(writer.committed.write())),
     )
     .await;
     assert!(

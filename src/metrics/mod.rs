@@ -184,44 +184,67 @@ impl Live {
     }
 }
 
-/// What the drain loop, the collector and the HTTP server share.
+/// What the drain loop commits: the stored state that scrapes render. Read by scrapes
+/// (concurrently, a chunk of series at a time, never across the network), written by the drain
+/// loop only to apply a committed batch or a retirement. Writers are preferred: a waiting write
+/// holds back new readers, so a crowd of scrapes delays ingestion by at most the chunks being
+/// rendered.
+#[derive(Debug)]
+pub struct Committed(RwLock<State>);
+
+impl Committed {
+    pub fn new(state: State) -> Committed {
+        Committed(RwLock::new(state))
+    }
+
+    /// The committed state. A panic elsewhere while holding the lock must not stop scrapes.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The committed state, to change it (the drain loop, after a commit).
+    pub fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the management poller observes about CPA itself (build, settings, credentials).
+#[derive(Debug, Default)]
+pub struct Observed(Mutex<cpa_view::CpaView>);
+
+impl Observed {
+    pub fn get(&self) -> MutexGuard<'_, cpa_view::CpaView> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What rendering needs besides the data; fixed at start.
+#[derive(Debug)]
+pub struct View {
+    pub labels: LabelOptions,
+    /// For the database size gauge.
+    pub db_path: PathBuf,
+}
+
+/// What the loops and the HTTP server share, by owner: the drain loop writes `committed`, the
+/// management poller `observed`, both their own counters in `live`; `view` never changes.
+/// Prices are no part of it: they travel with the drain loop, the only one that ingests.
 #[derive(Debug)]
 pub struct Shared {
-    /// Read by scrapes (concurrently, a chunk of series at a time, never across the network),
-    /// written by the drain loop only to apply a committed batch. Writers are preferred: a
-    /// waiting write holds back new readers, so a crowd of scrapes delays ingestion by at most
-    /// the chunks being rendered.
-    state: RwLock<State>,
+    pub committed: Committed,
+    pub observed: Observed,
     pub live: Live,
-    pub labels: LabelOptions,
-    pub db_path: PathBuf,
-    cpa: Mutex<cpa_view::CpaView>,
+    pub view: View,
 }
 
 impl Shared {
     pub fn new(state: State, labels: LabelOptions, db_path: PathBuf) -> Shared {
         Shared {
-            state: RwLock::new(state),
+            committed: Committed::new(state),
+            observed: Observed::default(),
             live: Live::default(),
-            labels,
-            db_path,
-            cpa: Mutex::default(),
+            view: View { labels, db_path },
         }
-    }
-
-    /// What is known about CPA itself (build, settings, credentials).
-    pub fn cpa(&self) -> MutexGuard<'_, cpa_view::CpaView> {
-        self.cpa.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The committed state. A panic elsewhere while holding the lock must not stop scrapes.
-    pub fn state(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The committed state, to change it (the drain loop, after a commit).
-    pub fn state_mut(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 

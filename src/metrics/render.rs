@@ -27,7 +27,11 @@ pub fn render(shared: &Shared, format: Format, out: &mut dyn Write) -> io::Resul
     let mut sink = Sink::new(format, out);
     super::encode_live(&mut sink.writer(), &shared.live);
     sink.ship_if_full()?;
-    cpa_view::encode(&mut sink.writer(), &shared.cpa(), &shared.labels);
+    cpa_view::encode(
+        &mut sink.writer(),
+        &shared.observed.get(),
+        &shared.view.labels,
+    );
     sink.ship_if_full()?;
     stored(&mut sink, shared)?;
     process::encode(&mut sink.writer());
@@ -84,9 +88,9 @@ fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
             "cpa_exporter_store_size_bytes",
             "Size of the state database on disk, including its write-ahead log",
             Some("bytes"),
-            Store::size_bytes(&shared.db_path) as f64,
+            Store::size_bytes(&shared.view.db_path) as f64,
         );
-        let state = shared.state();
+        let state = shared.committed.read();
         if let Some(t) = state.last_record_timestamp {
             gauge(
                 &mut w,
@@ -117,15 +121,15 @@ fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
         }
     }
     let now = unix_now();
-    let clock = (now, shared.state().new_series_hold);
+    let clock = (now, shared.committed.read().new_series_hold);
     for family in Family::ALL {
         stored_family(sink, shared, family, clock)?;
     }
     quota::encode(sink, shared, now)?;
     super::budget::encode(
         &mut sink.writer(),
-        &shared.state().budgets,
-        &shared.labels,
+        &shared.committed.read().budgets,
+        &shared.view.labels,
         now,
     );
     Ok(())
@@ -174,7 +178,7 @@ fn stored_family(
     };
     sink.writer().family(name, family.help(), unit, ty);
     let names = family.labels();
-    let opts = &shared.labels;
+    let opts = &shared.view.labels;
     if opts.is_identity() {
         return sink.each(
             shared,
@@ -197,7 +201,7 @@ fn stored_family(
         .collect();
     let mut projected: BTreeMap<Vec<Box<str>>, Value> = BTreeMap::new();
     {
-        let state = shared.state();
+        let state = shared.committed.read();
         for (values, stored) in &state.families[family as usize] {
             let key: Vec<Box<str>> = kept
                 .iter()

@@ -62,7 +62,7 @@ impl<'o> Sink<'o> {
         let mut after: Option<K> = None;
         loop {
             let next = {
-                let state = shared.state();
+                let state = shared.committed.read();
                 let map = map(&state);
                 let range = match &after {
                     Some(k) => map.range((Bound::Excluded(k), Bound::Unbounded)),

@@ -135,7 +135,7 @@ pub async fn run<S: Source>(
                 if let Err(e) = blocking(|| store.note_pop(started_unix)) {
                     debug!("cannot record the time of the last pop: {e}");
                 }
-                let retention = shared.cpa().settings().map(|s| s.retention);
+                let retention = shared.observed.get().settings().map(|s| s.retention);
                 for gap in gaps.settle(retention, unix_now()) {
                     note_gap(&gap, &shared, &mut notes);
                 }
@@ -144,7 +144,8 @@ pub async fn run<S: Source>(
                     .live
                     .set_idle_interval(source.idle_interval().unwrap_or(opts.poll_interval));
                 shared
-                    .cpa()
+                    .observed
+                    .get()
                     .set_identity(popped.cpa_version.as_deref(), popped.cpa_commit.as_deref());
                 if first_success || health != Health::Up {
                     info!(
@@ -267,7 +268,7 @@ fn retire(store: &mut Store, shared: &Shared, after: Duration) {
     if retired.series.is_empty() {
         return;
     }
-    shared.state_mut().forget(&retired);
+    shared.committed.write().forget(&retired);
     for family in Family::ALL {
         let n = retired.series.iter().filter(|(f, _)| *f == family).count() as u64;
         if n > 0 {
@@ -343,7 +344,7 @@ async fn commit_until_done(
     loop {
         let now = unix_now() as i64;
         let (mut plan, spend) = {
-            let state = shared.state();
+            let state = shared.committed.read();
             let (spend, rows) = state.budgets.after(batch, now);
             let mut plan = store.plan(&state, batch);
             plan.meta = rows;
@@ -386,7 +387,7 @@ async fn commit_until_done(
                     }
                 }
                 {
-                    let mut state = shared.state_mut();
+                    let mut state = shared.committed.write();
                     store.apply(&mut state, plan);
                     state.budgets.set(spend);
                 }

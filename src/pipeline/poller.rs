@@ -110,7 +110,7 @@ impl Poller {
             let result = client.usage_settings().await;
             publish_identity(client, shared);
             if let Some(settings) = self.settled(Call::Settings, result) {
-                shared.cpa().set_settings(settings);
+                shared.observed.get().set_settings(settings);
                 let idle = shared.live.idle_interval();
                 self.warn_about(settings, idle.unwrap_or(self.opts.idle_interval));
             }
@@ -122,7 +122,7 @@ impl Poller {
                 publish_identity(client, shared);
                 if let Some(list) = self.settled(Call::Credentials, result) {
                     self.note_credentials(list.len(), client);
-                    shared.cpa().set_credentials(list);
+                    shared.observed.get().set_credentials(list);
                 }
             }
         }
@@ -245,6 +245,7 @@ impl Poller {
 fn publish_identity(client: &MgmtClient, shared: &Shared) {
     let id = client.identity();
     shared
-        .cpa()
+        .observed
+        .get()
         .set_identity(id.version.as_deref(), id.commit.as_deref());
 }
