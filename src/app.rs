@@ -16,7 +16,8 @@ use crate::cpa::Transport;
 use crate::metrics::Shared;
 use crate::pipeline::drain::{self, DrainOptions};
 use crate::pipeline::poller::{self, PollerOptions};
-use crate::store::Store;
+use crate::store::budget::{Budgets, META_PREFIX};
+use crate::store::{State, Store, StoreError};
 
 /// A start-up failure, said in terms of the setting to fix.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     run_with_key(config, key, shutdown_signal()).await
 }
 
+/// Open the state database with the configured budgets and the spend it recorded for them.
+pub fn open_store(config: &Config) -> Result<(Store, State), StoreError> {
+    let (store, mut state) = Store::open(&config.db, config.limits)?;
+    state.budgets = Budgets::new(config.budgets.clone());
+    let spent = store.meta_rows(META_PREFIX)?;
+    state
+        .budgets
+        .restore(spent.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Ok((store, state))
+}
+
 pub async fn run_with_key(
     config: Config,
     key: Secret,
@@ -110,12 +122,7 @@ pub async fn run_with_key(
         Some(path) => crate::http::Protection::load(path)?,
         None => crate::http::Protection::default(),
     };
-    let (store, mut state) = Store::open(&config.db, config.limits)?;
-    state.budgets = crate::store::budget::Budgets::new(config.budgets.clone());
-    let spent = store.meta_rows(crate::store::budget::META_PREFIX)?;
-    state
-        .budgets
-        .restore(spent.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let (store, state) = open_store(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {

@@ -226,7 +226,9 @@ impl Checker<'_> {
     fn database(&mut self, config: &Config) -> Option<(Store, State)> {
         let path = config.db.display().to_string();
         let fix = "point --db / CPA_EXPORTER_DB at a writable file on a persistent volume";
-        let (mut store, state) = match Store::open(&config.db, config.limits) {
+        // Opened as the exporter opens it (budgets and their spend too), so what `check` pops
+        // is committed as the drain loop would.
+        let (mut store, state) = match crate::app::open_store(config) {
             Ok(opened) => opened,
             Err(e) => {
                 self.say(failed("database", format!("{path}: {e}"), fix));
@@ -540,8 +542,9 @@ async fn pop_and_commit(
     let (batch, popped) = crate::pipeline::drain::pop_batch(client, count, store, pricing).await;
     // What arrived is committed even when the pop failed part way: CPA removed those records.
     if batch.elements > 0 {
-        let mut plan = store.plan(state, &batch);
-        store.commit(&mut plan, crate::time::unix_now() as i64)?;
+        let now = crate::time::unix_now() as i64;
+        let mut plan = store.plan_batch(state, &batch, now);
+        store.commit(&mut plan, now)?;
         store.apply(state, plan);
     }
     popped?;

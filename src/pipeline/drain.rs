@@ -343,13 +343,7 @@ async fn commit_until_done(
     let mut attempts = 0u32;
     loop {
         let now = unix_now() as i64;
-        let (mut plan, spend) = {
-            let state = shared.committed.read();
-            let (spend, rows) = state.budgets.after(batch, now);
-            let mut plan = store.plan(&state, batch);
-            plan.meta = rows;
-            (plan, spend)
-        };
+        let mut plan = store.plan_batch(&shared.committed.read(), batch, now);
         match blocking(|| store.commit(&mut plan, now)) {
             Ok(()) => {
                 for family in Family::ALL {
@@ -389,7 +383,6 @@ async fn commit_until_done(
                 {
                     let mut state = shared.committed.write();
                     store.apply(&mut state, plan);
-                    state.budgets.set(spend);
                 }
                 shared.live.set_store_healthy(true);
                 debug!(

@@ -246,6 +246,8 @@ pub struct Plan {
     quota_cutoff: f64,
     /// Rows of the `meta` table to write with the batch (budget spend).
     pub meta: Vec<(String, String)>,
+    /// The budgets' spend once the batch is committed (empty: unchanged).
+    spend: Vec<budget::Spend>,
 }
 
 pub struct Store {
@@ -537,6 +539,17 @@ impl Store {
         Ok(state)
     }
 
+    /// Everything committing `batch` at `now` writes: its series and the budgets' spend. The
+    /// drain loop and `check` both commit through this, so a record counts the same whoever
+    /// popped it.
+    pub fn plan_batch(&self, state: &State, batch: &Batch, now: i64) -> Plan {
+        let (spend, rows) = state.budgets.after(batch, now);
+        let mut plan = self.plan(state, batch);
+        plan.meta = rows;
+        plan.spend = spend;
+        plan
+    }
+
     /// Work out the absolute values `batch` leads to, folding label sets beyond the cap.
     pub fn plan(&self, state: &State, batch: &Batch) -> Plan {
         let mut plan = Plan::default();
@@ -768,6 +781,7 @@ impl Store {
         state.quota.extend(plan.quota);
         let cutoff = plan.quota_cutoff;
         state.quota.retain(|_, q| q.observed_at >= cutoff);
+        state.budgets.set(plan.spend);
     }
 
     /// `PRAGMA integrity_check`, for tests and the `check` subcommand.
@@ -945,6 +959,36 @@ mod tests {
             r#"{{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","model":"{model}","latency_ms":1200,"ttft_ms":300,
                "tokens":{{"input_tokens":10,"output_tokens":5,"total_tokens":15}}{id}}}"#
         )
+    }
+
+    #[test]
+    fn a_committed_batch_counts_against_the_budgets_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let key = crate::labels::api_key_label("sk-team-a");
+        let budgets = budget::Budgets::new(vec![budget::Budget {
+            api_key: key.clone(),
+            usd: 10.0,
+            period: budget::Period::Month,
+        }]);
+        let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
+        state.budgets = budgets.clone();
+        let mut batch = Batch::default();
+        let labels: LabelValues = ["p", "m", "c", key.as_str()].map(Box::<str>::from).into();
+        batch
+            .delta
+            .add(Family::Cost, labels, Value::Counter(2_000_000_000));
+        let now = 1_796_083_200;
+        let mut plan = store.plan_batch(&state, &batch, now);
+        store.commit(&mut plan, now).unwrap();
+        store.apply(&mut state, plan);
+        assert_eq!(state.budgets.spent_usd(), [2.0]);
+        drop(store);
+        let (store, _) = Store::open(&path, Limits::default()).unwrap();
+        let mut again = budgets;
+        let rows = store.meta_rows(budget::META_PREFIX).unwrap();
+        again.restore(rows.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        assert_eq!(again.spent_usd(), [2.0]);
     }
 
     fn ingest(store: &mut Store, state: &mut State, body: &str) {
