@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::cpa::{ApiVersion, Transport};
@@ -198,7 +198,7 @@ pub struct Flags {
     pub log_format: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -662,32 +662,10 @@ impl Config {
         };
 
         let (v, raw) = required(&API_VERSION, pick(&API_VERSION, &flags.api_version))?;
-        let api_version = match v.to_ascii_lowercase().as_str() {
-            "auto" => ApiVersion::Auto,
-            "v0" => ApiVersion::V0,
-            "v8" => ApiVersion::V8,
-            other => {
-                return Err(err(
-                    &API_VERSION,
-                    &raw,
-                    format!("`{other}`: expected auto, v0 or v8"),
-                ))
-            }
-        };
+        let api_version = choice::<ApiVersion>(&v, true).map_err(|p| err(&API_VERSION, &raw, p))?;
 
         let (v, raw) = required(&TRANSPORT, pick(&TRANSPORT, &flags.transport))?;
-        let transport = match v.to_ascii_lowercase().as_str() {
-            "auto" => Transport::Auto,
-            "http" => Transport::Http,
-            "resp" => Transport::Resp,
-            other => {
-                return Err(err(
-                    &TRANSPORT,
-                    &raw,
-                    format!("`{other}`: expected auto, http or resp"),
-                ))
-            }
-        };
+        let transport = choice::<Transport>(&v, true).map_err(|p| err(&TRANSPORT, &raw, p))?;
 
         let (v, raw) = required(&LISTEN, pick(&LISTEN, &flags.listen))?;
         let listen = parse_listen(&v).map_err(|p| err(&LISTEN, &raw, p))?;
@@ -782,17 +760,7 @@ impl Config {
         })?;
 
         let (v, raw) = required(&LOG_FORMAT, pick(&LOG_FORMAT, &flags.log_format))?;
-        let log_format = match v.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(err(
-                    &LOG_FORMAT,
-                    &raw,
-                    format!("`{other}`: expected text or json"),
-                ))
-            }
-        };
+        let log_format = choice::<LogFormat>(&v, false).map_err(|p| err(&LOG_FORMAT, &raw, p))?;
 
         let (v, raw) = required(&SERIES_LIMIT, pick(&SERIES_LIMIT, &None))?;
         let series_per_family =
@@ -1062,6 +1030,28 @@ fn parse_bytes(v: &str, min: usize, max: usize) -> Result<usize, String> {
     }
 }
 
+/// One of an enum's values by name: `ValueEnum` names them once, for this and for clap.
+fn choice<T: ValueEnum>(v: &str, ignore_case: bool) -> Result<T, String> {
+    T::from_str(v, ignore_case).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|x| x.to_possible_value())
+            .map(|p| p.get_name().to_owned())
+            .collect();
+        let expected = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        let shown = if ignore_case {
+            v.to_ascii_lowercase()
+        } else {
+            v.to_owned()
+        };
+        format!("`{shown}`: expected {expected}")
+    })
+}
+
 fn parse_duration(v: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(v.trim())
         .map_err(|e| format!("`{v}`: {e} (examples: 500ms, 5s, 2m)"))?;
@@ -1097,6 +1087,22 @@ mod tests {
         let matches = Cli::command().try_get_matches_from(argv).unwrap();
         let cli = Cli::from_arg_matches(&matches).unwrap();
         Config::resolve(&cli.flags, &matches)
+    }
+
+    #[test]
+    fn a_wrong_choice_names_the_choices() {
+        for (args, says) in [
+            (["--api-version", "V9"], "`v9`: expected auto, v0 or v8"),
+            (["--transport", "XX"], "`xx`: expected auto, http or resp"),
+            (["--log-format", "Json"], "`Json`: expected text or json"),
+        ] {
+            let e = resolve(&args).unwrap_err().to_string();
+            assert!(e.ends_with(says), "{e}");
+        }
+        assert_eq!(
+            resolve(&["--transport", "RESP"]).unwrap().transport,
+            Transport::Resp
+        );
     }
 
     fn file(text: &str) -> tempfile::NamedTempFile {

@@ -12,7 +12,7 @@ use crate::secret::Secret;
 use split::{Sink, Splitter};
 
 /// Which queue API CPA speaks (`api-version`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ApiVersion {
     Auto,
     V0,
@@ -20,7 +20,7 @@ pub enum ApiVersion {
 }
 
 /// How the queue is popped (`transport`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
     Auto,
     Http,
