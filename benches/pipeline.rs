@@ -6,16 +6,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cpa_usage_exporter::budget::{Budget, Budgets, Period};
-use cpa_usage_exporter::cost::Pricing;
-use cpa_usage_exporter::ingest::labels::api_key_label;
-use cpa_usage_exporter::ingest::split::{split_array, Splitter};
-use cpa_usage_exporter::ingest::{ingest_body, BatchBuilder};
+use cpa_usage_exporter::cpa::split::{split_array, Splitter};
+use cpa_usage_exporter::ingest::{from_body, BatchBuilder};
+use cpa_usage_exporter::labels::api_key_label;
 use cpa_usage_exporter::metrics::render::{render, render_to_string};
 use cpa_usage_exporter::metrics::text::Format;
 use cpa_usage_exporter::metrics::Shared;
-use cpa_usage_exporter::sim::{Workload, WorkloadMix, CLIENT_API_KEYS};
+use cpa_usage_exporter::pricing::Pricing;
+use cpa_usage_exporter::store::budget::{Budget, Budgets, Period};
 use cpa_usage_exporter::store::{Limits, State, Store};
+use fake_cpa::{Workload, WorkloadMix, CLIENT_API_KEYS};
 
 const RECORDS: usize = 200_000;
 const BATCH: usize = 1_000;
@@ -57,7 +57,7 @@ fn big_pop_child(whole: bool) {
             all.extend_from_slice(rec.as_bytes());
         }
         all.push(b']');
-        ingest_body(&all, &pricing, |_| false).unwrap().ingested
+        from_body(&all, &pricing, |_| false).unwrap().ingested
     } else {
         // The response is produced piece by piece, as a socket would deliver it.
         let mut builder = BatchBuilder::new(&pricing, 2e9, |_| false);
@@ -148,7 +148,7 @@ fn state_with_series(dir: &std::path::Path, target: usize) -> (Store, State) {
                 )
             })
             .collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", elems.join(",")).as_bytes(),
             &pricing,
             |_| false,
@@ -220,7 +220,7 @@ fn main() {
     let (d, n) = best_of(3, || {
         bodies
             .iter()
-            .map(|b| ingest_body(b, &pricing, |_| false).unwrap().ingested)
+            .map(|b| from_body(b, &pricing, |_| false).unwrap().ingested)
             .sum::<u64>()
     });
     println!(
@@ -248,7 +248,7 @@ fn main() {
         let path = dir.path().join(format!("commit-{}.db", rand_suffix()));
         let (mut store, mut state) = Store::open(&path, limits()).unwrap();
         for b in &bodies {
-            let batch = ingest_body(b, &pricing, |id| store.seen(id)).unwrap();
+            let batch = from_body(b, &pricing, |id| store.seen(id)).unwrap();
             let mut plan = store.plan(&state, &batch);
             store.commit(&mut plan, 0).unwrap();
             store.apply(&mut state, plan);
@@ -283,7 +283,7 @@ fn main() {
         state.budgets = Budgets::new(budgets.clone());
         let mut accounting = Duration::ZERO;
         for b in &bodies {
-            let batch = ingest_body(b, &pricing, |id| store.seen(id)).unwrap();
+            let batch = from_body(b, &pricing, |id| store.seen(id)).unwrap();
             let started = Instant::now();
             let (spend, rows) = state.budgets.after(&batch, 1_796_083_200);
             accounting += started.elapsed();
@@ -318,7 +318,7 @@ fn main() {
         });
         println!(
             "scrape at {:>6} series:      {:>9.2} ms per scrape, {:.2} µs per sample ({} samples)",
-            shared.state().total_series(),
+            shared.committed.read().total_series(),
             d.as_secs_f64() * 1e3,
             d.as_secs_f64() * 1e6 / samples as f64,
             samples,

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{stress, Exporter, Setup};
-use cpa_usage_exporter::sim::{FakeCpa, SimConfig};
+use fake_cpa::{FakeCpa, SimConfig};
 
 const KEY: &str = "stress-bench-management-key";
 

@@ -8,11 +8,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::{Config, Secret, Transport};
+use crate::config::{Config, Secret};
+use crate::cpa::mgmt::MAX_MGMT_BODY_BYTES;
 use crate::cpa::source::{AnySource, BuildError, SourceOptions};
-use crate::drain::{self, DrainOptions};
+use crate::cpa::ClientOptions;
+use crate::cpa::Transport;
 use crate::metrics::Shared;
-use crate::store::Store;
+use crate::pipeline::drain::{self, DrainOptions};
+use crate::pipeline::poller::{self, PollerOptions};
+use crate::store::budget::{Budgets, META_PREFIX};
+use crate::store::{State, Store, StoreError};
 
 /// A start-up failure, said in terms of the setting to fix.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +33,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("prices file (--prices-file / CPA_EXPORTER_PRICES_FILE): {0}")]
-    Prices(#[from] crate::cost::PriceError),
+    Prices(#[from] crate::pricing::PriceError),
     #[error("cannot build the HTTP client for CPA: {0}")]
     Client(#[from] reqwest::Error),
     #[error("{0}")]
@@ -72,12 +77,12 @@ fn poll_interval_text(config: &Config) -> String {
 }
 
 /// The embedded price table, extended by the configured file, with the configured aliases.
-pub fn load_pricing(config: &Config) -> Result<crate::cost::Pricing, StartError> {
+pub fn load_pricing(config: &Config) -> Result<crate::pricing::Pricing, StartError> {
     let table = match &config.prices_file {
-        Some(path) => crate::cost::PriceTable::load(path)?,
-        None => crate::cost::PriceTable::embedded(),
+        Some(path) => crate::pricing::PriceTable::load(path)?,
+        None => crate::pricing::PriceTable::embedded(),
     };
-    Ok(crate::cost::Pricing {
+    Ok(crate::pricing::Pricing {
         table,
         aliases: config.model_aliases.clone(),
     })
@@ -97,6 +102,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     run_with_key(config, key, shutdown_signal()).await
 }
 
+/// Open the state database with the configured budgets and the spend it recorded for them.
+pub fn open_store(config: &Config) -> Result<(Store, State), StoreError> {
+    let (store, mut state) = Store::open(&config.db, config.limits)?;
+    state.budgets = Budgets::new(config.budgets.clone());
+    let spent = store.meta_rows(META_PREFIX)?;
+    state
+        .budgets
+        .restore(spent.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Ok((store, state))
+}
+
 pub async fn run_with_key(
     config: Config,
     key: Secret,
@@ -106,12 +122,7 @@ pub async fn run_with_key(
         Some(path) => crate::http::Protection::load(path)?,
         None => crate::http::Protection::default(),
     };
-    let (store, mut state) = Store::open(&config.db, config.limits)?;
-    state.budgets = crate::budget::Budgets::new(config.budgets.clone());
-    let spent = store.meta_rows(crate::budget::META_PREFIX)?;
-    state
-        .budgets
-        .restore(spent.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let (store, state) = open_store(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -132,9 +143,7 @@ pub async fn run_with_key(
     })?;
     let poll_interval = client.idle_interval();
     let pricing = load_pricing(&config)?;
-    let shared = Arc::new(
-        Shared::new(state, config.labels.clone(), config.db.clone()).with_pricing(pricing),
-    );
+    let shared = Arc::new(Shared::new(state, config.labels.clone(), config.db.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = listener.local_addr().unwrap_or(config.listen);
     info!(
@@ -164,11 +173,21 @@ pub async fn run_with_key(
         },
         stop_rx.clone(),
     ));
-    let poller = crate::poller::spawn(
-        &config,
-        poller_key,
+    let poller = poller::spawn(
+        ClientOptions {
+            base_url: config.cpa_url.clone(),
+            key: poller_key,
+            api_version: config.api_version,
+            timeout: config.http_timeout,
+            max_body_bytes: MAX_MGMT_BODY_BYTES,
+            proxy: config.cpa_proxy.clone(),
+        },
+        PollerOptions {
+            settings_interval: config.settings_interval,
+            credentials_interval: config.credentials_interval,
+            idle_interval: poll_interval,
+        },
         shared.clone(),
-        poll_interval,
         stop_rx.clone(),
     )?;
     let drain = drain::spawn(
@@ -179,6 +198,7 @@ pub async fn run_with_key(
             batch_size: config.batch_size,
             // The source's own idle interval wins once its transport is known.
             poll_interval,
+            pricing,
         },
         stop_rx,
     );

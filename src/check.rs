@@ -10,9 +10,10 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{Config, Secret, Transport};
+use crate::config::{Config, Secret};
 use crate::cpa::mgmt::{Credential, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
-use crate::cpa::{AuthCause, Client, ClientOptions, PopError};
+use crate::cpa::Transport;
+use crate::cpa::{AuthCause, ClientOptions, HttpClient, PopError};
 use crate::ingest::Batch;
 use crate::store::{State, Store};
 
@@ -196,7 +197,7 @@ impl Checker<'_> {
                 "turned off (--consumer-window 0s)",
             ));
         }
-        let pop = Client::new(client_opts(key, config.max_response_bytes));
+        let pop = HttpClient::new(client_opts(key, config.max_response_bytes));
         match pop {
             Ok(pop) => {
                 self.consumers(config, &mut mgmt, pop, (store, state), window)
@@ -225,7 +226,9 @@ impl Checker<'_> {
     fn database(&mut self, config: &Config) -> Option<(Store, State)> {
         let path = config.db.display().to_string();
         let fix = "point --db / CPA_EXPORTER_DB at a writable file on a persistent volume";
-        let (mut store, state) = match Store::open(&config.db, config.limits) {
+        // Opened as the exporter opens it (budgets and their spend too), so what `check` pops
+        // is committed as the drain loop would.
+        let (mut store, state) = match crate::app::open_store(config) {
             Ok(opened) => opened,
             Err(e) => {
                 self.say(failed("database", format!("{path}: {e}"), fix));
@@ -233,7 +236,7 @@ impl Checker<'_> {
             }
         };
         let mut plan = store.plan(&state, &Batch::default());
-        let now = crate::metrics::unix_now() as i64;
+        let now = crate::time::unix_now() as i64;
         if let Err(e) = store.commit(&mut plan, now) {
             self.say(failed(
                 "database",
@@ -328,7 +331,7 @@ impl Checker<'_> {
             }
             (None, Err(e @ MgmtError::RouteNotFound { .. })) => {
                 let fix = match config.api_version {
-                    crate::config::ApiVersion::Auto => {
+                    crate::cpa::ApiVersion::Auto => {
                         "upgrade CPA (the queue needs v6.10.8 or newer)"
                     }
                     _ => "set --api-version auto",
@@ -394,7 +397,7 @@ impl Checker<'_> {
         &mut self,
         config: &Config,
         mgmt: &mut MgmtClient,
-        mut pop: Client,
+        mut pop: HttpClient,
         (mut store, mut state): (Store, State),
         window: Duration,
     ) {
@@ -530,17 +533,18 @@ enum PopCommitError {
 
 /// One pop, committed like the drain loop would; returns the number of elements it held.
 async fn pop_and_commit(
-    client: &mut Client,
+    client: &mut HttpClient,
     count: usize,
-    pricing: &crate::cost::Pricing,
+    pricing: &crate::pricing::Pricing,
     store: &mut Store,
     state: &mut State,
 ) -> Result<usize, PopCommitError> {
-    let (batch, popped) = crate::drain::pop_batch(client, count, store, pricing).await;
+    let (batch, popped) = crate::pipeline::drain::pop_batch(client, count, store, pricing).await;
     // What arrived is committed even when the pop failed part way: CPA removed those records.
     if batch.elements > 0 {
-        let mut plan = store.plan(state, &batch);
-        store.commit(&mut plan, crate::metrics::unix_now() as i64)?;
+        let now = crate::time::unix_now() as i64;
+        let mut plan = store.plan_batch(state, &batch, now);
+        store.commit(&mut plan, now)?;
         store.apply(state, plan);
     }
     popped?;

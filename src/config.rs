@@ -9,32 +9,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::budget::{Budget, Period};
-use crate::ingest::labels::{api_key_label, sanitize};
-use crate::schema::label;
+use crate::cpa::{ApiVersion, Transport};
+use crate::families::label;
+use crate::labels::{api_key_label, sanitize};
+use crate::metrics::LabelOptions;
+use crate::store::budget::{Budget, Period};
 use crate::store::Limits;
 
-/// A secret that never prints.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+/// Re-exported: the binary and the tests name them through the configuration.
+pub use crate::secret::Secret;
 
 #[derive(Parser, Debug)]
 #[command(name = "cpa-usage-exporter", version, about = "Prometheus exporter for CLIProxyAPI usage", long_about = None)]
@@ -212,21 +198,7 @@ pub struct Flags {
     pub log_format: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiVersion {
-    Auto,
-    V0,
-    V8,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Auto,
-    Http,
-    Resp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -239,25 +211,6 @@ pub const DROPPABLE_LABELS: [&str; 4] = [
     label::REQUESTED_MODEL,
     label::ENDPOINT,
 ];
-
-/// How stored label sets are shown. Applied when rendering, so changing it never loses counts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LabelOptions {
-    pub drop: Vec<&'static str>,
-    /// `sha256:<12 hex>` -> display alias.
-    pub api_key_aliases: HashMap<String, String>,
-    /// `auth_index` -> display name, for the `credential` label.
-    pub credential_names: HashMap<String, String>,
-    /// Show credential file names with their e-mail part unmasked in `cpa_credential_info`.
-    pub unmask_credential_names: bool,
-}
-
-impl LabelOptions {
-    /// Whether stored label sets render as they are (no drop, no renaming).
-    pub fn is_identity(&self) -> bool {
-        self.drop.is_empty() && self.api_key_aliases.is_empty() && self.credential_names.is_empty()
-    }
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -709,32 +662,10 @@ impl Config {
         };
 
         let (v, raw) = required(&API_VERSION, pick(&API_VERSION, &flags.api_version))?;
-        let api_version = match v.to_ascii_lowercase().as_str() {
-            "auto" => ApiVersion::Auto,
-            "v0" => ApiVersion::V0,
-            "v8" => ApiVersion::V8,
-            other => {
-                return Err(err(
-                    &API_VERSION,
-                    &raw,
-                    format!("`{other}`: expected auto, v0 or v8"),
-                ))
-            }
-        };
+        let api_version = choice::<ApiVersion>(&v, true).map_err(|p| err(&API_VERSION, &raw, p))?;
 
         let (v, raw) = required(&TRANSPORT, pick(&TRANSPORT, &flags.transport))?;
-        let transport = match v.to_ascii_lowercase().as_str() {
-            "auto" => Transport::Auto,
-            "http" => Transport::Http,
-            "resp" => Transport::Resp,
-            other => {
-                return Err(err(
-                    &TRANSPORT,
-                    &raw,
-                    format!("`{other}`: expected auto, http or resp"),
-                ))
-            }
-        };
+        let transport = choice::<Transport>(&v, true).map_err(|p| err(&TRANSPORT, &raw, p))?;
 
         let (v, raw) = required(&LISTEN, pick(&LISTEN, &flags.listen))?;
         let listen = parse_listen(&v).map_err(|p| err(&LISTEN, &raw, p))?;
@@ -829,17 +760,7 @@ impl Config {
         })?;
 
         let (v, raw) = required(&LOG_FORMAT, pick(&LOG_FORMAT, &flags.log_format))?;
-        let log_format = match v.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(err(
-                    &LOG_FORMAT,
-                    &raw,
-                    format!("`{other}`: expected text or json"),
-                ))
-            }
-        };
+        let log_format = choice::<LogFormat>(&v, false).map_err(|p| err(&LOG_FORMAT, &raw, p))?;
 
         let (v, raw) = required(&SERIES_LIMIT, pick(&SERIES_LIMIT, &None))?;
         let series_per_family =
@@ -1109,6 +1030,28 @@ fn parse_bytes(v: &str, min: usize, max: usize) -> Result<usize, String> {
     }
 }
 
+/// One of an enum's values by name: `ValueEnum` names them once, for this and for clap.
+fn choice<T: ValueEnum>(v: &str, ignore_case: bool) -> Result<T, String> {
+    T::from_str(v, ignore_case).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|x| x.to_possible_value())
+            .map(|p| p.get_name().to_owned())
+            .collect();
+        let expected = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        let shown = if ignore_case {
+            v.to_ascii_lowercase()
+        } else {
+            v.to_owned()
+        };
+        format!("`{shown}`: expected {expected}")
+    })
+}
+
 fn parse_duration(v: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(v.trim())
         .map_err(|e| format!("`{v}`: {e} (examples: 500ms, 5s, 2m)"))?;
@@ -1144,6 +1087,22 @@ mod tests {
         let matches = Cli::command().try_get_matches_from(argv).unwrap();
         let cli = Cli::from_arg_matches(&matches).unwrap();
         Config::resolve(&cli.flags, &matches)
+    }
+
+    #[test]
+    fn a_wrong_choice_names_the_choices() {
+        for (args, says) in [
+            (["--api-version", "V9"], "`v9`: expected auto, v0 or v8"),
+            (["--transport", "XX"], "`xx`: expected auto, http or resp"),
+            (["--log-format", "Json"], "`Json`: expected text or json"),
+        ] {
+            let e = resolve(&args).unwrap_err().to_string();
+            assert!(e.ends_with(says), "{e}");
+        }
+        assert_eq!(
+            resolve(&["--transport", "RESP"]).unwrap().transport,
+            Transport::Resp
+        );
     }
 
     fn file(text: &str) -> tempfile::NamedTempFile {

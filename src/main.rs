@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use cpa_usage_exporter::config::{self, Command, Config, LogFormat, Secret};
-use cpa_usage_exporter::sim::{self, FakeCpa, SimConfig};
 use cpa_usage_exporter::{app, check};
+use fake_cpa::{FakeCpa, SimConfig};
 
 fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
@@ -89,10 +89,10 @@ fn main() -> ExitCode {
 }
 
 /// Budgets for two of the simulated client keys, so the demo shows the budget gauges.
-fn demo_budgets() -> Vec<cpa_usage_exporter::budget::Budget> {
-    use cpa_usage_exporter::budget::{Budget, Period};
-    use cpa_usage_exporter::ingest::labels::api_key_label;
-    use cpa_usage_exporter::sim::CLIENT_API_KEYS;
+fn demo_budgets() -> Vec<cpa_usage_exporter::store::budget::Budget> {
+    use cpa_usage_exporter::labels::api_key_label;
+    use cpa_usage_exporter::store::budget::{Budget, Period};
+    use fake_cpa::CLIENT_API_KEYS;
     vec![
         Budget {
             api_key: api_key_label(CLIENT_API_KEYS[0]),
@@ -204,7 +204,12 @@ async fn run_demo(mut config: Config, rate: f64) -> Result<(), app::StartError> 
     config.cpa_url = cpa.url();
     tracing::info!(cpa = %cpa.url(), rate, "demo: simulated CPA with generated traffic");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let traffic = tokio::spawn(sim::run_traffic(cpa.clone(), rand_seed(), rate, stop_rx));
+    let traffic = tokio::spawn(fake_cpa::run_traffic(
+        cpa.clone(),
+        rand_seed(),
+        rate,
+        stop_rx,
+    ));
     let result = app::run_with_key(config, Secret::new(key), app::shutdown_signal()).await;
     stop_tx.send_replace(true);
     let _ = traffic.await;

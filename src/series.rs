@@ -1,6 +1,6 @@
 //! Series values shared by ingest (batch deltas), the store (persisted state) and the renderer.
 
-/// Label values in the order of the family's [`crate::schema::Family::labels`].
+/// Label values in the order of the family's [`crate::families::Family::labels`].
 pub type LabelValues = Box<[Box<str>]>;
 
 /// A classic histogram: per-bucket (not cumulative) counts, the last bucket being `+Inf`.

@@ -477,7 +477,7 @@ async fn a_healthy_workload_fires_no_alert_in_ten_minutes() {
     if !have("promtool") {
         return;
     }
-    use cpa_usage_exporter::sim::{Expect, FakeCpa, SimConfig, Workload, WorkloadMix};
+    use fake_cpa::{Expect, FakeCpa, SimConfig, Workload, WorkloadMix};
     let dir = tempfile::tempdir().expect("tempdir");
     let cpa = FakeCpa::start(SimConfig {
         management_key: "healthy-key".to_owned(),

@@ -9,8 +9,8 @@ use std::ops::Not;
 use std::time::Duration;
 
 use common::*;
-use cpa_usage_exporter::ingest::labels::api_key_label;
-use cpa_usage_exporter::sim::{FakeCpa, SimConfig, SimCredential};
+use cpa_usage_exporter::labels::api_key_label;
+use fake_cpa::{FakeCpa, SimConfig, SimCredential};
 
 const KEY: &str = "budget-test-key";
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use cpa_usage_exporter::sim::{FakeCpa, SimConfig};
+use fake_cpa::{FakeCpa, SimConfig};
 
 const KEY: &str = "cost-test-key";
 
@@ -129,9 +129,9 @@ fn a_broken_price_file_fails_at_start_naming_the_setting() {
 /// `--prices-file` and `model-aliases`, not the built-in table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_prices_what_it_pops_like_the_drain_loop() {
-    use cpa_usage_exporter::schema::Family;
+    use cpa_usage_exporter::families::Family;
     use cpa_usage_exporter::series::Value;
-    use cpa_usage_exporter::sim::SimCredential;
+    use fake_cpa::SimCredential;
     let cpa = FakeCpa::start(SimConfig {
         management_key: KEY.into(),
         credentials: vec![SimCredential::new(

@@ -8,10 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use cpa_usage_exporter::schema::Family;
+use cpa_usage_exporter::families::Family;
 use cpa_usage_exporter::series::Value;
-use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, WorkloadMix};
 use cpa_usage_exporter::store::{Limits, State, Store};
+use fake_cpa::{FakeCpa, Fault, SimConfig, WorkloadMix};
 
 const KEY: &str = "crash-test-management-key";
 

@@ -60,9 +60,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use cpa_usage_exporter::sim::{
-    Expect, FakeCpa, SimConfig, SimCredential, Workload, WorkloadMix, CLIENT_API_KEYS,
-};
+use fake_cpa::{Expect, FakeCpa, SimConfig, SimCredential, Workload, WorkloadMix, CLIENT_API_KEYS};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, WorkloadMix};
+use fake_cpa::{FakeCpa, Fault, SimConfig, WorkloadMix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "faults-test-management-key";

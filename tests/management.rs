@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::*;
-use cpa_usage_exporter::sim::{FakeCpa, Routes, SimConfig, SimCredential, Workload, WorkloadMix};
+use fake_cpa::{FakeCpa, Routes, SimConfig, SimCredential, Workload, WorkloadMix};
 
 const KEY: &str = "test-management-key";
 /// Every e-mail local part the credentials below carry: none may reach /metrics or the log.

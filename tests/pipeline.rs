@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use cpa_usage_exporter::sim::{FakeCpa, Fault, Routes, SimConfig, WorkloadMix};
 use cpa_usage_exporter::store::{Limits, Store};
+use fake_cpa::{FakeCpa, Fault, Routes, SimConfig, WorkloadMix};
 
 const KEY: &str = "test-management-key";
 
@@ -330,7 +330,7 @@ async fn label_options_and_series_limit_keep_sums_exact() {
     let dir = tempfile::tempdir().unwrap();
     let expected = push_workload(&cpa, 9, WorkloadMix::default(), 2_000);
     let config = dir.path().join("config.yaml");
-    let alias_key = cpa_usage_exporter::sim::CLIENT_API_KEYS[0];
+    let alias_key = fake_cpa::CLIENT_API_KEYS[0];
     std::fs::write(
         &config,
         format!("series-limit: 10\nlabels:\n  drop: [endpoint, requested_model]\n  api-key-aliases:\n    {alias_key}: team-a\n"),
@@ -350,7 +350,7 @@ async fn label_options_and_series_limit_keep_sums_exact() {
     }
     // The aliased key is never shown by its hash. Which label sets win the 10 slots depends
     // on the first batch's order, so `team-a` itself may be folded into `__other__`.
-    let hashed = cpa_usage_exporter::ingest::labels::api_key_label(alias_key);
+    let hashed = cpa_usage_exporter::labels::api_key_label(alias_key);
     assert_eq!(m.sum("cpa_requests_total", &[("api_key", &hashed)]), 0.0);
     let shown: Vec<_> = m.series("cpa_requests_total").keys().cloned().collect();
     assert!(
@@ -413,7 +413,7 @@ async fn secrets_never_reach_logs_metrics_pages_or_the_database() {
         "Bad Gateway",
         "too long",
     ];
-    secrets.extend(cpa_usage_exporter::sim::CLIENT_API_KEYS);
+    secrets.extend(fake_cpa::CLIENT_API_KEYS);
     for secret in secrets {
         for (place, text) in [
             ("log", &log),

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use cpa_usage_exporter::sim::{FakeCpa, SimConfig};
+use fake_cpa::{FakeCpa, SimConfig};
 
 const KEY: &str = "quota-test-key";
 
@@ -172,7 +172,7 @@ async fn a_record_stamped_in_the_future_freezes_nothing() {
     assert!(m.sum("cpa_quota_last_observed_timestamp_seconds", &[]) <= now);
     // A real observation popped later wins, and keeps winning after a restart.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let ts = cpa_usage_exporter::sim::workload::rfc3339_nano(unix_now() - 0.6);
+    let ts = fake_cpa::workload::rfc3339_nano(unix_now() - 0.6);
     cpa.push_raw(&record(&ts, "codex", "c0dec0dec0dec0de", &headers(30)));
     let ok = eventually(Duration::from_secs(20), async || {
         used(&exporter.scrape().await) == 0.3
@@ -190,7 +190,7 @@ async fn a_record_stamped_in_the_future_freezes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_families_stay_under_the_series_limit() {
     let cpa = quota_cpa().await;
-    let ts = cpa_usage_exporter::sim::workload::rfc3339_nano(unix_now() - 5.0);
+    let ts = fake_cpa::workload::rfc3339_nano(unix_now() - 5.0);
     for i in 0..300 {
         cpa.push_raw(&record(
             &ts,

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use cpa_usage_exporter::cost::Pricing;
-use cpa_usage_exporter::ingest::ingest_body;
-use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, Workload, WorkloadMix};
+use cpa_usage_exporter::ingest::from_body;
+use cpa_usage_exporter::pricing::Pricing;
 use cpa_usage_exporter::store::{Limits, State, Store};
+use fake_cpa::{FakeCpa, Fault, SimConfig, Workload, WorkloadMix};
 
 const KEY: &str = "resources-test-management-key";
 
@@ -47,7 +47,7 @@ fn ingest_all(store: &mut Store, state: &mut State, bodies: &[String], now: i64)
     let pricing = Pricing::embedded();
     let mut wal_max = 0;
     for body in bodies {
-        let batch = ingest_body(body.as_bytes(), &pricing, |id| store.seen(id)).unwrap();
+        let batch = from_body(body.as_bytes(), &pricing, |id| store.seen(id)).unwrap();
         let mut plan = store.plan(state, &batch);
         store.commit(&mut plan, now).unwrap();
         store.apply(state, plan);
@@ -472,7 +472,7 @@ async fn stalled_scrapers_hold_neither_the_state_lock_nor_the_server() {
     let writer = shared.clone();
     let locked = tokio::time::timeout(
         Duration::from_secs(3),
-        tokio::task::spawn_blocking(move || drop(writer.state_mut())),
+        tokio::task::spawn_blocking(move || drop(writer.committed.write())),
     )
     .await;
     assert!(

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cpa_usage_exporter::sim::{FakeCpa, Fault, SimConfig, SimStats, WorkloadMix};
+use fake_cpa::{FakeCpa, Fault, SimConfig, SimStats, WorkloadMix};
 
 const KEY: &str = "test-management-key";
 
@@ -308,4 +308,240 @@ async fn cpa_side_cost_per_minute_at_default_intervals() {
     assert!((30.0..=66.0).contains(&resp_pops), "{resp_pops}");
     assert_eq!(resp_bcrypt, 0.0);
     assert_eq!((r1.resp_auths, r1.resp_connections), (1, 1));
+}
+
+/// The fake CPA's RESP side, spoken to with the exporter's own RESP codec.
+mod fake_resp {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use cpa_usage_exporter::cpa::resp::{encode_command, parse_reply, OwnedReply, Parsed};
+    use fake_cpa::{FakeCpa, Fault, SimConfig};
+
+    const KEY: &str = "sim-management-key";
+
+    struct Client {
+        stream: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        async fn connect(cpa: &FakeCpa) -> Client {
+            let addr = cpa.url().trim_start_matches("http://").to_owned();
+            Client {
+                stream: TcpStream::connect(addr).await.expect("connect"),
+                buf: Vec::new(),
+            }
+        }
+
+        /// Send a command, return its reply (`None`: the connection closed).
+        async fn call(&mut self, args: &[&str]) -> Option<OwnedReply> {
+            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            self.stream
+                .write_all(&encode_command(&args))
+                .await
+                .expect("write");
+            self.reply().await
+        }
+
+        async fn reply(&mut self) -> Option<OwnedReply> {
+            loop {
+                if let Ok(Parsed::Complete(reply, len)) = parse_reply(&self.buf, 1 << 20) {
+                    let owned = reply.to_owned_reply();
+                    self.buf.drain(..len);
+                    return Some(owned);
+                }
+                let mut chunk = [0u8; 4096];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut chunk));
+                match read.await.expect("reply in time") {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+    }
+
+    fn err(text: &str) -> Option<OwnedReply> {
+        Some(OwnedReply::Error(text.as_bytes().to_vec()))
+    }
+
+    fn bulks(items: &[&str]) -> Option<OwnedReply> {
+        Some(OwnedReply::Array(Some(
+            items
+                .iter()
+                .map(|i| OwnedReply::Bulk(Some(i.as_bytes().to_vec())))
+                .collect(),
+        )))
+    }
+
+    async fn start(cfg: SimConfig) -> FakeCpa {
+        FakeCpa::start(cfg).await.expect("start")
+    }
+
+    #[tokio::test]
+    async fn auth_first_and_noauth_counts_toward_the_shared_ban() {
+        let cpa = start(SimConfig::default()).await;
+        let mut c = Client::connect(&cpa).await;
+        assert_eq!(
+            c.call(&["PING"]).await,
+            err("NOAUTH Authentication required.")
+        );
+        assert_eq!(
+            c.call(&["HELLO", "3"]).await,
+            err("NOAUTH Authentication required.")
+        );
+        assert_eq!(cpa.stats().auth_failures, 2, "NOAUTH is a failed login");
+        assert_eq!(
+            c.call(&["AUTH", "wrong"]).await,
+            err("ERR invalid management key")
+        );
+        assert_eq!(
+            c.call(&["AUTH"]).await,
+            err("ERR wrong number of arguments for 'auth' command")
+        );
+        assert_eq!(cpa.stats().auth_failures, 4);
+        // The connection stays usable after a refusal.
+        assert_eq!(
+            c.call(&["AUTH", "default", KEY]).await,
+            Some(OwnedReply::Simple(b"OK".to_vec()))
+        );
+        let stats = cpa.stats();
+        assert_eq!((stats.resp_auths, stats.resp_connections), (1, 1));
+        // A success resets the count; five failures from this IP ban it for HTTP too.
+        let mut other = Client::connect(&cpa).await;
+        for _ in 0..5 {
+            assert_eq!(
+                other.call(&["PING"]).await,
+                err("NOAUTH Authentication required.")
+            );
+        }
+        match other.call(&["AUTH", KEY]).await {
+            Some(OwnedReply::Error(e)) => {
+                let e = String::from_utf8_lossy(&e).into_owned();
+                assert!(
+                    e.starts_with("ERR IP banned due to too many failed attempts. Try again in "),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let http = reqwest::Client::new()
+            .get(format!("{}/v0/management/usage-queue", cpa.url()))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(http.status(), 403, "the ban is shared with HTTP");
+    }
+
+    #[tokio::test]
+    async fn lpop_and_rpop_pop_the_oldest_from_the_http_queue() {
+        let cpa = start(SimConfig::default()).await;
+        for e in [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#] {
+            cpa.push_raw(e);
+        }
+        let mut c = Client::connect(&cpa).await;
+        assert_eq!(
+            c.call(&["AUTH", KEY]).await,
+            Some(OwnedReply::Simple(b"OK".to_vec()))
+        );
+        assert_eq!(
+            c.call(&["LPOP", "usage", "2"]).await,
+            bulks(&[r#"{"n":1}"#, r#"{"n":2}"#])
+        );
+        assert_eq!(
+            c.call(&["RPOP", "usage"]).await,
+            Some(OwnedReply::Bulk(Some(br#"{"n":3}"#.to_vec())))
+        );
+        assert_eq!(
+            c.call(&["LPOP", "usage"]).await,
+            Some(OwnedReply::Bulk(None))
+        );
+        assert_eq!(c.call(&["lpop", "usage", "100"]).await, bulks(&[]));
+        assert_eq!(
+            c.call(&["LPOP", "errors", "2"]).await,
+            err("ERR unsupported channel 'errors'")
+        );
+        assert_eq!(
+            c.call(&["LPOP", "usage", "x"]).await,
+            err("ERR value is not an integer or out of range")
+        );
+        assert_eq!(
+            c.call(&["GET", "k"]).await,
+            err("ERR unknown command 'get'")
+        );
+        let stats = cpa.stats();
+        assert_eq!(
+            (stats.popped, stats.resp_pops, stats.queue_requests),
+            (3, 4, 0),
+            "HTTP queue_requests count HTTP pops only"
+        );
+        assert_eq!((stats.resp_auths, stats.auth_failures), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn payloads_go_out_as_published() {
+        let cpa = start(SimConfig::default()).await;
+        // Not JSON: HTTP wraps it in a JSON string, RESP sends the bytes. A JSON string
+        // payload (double-encoded record) is JSON, so it goes out as it is on both.
+        cpa.push_raw("not json");
+        cpa.push_raw(r#""{\"n\":2}""#);
+        let mut c = Client::connect(&cpa).await;
+        c.call(&["AUTH", KEY]).await;
+        assert_eq!(
+            c.call(&["LPOP", "usage", "5"]).await,
+            bulks(&["not json", r#""{\"n\":2}""#])
+        );
+    }
+
+    #[tokio::test]
+    async fn disabled_resp_answers_like_http_and_disabled_management_closes() {
+        let cpa = start(SimConfig {
+            resp_enabled: false,
+            ..SimConfig::default()
+        })
+        .await;
+        let mut c = Client::connect(&cpa).await;
+        c.stream
+            .write_all(&encode_command(&[b"AUTH", KEY.as_bytes()]))
+            .await
+            .unwrap();
+        let mut text = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.stream.read_to_end(&mut text)).await;
+        assert!(
+            text.starts_with(b"HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+        let stats = cpa.stats();
+        assert_eq!((stats.resp_connections, stats.auth_failures), (0, 0));
+
+        let cpa = start(SimConfig::default()).await;
+        cpa.set_management_key("");
+        let mut c = Client::connect(&cpa).await;
+        assert_eq!(c.call(&["AUTH", KEY]).await, None);
+    }
+
+    #[tokio::test]
+    async fn faults_apply_to_resp_pops() {
+        let cpa = start(SimConfig::default()).await;
+        cpa.push_raw("1");
+        let mut c = Client::connect(&cpa).await;
+        c.call(&["AUTH", KEY]).await;
+        cpa.set_fault(Some(Fault::ResetConnection));
+        assert_eq!(c.call(&["LPOP", "usage", "5"]).await, None);
+        assert_eq!(cpa.stats().queued, 1, "a reset pops nothing");
+        cpa.set_fault(Some(Fault::Delay(Duration::from_millis(50))));
+        let mut c = Client::connect(&cpa).await;
+        c.call(&["AUTH", KEY]).await;
+        assert_eq!(c.call(&["LPOP", "usage", "5"]).await, bulks(&["1"]));
+        cpa.set_fault(None);
+        // Not an array: a protocol error, then the connection closes.
+        c.stream.write_all(b"$4\r\nPING\r\n").await.unwrap();
+        assert_eq!(c.reply().await, err("ERR protocol error"));
+        assert_eq!(c.reply().await, None);
+    }
 }

@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cpa_usage_exporter::config::LabelOptions;
 use cpa_usage_exporter::http::{self, ConnLimits, Protection, ServeOptions, WebConfig};
+use cpa_usage_exporter::metrics::LabelOptions;
 use cpa_usage_exporter::metrics::Shared;
-use cpa_usage_exporter::sim::{FakeCpa, Fault, Routes, SimConfig, Workload, WorkloadMix};
 use cpa_usage_exporter::store::State;
+use fake_cpa::{FakeCpa, Fault, Routes, SimConfig, Workload, WorkloadMix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -708,7 +708,7 @@ async fn planted_secrets_stay_out_of_trace_logs_of_every_component() {
         "simulated fault: HTTP",
         "refresh token",
     ];
-    secrets.extend(cpa_usage_exporter::sim::CLIENT_API_KEYS);
+    secrets.extend(fake_cpa::CLIENT_API_KEYS);
     secrets.extend(emails.iter().map(String::as_str));
     for secret in secrets {
         for (place, text) in &texts {

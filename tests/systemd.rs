@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cpa_usage_exporter::sim::{FakeCpa, SimConfig};
+use fake_cpa::{FakeCpa, SimConfig};
 
 const UNIT: &str = "deploy/systemd/cpa-usage-exporter.service";
 const INSTALLED_BIN: &str = "/usr/local/bin/cpa-usage-exporter";

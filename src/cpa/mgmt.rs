@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 
 use super::{classify_auth, header_str, http_client, read_limited, transport_error};
 use super::{AuthCause, ClientOptions, PopError, Route};
-use crate::config::ApiVersion;
-use crate::ingest::decode::parse_rfc3339;
+use crate::cpa::ApiVersion;
+use crate::time::parse_rfc3339;
 
 /// Largest settings or credentials response accepted (a listing of 1 000 credentials with their
 /// request histories is about 2 MB).

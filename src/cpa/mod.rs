@@ -8,12 +8,29 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::{redirect, StatusCode};
 
-use crate::config::{ApiVersion, Secret};
-use crate::ingest::split::{Sink, Splitter};
+use crate::secret::Secret;
+use split::{Sink, Splitter};
+
+/// Which queue API CPA speaks (`api-version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApiVersion {
+    Auto,
+    V0,
+    V8,
+}
+
+/// How the queue is popped (`transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Auto,
+    Http,
+    Resp,
+}
 
 pub mod mgmt;
 pub mod resp;
 pub mod source;
+pub mod split;
 
 /// Largest queue element accepted by default (a record is about 1.5 KB; the response itself is
 /// streamed and has no size limit).
@@ -158,7 +175,7 @@ pub struct ClientOptions {
     pub proxy: Option<Secret>,
 }
 
-pub struct Client {
+pub struct HttpClient {
     http: reqwest::Client,
     base_url: String,
     api_version: ApiVersion,
@@ -167,10 +184,10 @@ pub struct Client {
     max_body_bytes: usize,
 }
 
-impl Client {
-    pub fn new(opts: ClientOptions) -> Result<Client, reqwest::Error> {
+impl HttpClient {
+    pub fn new(opts: ClientOptions) -> Result<HttpClient, reqwest::Error> {
         let http = http_client(&opts.key, opts.timeout, opts.proxy.as_ref())?;
-        Ok(Client {
+        Ok(HttpClient {
             http,
             base_url: opts.base_url,
             api_version: opts.api_version,

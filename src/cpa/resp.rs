@@ -23,8 +23,8 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::{classify_auth_message, AuthCause, PopError, Popped, Via};
-use crate::config::Secret;
-use crate::ingest::split::Sink;
+use crate::cpa::split::Sink;
+use crate::secret::Secret;
 
 /// Arrays nested deeper than this are refused. CPA's pop replies are flat (depth 1).
 pub const MAX_DEPTH: usize = 4;

@@ -12,14 +12,43 @@
 //! - CPA unreachable or timing out: nothing is decided, the loop backs off as usual and the next
 //!   poll probes again (an exporter that starts before CPA still ends up on RESP).
 
+use std::future::Future;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
 use super::resp::{RespClient, RespError, RespOptions, SetupError};
-use super::{Client, ClientOptions, PopError, Popped};
-use crate::config::{ApiVersion, Secret, Transport};
-use crate::ingest::split::Sink;
+use super::{ClientOptions, HttpClient, PopError, Popped};
+use crate::cpa::split::Sink;
+use crate::cpa::{ApiVersion, Transport};
+use crate::secret::Secret;
+
+/// Anything that pops the usage queue (HTTP, RESP, scripted sources in tests).
+pub trait Source {
+    /// Pop up to `count` elements, handing each to `sink` as it arrives. Elements handed over
+    /// before an error are popped records all the same.
+    fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> impl Future<Output = Result<Popped, PopError>> + Send;
+
+    /// The idle wait this source wants instead of `DrainOptions::poll_interval`, when it is
+    /// only known at run time (the `auto` transport picks RESP or HTTP on its first poll).
+    fn idle_interval(&self) -> Option<Duration> {
+        None
+    }
+}
+
+impl Source for HttpClient {
+    fn pop<K: Sink + Send>(
+        &mut self,
+        count: usize,
+        sink: &mut K,
+    ) -> impl Future<Output = Result<Popped, PopError>> + Send {
+        HttpClient::pop(self, count, sink)
+    }
+}
 
 pub struct SourceOptions {
     pub base_url: String,
@@ -45,11 +74,11 @@ pub enum BuildError {
 }
 
 enum Mode {
-    Http(Client),
+    Http(HttpClient),
     Resp(RespClient),
     Auto {
         resp: RespClient,
-        http: Client,
+        http: HttpClient,
         chosen: Option<Transport>,
     },
 }
@@ -64,7 +93,7 @@ pub struct AnySource {
 impl AnySource {
     pub fn new(opts: SourceOptions) -> Result<AnySource, BuildError> {
         let http = || {
-            Client::new(ClientOptions {
+            HttpClient::new(ClientOptions {
                 base_url: opts.base_url.clone(),
                 key: opts.key.clone(),
                 api_version: opts.api_version,
@@ -191,7 +220,7 @@ fn decide(probe: &Result<Popped, RespError>) -> Option<Transport> {
     }
 }
 
-impl crate::drain::Source for AnySource {
+impl Source for AnySource {
     fn pop<K: Sink + Send>(
         &mut self,
         count: usize,

@@ -57,7 +57,8 @@ use tracing::{debug, warn};
 
 use crate::metrics::render::render;
 use crate::metrics::text::{accepts_gzip, Format};
-use crate::metrics::{unix_now, Shared};
+use crate::metrics::Shared;
+use crate::time::unix_now;
 
 pub use web_config::{WebConfig, WebConfigError};
 

@@ -5,18 +5,19 @@
 //! element is counted with a reason and never spoils the rest of its batch.
 
 pub mod decode;
-pub mod labels;
 #[cfg(test)]
 mod props;
 pub mod quota;
-pub mod split;
 pub mod tokens;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::cost::{cost_nano_usd, Pricing};
-use crate::schema::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
+use crate::cpa::split;
+use crate::families::set::{self, LabelSet};
+use crate::families::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
+use crate::labels;
+use crate::pricing::{cost_nano_usd, Pricing};
 use crate::series::{Hist, LabelValues, Value};
 use decode::{Element, Num, RawRecord};
 pub use tokens::Tokens;
@@ -35,9 +36,10 @@ impl Delta {
             .or_insert(value);
     }
 
-    fn add_count(&mut self, family: Family, labels: &[&str], n: u64) {
+    fn add_count<L: LabelSet>(&mut self, family: Family, labels: &L, n: u64) {
+        debug_assert!(L::FAMILIES.contains(&family), "{family:?}");
         if n > 0 {
-            self.add(family, to_labels(labels), Value::Counter(n));
+            self.add(family, labels.values(), Value::Counter(n));
         }
     }
 
@@ -242,12 +244,20 @@ impl<'p, F: Fn(u64) -> bool> BatchBuilder<'p, F> {
         if n > 0 {
             batch.elements += n as usize;
             *batch.invalid.entry(reason::TOO_LARGE).or_default() += n;
-            batch
-                .delta
-                .add_count(Family::Records, &[outcome::INVALID], n);
-            batch
-                .delta
-                .add_count(Family::InvalidRecords, &[reason::TOO_LARGE], n);
+            batch.delta.add_count(
+                Family::Records,
+                &set::Records {
+                    outcome: outcome::INVALID,
+                },
+                n,
+            );
+            batch.delta.add_count(
+                Family::InvalidRecords,
+                &set::InvalidRecords {
+                    reason: reason::TOO_LARGE,
+                },
+                n,
+            );
         }
         batch
     }
@@ -277,7 +287,7 @@ fn unix_now() -> f64 {
 
 /// Ingest a whole HTTP queue response (a JSON array). `seen` tells whether a dedup id was
 /// applied. The drain loop streams instead ([`BatchBuilder`] fed by a [`split::Splitter`]).
-pub fn ingest_body(
+pub fn from_body(
     body: &[u8],
     pricing: &Pricing,
     seen: impl Fn(u64) -> bool,
@@ -343,10 +353,16 @@ fn ingest_iter<'a>(
         outcome::CONTROL,
     ];
     for (name, n) in names.into_iter().zip(outcomes) {
-        batch.delta.add_count(Family::Records, &[name], n);
+        batch
+            .delta
+            .add_count(Family::Records, &set::Records { outcome: name }, n);
     }
     for (r, n) in &batch.invalid {
-        batch.delta.add_count(Family::InvalidRecords, &[r], *n);
+        batch.delta.add_count(
+            Family::InvalidRecords,
+            &set::InvalidRecords { reason: r },
+            *n,
+        );
     }
     batch
 }
@@ -386,7 +402,7 @@ fn decode_element_into<'a>(
     let started = rec
         .timestamp
         .as_deref()
-        .and_then(decode::parse_rfc3339)
+        .and_then(crate::time::parse_rfc3339)
         .map(|t| t.min(now));
     if let Some(ts) = started {
         batch.last_record_timestamp = Some(batch.last_record_timestamp.map_or(ts, |t| t.max(ts)));
@@ -551,10 +567,6 @@ fn observe(hist: &mut Option<Hist>, bounds: &[f64], v: f64) {
         .observe(bounds, v);
 }
 
-fn to_labels(values: &[&str]) -> LabelValues {
-    values.iter().map(|v| Box::<str>::from(*v)).collect()
-}
-
 impl RecAgg {
     fn add(&mut self, o: &Observation) {
         self.requests += 1;
@@ -596,32 +608,35 @@ impl RecAgg {
             s(&key.credential),
             s(&key.endpoint),
         );
-        let base = [
-            &*provider,
-            &*model,
-            &*requested,
-            &*credential,
-            &api_key,
-            &*endpoint,
-        ];
-        delta.add_count(Family::Requests, &base, self.requests);
+        let requests = set::Requests {
+            provider: &provider,
+            model: &model,
+            requested_model: &requested,
+            credential: &credential,
+            api_key: &api_key,
+            endpoint: &endpoint,
+        };
+        delta.add_count(Family::Requests, &requests, self.requests);
         for (code, n) in self.failures {
             let code = code.to_string();
-            let mut labels = base.to_vec();
-            labels.push(&code);
-            delta.add_count(Family::Failures, &labels, n);
+            delta.add_count(Family::Failures, &requests.failed(&code), n);
         }
-        let by_model = [&*provider, &*model];
+        let by_model = set::ByModel {
+            provider: &provider,
+            model: &model,
+        };
         // Cost is linear in tokens, so pricing the summed buckets equals summing per record
         // (up to one nano-USD of rounding per series and batch).
         match pricing.lookup(&key.model, &key.requested_model) {
             Some(price) => {
                 let nano = cost_nano_usd(price, &Tokens(self.tokens));
-                delta.add_count(
-                    Family::Cost,
-                    &[&provider, &model, &credential, &api_key],
-                    nano,
-                );
+                let cost = set::Cost {
+                    provider: &provider,
+                    model: &model,
+                    credential: &credential,
+                    api_key: &api_key,
+                };
+                delta.add_count(Family::Cost, &cost, nano);
             }
             None => delta.add_count(Family::UnpricedRequests, &by_model, self.with_tokens),
         }
@@ -630,18 +645,25 @@ impl RecAgg {
             &by_model,
             self.zero_token_successes,
         );
-        for (ty, n) in TOKEN_TYPES.into_iter().zip(self.tokens) {
-            delta.add_count(
-                Family::Tokens,
-                &[&provider, &model, &credential, &api_key, ty],
-                n,
-            );
+        for (token_type, n) in TOKEN_TYPES.into_iter().zip(self.tokens) {
+            let tokens = set::Tokens {
+                provider: &provider,
+                model: &model,
+                credential: &credential,
+                api_key: &api_key,
+                token_type,
+            };
+            delta.add_count(Family::Tokens, &tokens, n);
         }
-        let hist_labels = [&*provider, &*model, &*credential];
+        let latency = set::Latency {
+            provider: &provider,
+            model: &model,
+            credential: &credential,
+        };
         for (family, hist) in [(Family::Duration, self.latency), (Family::Ttft, self.ttft)] {
             if let Some(h) = hist {
                 debug_assert!(matches!(family.kind(), Kind::Histogram(_)));
-                delta.add(family, to_labels(&hist_labels), Value::Histogram(h));
+                delta.add(family, latency.values(), Value::Histogram(h));
             }
         }
     }
@@ -650,6 +672,10 @@ impl RecAgg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn to_labels(values: &[&str]) -> LabelValues {
+        values.iter().map(|v| Box::<str>::from(*v)).collect()
+    }
 
     fn counter(batch: &Batch, family: Family, labels: &[&str]) -> u64 {
         match batch.delta.families[family as usize].get(&to_labels(labels)) {
@@ -679,7 +705,7 @@ mod tests {
             r#"[{REC},{failed},"garbage",{{"refresh":true}},7,{}]"#,
             serde_json::to_string(REC).unwrap()
         );
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let key = api_key_label_of("sk-client-key-1");
         let base = [
             "codex",
@@ -720,11 +746,11 @@ mod tests {
     fn event_ids_deduplicate_within_and_across_batches() {
         let with_id = REC.replace(r#""request_id""#, r#""event_id":"e1","request_id""#);
         let body = format!("[{with_id},{with_id}]");
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         assert_eq!(counter(&batch, Family::Records, &["ingested"]), 1);
         assert_eq!(counter(&batch, Family::Records, &["duplicate"]), 1);
         assert_eq!(batch.event_ids.len(), 1);
-        let again = ingest_body(body.as_bytes(), &Pricing::embedded(), |h| {
+        let again = from_body(body.as_bytes(), &Pricing::embedded(), |h| {
             h == batch.event_ids[0]
         })
         .unwrap();
@@ -734,7 +760,7 @@ mod tests {
     #[test]
     fn secrets_never_reach_labels() {
         let body = format!("[{REC}]");
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         for (_, labels, _) in batch.delta.iter() {
             for v in labels.iter() {
                 for secret in ["sk-client-key-1", "alice", "203.0.113.7", "a1b2c3d4"] {
@@ -747,7 +773,7 @@ mod tests {
     #[test]
     fn empty_fields_get_documented_defaults() {
         let body = r#"[{"timestamp":"x","failed":true}]"#;
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let base = ["unknown", "unknown", "unknown", "none", "none", "unknown"];
         assert_eq!(counter(&batch, Family::Requests, &base), 1);
         let mut f = base.to_vec();
@@ -786,7 +812,7 @@ mod tests {
             rec("2026-08-22T14:40:00Z", "50"),
             rec("2026-08-22T14:39:00Z", "40")
         );
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         let q = &batch.quota["3f9c2a7d1b4e8c60"];
         assert_eq!(
             q.fields[&quota::Field::UsedRatio(quota::Window::Primary)],
@@ -799,6 +825,6 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_an_array_is_an_error() {
-        assert!(ingest_body(br#"{"error":"x"}"#, &Pricing::embedded(), |_| false).is_err());
+        assert!(from_body(br#"{"error":"x"}"#, &Pricing::embedded(), |_| false).is_err());
     }
 }

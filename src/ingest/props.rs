@@ -6,9 +6,9 @@ use serde_json::{json, Map, Value};
 
 use super::decode::{self, Element, Num, RawBreakdown, RawInput, RawOutput, RawRecord, RawTokens};
 use super::tokens::{self, Semantics, Tokens};
-use super::{ingest_body, ingest_elements, Batch};
-use crate::cost::Pricing;
-use crate::schema::Family;
+use super::{from_body, ingest_elements, Batch};
+use crate::families::Family;
+use crate::pricing::Pricing;
 use crate::series::Value as SeriesValue;
 
 fn sum(batch: &Batch, family: Family) -> u64 {
@@ -136,7 +136,7 @@ proptest! {
     #[test]
     fn decoding_never_panics_on_arbitrary_text(text in ".{0,300}") {
         let _ = decode::decode_element(&text);
-        let _ = ingest_body(text.as_bytes(), &Pricing::embedded(), |_| false);
+        let _ = from_body(text.as_bytes(), &Pricing::embedded(), |_| false);
     }
 
     #[test]
@@ -146,8 +146,8 @@ proptest! {
     ) {
         let mut array = b"[".to_vec();
         array.extend_from_slice(&body);
-        let _ = ingest_body(&body, &Pricing::embedded(), |_| false);
-        let _ = ingest_body(&array, &Pricing::embedded(), |_| false);
+        let _ = from_body(&body, &Pricing::embedded(), |_| false);
+        let _ = from_body(&array, &Pricing::embedded(), |_| false);
         let batch = ingest_elements(&elements, &Pricing::embedded(), |_| false);
         prop_assert_eq!(sum(&batch, Family::Records), elements.len() as u64);
     }
@@ -168,7 +168,7 @@ proptest! {
             })
             .collect();
         let body = format!("[{}]", texts.join(","));
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         prop_assert_eq!(batch.elements, records.len());
         prop_assert_eq!(sum(&batch, Family::Records), records.len() as u64);
         let invalid: u64 = batch.invalid.values().sum();
@@ -199,7 +199,7 @@ proptest! {
             texts.push(text);
         }
         let body = format!("[{}]", texts.join(","));
-        let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
         prop_assert_eq!(sum(&batch, Family::Tokens), expected);
     }
 
@@ -281,7 +281,7 @@ fn huge_counts_saturate_instead_of_overflowing() {
     );
     let n = 20_000;
     let body = format!("[{}]", vec![rec; n].join(","));
-    let batch = ingest_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+    let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
     assert_eq!(batch.ingested, n as u64);
     let input = batch.delta.families[Family::Tokens as usize]
         .iter()
@@ -293,6 +293,6 @@ fn huge_counts_saturate_instead_of_overflowing() {
         r#"[{{"timestamp":"t","tokens":{{"input_tokens":{}}}}}]"#,
         decode::MAX_NUMBER + 1
     );
-    let batch = ingest_body(over.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+    let batch = from_body(over.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
     assert_eq!(batch.invalid.get("invalid_number"), Some(&1));
 }

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::decode::parse_rfc3339;
+use crate::time::parse_rfc3339;
 
 /// A quota window: Codex's primary/secondary, Anthropic's unified 5-hour and 7-day windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

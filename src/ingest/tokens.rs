@@ -5,29 +5,7 @@
 //! record whose numbers contradict each other is not guessed at: its whole total is unclassified.
 
 use super::decode::{Num, RawBreakdown, RawRecord, RawTokens};
-
-/// Non-overlapping token buckets, in the order of [`crate::schema::TOKEN_TYPES`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tokens(pub [u64; 6]);
-
-impl Tokens {
-    pub const INPUT: usize = 0;
-    pub const CACHE_READ: usize = 1;
-    pub const CACHE_WRITE: usize = 2;
-    pub const OUTPUT: usize = 3;
-    pub const REASONING: usize = 4;
-    pub const UNCLASSIFIED: usize = 5;
-
-    pub fn total(&self) -> u64 {
-        self.0.iter().sum()
-    }
-
-    fn unclassified(total: u64) -> Tokens {
-        let mut t = Tokens::default();
-        t.0[Self::UNCLASSIFIED] = total;
-        t
-    }
-}
+pub use crate::tokens::Tokens;
 
 /// How a provider reports cache and reasoning tokens relative to input and output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

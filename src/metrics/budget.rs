@@ -1,8 +1,8 @@
 //! Per-key budgets as gauges: the limit, the spend of the current period and its end.
 
-use crate::budget::{Budgets, BUDGET, PERIOD_END, SPENT};
-use crate::config::LabelOptions;
-use crate::schema::label;
+use crate::families::label;
+use crate::metrics::LabelOptions;
+use crate::store::budget::{Budgets, BUDGET, PERIOD_END, SPENT};
 
 use super::text::{Type, Writer};
 

@@ -2,25 +2,28 @@
 //! ([`render`]), plus live gauges and counters of the exporter itself ([`Live`]).
 
 pub mod budget;
-pub mod cpa;
+pub mod cpa_view;
+mod labels;
 mod process;
 mod quota;
 pub mod render;
+pub mod sink;
 pub mod text;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family as MetricFamily;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::config::LabelOptions;
-use crate::schema::Family;
+use crate::families::Family;
 use crate::series::Hist;
 use crate::store::State;
+use crate::time::unix_now;
+pub use labels::LabelOptions;
 use text::{Type, Writer};
 
 pub const CPA_UP: &str = "cpa_up";
@@ -50,7 +53,7 @@ pub struct Live {
     /// Series deleted by `series-retirement`, per family.
     pub series_retired: MetricFamily<OneLabel, Counter>,
     /// Stretches without a successful pop longer than CPA's queue retention, and their
-    /// seconds beyond it (see [`crate::gap`]).
+    /// seconds beyond it (see [`crate::pipeline::gap`]).
     pub drain_gaps: Counter,
     pub drain_gap_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
@@ -129,12 +132,6 @@ impl PollDuration {
     }
 }
 
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 impl Live {
     pub fn record_poll(&self, result: &'static str, took: Duration) {
         self.polls.get_or_create(&[("result", result)]).inc();
@@ -187,52 +184,67 @@ impl Live {
     }
 }
 
-/// What the drain loop, the collector and the HTTP server share.
+/// What the drain loop commits: the stored state that scrapes render. Read by scrapes
+/// (concurrently, a chunk of series at a time, never across the network), written by the drain
+/// loop only to apply a committed batch or a retirement. Writers are preferred: a waiting write
+/// holds back new readers, so a crowd of scrapes delays ingestion by at most the chunks being
+/// rendered.
+#[derive(Debug)]
+pub struct Committed(RwLock<State>);
+
+impl Committed {
+    pub fn new(state: State) -> Committed {
+        Committed(RwLock::new(state))
+    }
+
+    /// The committed state. A panic elsewhere while holding the lock must not stop scrapes.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The committed state, to change it (the drain loop, after a commit).
+    pub fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the management poller observes about CPA itself (build, settings, credentials).
+#[derive(Debug, Default)]
+pub struct Observed(Mutex<cpa_view::CpaView>);
+
+impl Observed {
+    pub fn get(&self) -> MutexGuard<'_, cpa_view::CpaView> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What rendering needs besides the data; fixed at start.
+#[derive(Debug)]
+pub struct View {
+    pub labels: LabelOptions,
+    /// For the database size gauge.
+    pub db_path: PathBuf,
+}
+
+/// What the loops and the HTTP server share, by owner: the drain loop writes `committed`, the
+/// management poller `observed`, both their own counters in `live`; `view` never changes.
+/// Prices are no part of it: they travel with the drain loop, the only one that ingests.
 #[derive(Debug)]
 pub struct Shared {
-    /// Read by scrapes (concurrently, a chunk of series at a time, never across the network),
-    /// written by the drain loop only to apply a committed batch. Writers are preferred: a
-    /// waiting write holds back new readers, so a crowd of scrapes delays ingestion by at most
-    /// the chunks being rendered.
-    state: RwLock<State>,
+    pub committed: Committed,
+    pub observed: Observed,
     pub live: Live,
-    pub labels: LabelOptions,
-    pub db_path: PathBuf,
-    cpa: Mutex<cpa::CpaView>,
-    /// Prices for `cpa_cost_usd_total`, used by the drain loop at ingest.
-    pub pricing: crate::cost::Pricing,
+    pub view: View,
 }
 
 impl Shared {
     pub fn new(state: State, labels: LabelOptions, db_path: PathBuf) -> Shared {
         Shared {
-            state: RwLock::new(state),
+            committed: Committed::new(state),
+            observed: Observed::default(),
             live: Live::default(),
-            labels,
-            db_path,
-            cpa: Mutex::default(),
-            pricing: crate::cost::Pricing::embedded(),
+            view: View { labels, db_path },
         }
-    }
-
-    pub fn with_pricing(mut self, pricing: crate::cost::Pricing) -> Shared {
-        self.pricing = pricing;
-        self
-    }
-
-    /// What is known about CPA itself (build, settings, credentials).
-    pub fn cpa(&self) -> MutexGuard<'_, cpa::CpaView> {
-        self.cpa.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The committed state. A panic elsewhere while holding the lock must not stop scrapes.
-    pub fn state(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The committed state, to change it (the drain loop, after a commit).
-    pub fn state_mut(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 

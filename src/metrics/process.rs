@@ -1,61 +1,55 @@
-//! The standard `process_*` metrics, read from `/proc/self` (prometheus-client has none, and the
-//! crates that do pin another prometheus-client version). Absent files simply omit a metric.
+//! The standard `process_*` metrics, read from `/proc/self` with `procfs` (prometheus-client has
+//! none, and the crates that do pin another prometheus-client version). What cannot be read
+//! simply omits a metric.
 
-use super::render::gauge;
-use super::text::{Type, Writer};
+use procfs::process::{LimitValue, Process};
 
-/// Linux reports CPU times in USER_HZ ticks, which is 100 on every architecture's user ABI.
-const TICKS_PER_SECOND: f64 = 100.0;
+use super::text::{gauge, Type, Writer};
 
 struct Stat {
     cpu_seconds: f64,
-    start_ticks: f64,
+    /// Unix seconds.
+    start_time: Option<f64>,
     virtual_bytes: f64,
 }
 
-fn read_stat() -> Option<Stat> {
-    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name, which may itself contain spaces.
-    let rest = text.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state), so field N is at index N - 3.
-    let field = |n: usize| fields.get(n - 3)?.parse::<f64>().ok();
+fn myself() -> Option<Process> {
+    Process::myself().ok()
+}
+
+fn read_stat(process: &Process) -> Option<Stat> {
+    let stat = process.stat().ok()?;
+    // CPU times are in clock ticks (USER_HZ): procfs asks the system for the rate.
+    let ticks = procfs::ticks_per_second() as f64;
     Some(Stat {
-        cpu_seconds: (field(14)? + field(15)?) / TICKS_PER_SECOND,
-        start_ticks: field(22)?,
-        virtual_bytes: field(23)?,
+        cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
+        start_time: procfs::boot_time_secs()
+            .ok()
+            .map(|boot| boot as f64 + stat.starttime as f64 / ticks),
+        virtual_bytes: stat.vsize as f64,
     })
 }
 
-fn resident_bytes() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0)
+fn resident_bytes(process: &Process) -> Option<f64> {
+    let kb = process.status().ok()?.vmrss?;
+    Some(kb as f64 * 1024.0)
 }
 
-fn boot_time() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    stat.lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()
+fn open_fds(process: &Process) -> Option<f64> {
+    Some(process.fd_count().ok()? as f64)
 }
 
-fn open_fds() -> Option<f64> {
-    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as f64)
-}
-
-fn max_fds() -> Option<f64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+fn max_fds(process: &Process) -> Option<f64> {
+    match process.limits().ok()?.max_open_files.soft_limit {
+        LimitValue::Value(n) => Some(n as f64),
+        LimitValue::Unlimited => None,
+    }
 }
 
 /// The `process_*` metrics node_exporter's users know from client_golang.
 pub fn encode(w: &mut Writer) {
-    if let Some(stat) = read_stat() {
+    let Some(process) = myself() else { return };
+    if let Some(stat) = read_stat(&process) {
         let name = "process_cpu_seconds";
         w.family(
             name,
@@ -71,8 +65,7 @@ pub fn encode(w: &mut Writer) {
             Some("bytes"),
             stat.virtual_bytes,
         );
-        if let Some(boot) = boot_time() {
-            let start = boot + stat.start_ticks / TICKS_PER_SECOND;
+        if let Some(start) = stat.start_time {
             gauge(
                 w,
                 "process_start_time_seconds",
@@ -82,7 +75,7 @@ pub fn encode(w: &mut Writer) {
             );
         }
     }
-    if let Some(rss) = resident_bytes() {
+    if let Some(rss) = resident_bytes(&process) {
         gauge(
             w,
             "process_resident_memory_bytes",
@@ -91,7 +84,7 @@ pub fn encode(w: &mut Writer) {
             rss,
         );
     }
-    if let Some(n) = open_fds() {
+    if let Some(n) = open_fds(&process) {
         gauge(
             w,
             "process_open_fds",
@@ -100,7 +93,7 @@ pub fn encode(w: &mut Writer) {
             n,
         );
     }
-    if let Some(n) = max_fds() {
+    if let Some(n) = max_fds(&process) {
         gauge(
             w,
             "process_max_fds",
@@ -108,5 +101,39 @@ pub fn encode(w: &mut Writer) {
             None,
             n,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::text::Format;
+
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+    }
+
+    #[test]
+    fn the_process_metrics_describe_this_process() {
+        let mut out = Vec::new();
+        encode(&mut Writer {
+            out: &mut out,
+            format: Format::Text004,
+        });
+        let text = String::from_utf8(out).expect("utf-8");
+        let now = crate::time::unix_now();
+        let start = value(&text, "process_start_time_seconds");
+        assert!(
+            start > now - 3600.0 && start <= now + 1.0,
+            "{start} vs {now}"
+        );
+        assert!(value(&text, "process_cpu_seconds_total") >= 0.0);
+        assert!(value(&text, "process_resident_memory_bytes") > 1e6);
+        assert!(value(&text, "process_virtual_memory_bytes") > 1e6);
+        assert!(value(&text, "process_open_fds") >= 3.0);
+        assert!(value(&text, "process_max_fds") >= value(&text, "process_open_fds"));
     }
 }

@@ -1,10 +1,10 @@
 //! Quota and rate-limit gauges: the latest header values per credential (API.md 2.2).
 
-use super::render::Sink;
+use super::sink::Sink;
 use super::text::Type;
 use super::Shared;
-use crate::config::LabelOptions;
 use crate::ingest::quota::{Field, Resource, Window};
+use crate::metrics::LabelOptions;
 
 pub const USED_RATIO: &str = "cpa_quota_used_ratio";
 pub const WINDOW: &str = "cpa_quota_window_seconds";
@@ -46,9 +46,9 @@ fn shown<'a>(labels: &'a LabelOptions, credential: &'a str) -> &'a str {
 /// Render the quota families, a chunk of credentials at a time. Credentials silent for longer
 /// than the retention are hidden.
 pub fn encode(sink: &mut Sink, shared: &Shared, now: f64) -> std::io::Result<()> {
-    let labels = &shared.labels;
+    let labels = &shared.view.labels;
     let cutoff = {
-        let state = shared.state();
+        let state = shared.committed.read();
         let cutoff = now - state.quota_retention.as_secs_f64();
         if !state.quota.values().any(|q| q.observed_at >= cutoff) {
             return Ok(());

@@ -9,109 +9,29 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::ops::Bound;
 use std::time::Duration;
 
-use super::text::{Format, Type, Writer};
-use super::{cpa, process, quota, unix_now, Shared};
-use crate::schema::{label, Family, Kind};
+use super::sink::Sink;
+use super::text::{gauge, Format, Type, Writer};
+use super::{cpa_view, process, quota, Shared};
+use crate::families::{label, Family, Kind};
 use crate::series::{LabelValues, Value};
-use crate::store::{State, Store, Stored};
+use crate::store::{Store, Stored};
+use crate::time::unix_now;
 
 /// More labels than any family has.
 const MAX_LABELS: usize = 12;
-
-/// The buffer is shipped once it holds this much.
-pub const CHUNK: usize = 64 * 1024;
-
-/// Buffers exposition text and ships it to `out` in chunks.
-pub struct Sink<'o> {
-    buf: Vec<u8>,
-    format: Format,
-    out: &'o mut dyn Write,
-}
-
-impl<'o> Sink<'o> {
-    pub fn new(format: Format, out: &'o mut dyn Write) -> Sink<'o> {
-        Sink {
-            buf: Vec::with_capacity(CHUNK + CHUNK / 4),
-            format,
-            out,
-        }
-    }
-
-    pub fn writer(&mut self) -> Writer<'_> {
-        Writer {
-            out: &mut self.buf,
-            format: self.format,
-        }
-    }
-
-    /// Ship the buffer if it is full. Never call it while holding a lock: it may wait on the
-    /// network.
-    pub fn ship_if_full(&mut self) -> io::Result<()> {
-        if self.buf.len() >= CHUNK {
-            self.ship()?;
-        }
-        Ok(())
-    }
-
-    fn ship(&mut self) -> io::Result<()> {
-        self.out.write_all(&self.buf)?;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Write every entry of a map in the state, a chunk at a time: the read lock is taken for
-    /// each chunk and released before the chunk is shipped. Entries added or removed between
-    /// two chunks may or may not be seen, as with any scrape racing an update.
-    pub fn each<K: Ord + Clone, V>(
-        &mut self,
-        shared: &Shared,
-        map: impl for<'s> Fn(&'s State) -> &'s BTreeMap<K, V>,
-        mut write: impl FnMut(&mut Writer<'_>, &K, &V),
-    ) -> io::Result<()> {
-        let mut after: Option<K> = None;
-        loop {
-            let next = {
-                let state = shared.state();
-                let map = map(&state);
-                let range = match &after {
-                    Some(k) => map.range((Bound::Excluded(k), Bound::Unbounded)),
-                    None => map.range::<K, _>(..),
-                };
-                let mut w = self.writer();
-                let mut next = None;
-                for (k, v) in range {
-                    write(&mut w, k, v);
-                    if w.out.len() >= CHUNK {
-                        next = Some(k.clone());
-                        break;
-                    }
-                }
-                next
-            };
-            self.ship_if_full()?;
-            match next {
-                Some(k) => after = Some(k),
-                None => return Ok(()),
-            }
-        }
-    }
-
-    /// Ship what is left.
-    pub fn finish(mut self) -> io::Result<()> {
-        self.ship()?;
-        self.out.flush()
-    }
-}
 
 /// Write the whole exposition to `out`, in chunks.
 pub fn render(shared: &Shared, format: Format, out: &mut dyn Write) -> io::Result<()> {
     let mut sink = Sink::new(format, out);
     super::encode_live(&mut sink.writer(), &shared.live);
     sink.ship_if_full()?;
-    cpa::encode(&mut sink.writer(), &shared.cpa(), &shared.labels);
+    cpa_view::encode(
+        &mut sink.writer(),
+        &shared.observed.get(),
+        &shared.view.labels,
+    );
     sink.ship_if_full()?;
     stored(&mut sink, shared)?;
     process::encode(&mut sink.writer());
@@ -168,9 +88,9 @@ fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
             "cpa_exporter_store_size_bytes",
             "Size of the state database on disk, including its write-ahead log",
             Some("bytes"),
-            Store::size_bytes(&shared.db_path) as f64,
+            Store::size_bytes(&shared.view.db_path) as f64,
         );
-        let state = shared.state();
+        let state = shared.committed.read();
         if let Some(t) = state.last_record_timestamp {
             gauge(
                 &mut w,
@@ -201,24 +121,18 @@ fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
         }
     }
     let now = unix_now();
-    let clock = (now, shared.state().new_series_hold);
+    let clock = (now, shared.committed.read().new_series_hold);
     for family in Family::ALL {
         stored_family(sink, shared, family, clock)?;
     }
     quota::encode(sink, shared, now)?;
     super::budget::encode(
         &mut sink.writer(),
-        &shared.state().budgets,
-        &shared.labels,
+        &shared.committed.read().budgets,
+        &shared.view.labels,
         now,
     );
     Ok(())
-}
-
-/// A gauge family of one sample without labels.
-pub(crate) fn gauge(w: &mut Writer, name: &str, help: &str, unit: Option<&str>, value: f64) {
-    w.family(name, help, unit, Type::Gauge);
-    w.gauge(name, &[], value);
 }
 
 /// The family's name as OpenMetrics declares it, and its unit.
@@ -264,7 +178,7 @@ fn stored_family(
     };
     sink.writer().family(name, family.help(), unit, ty);
     let names = family.labels();
-    let opts = &shared.labels;
+    let opts = &shared.view.labels;
     if opts.is_identity() {
         return sink.each(
             shared,
@@ -287,7 +201,7 @@ fn stored_family(
         .collect();
     let mut projected: BTreeMap<Vec<Box<str>>, Value> = BTreeMap::new();
     {
-        let state = shared.state();
+        let state = shared.committed.read();
         for (values, stored) in &state.families[family as usize] {
             let key: Vec<Box<str>> = kept
                 .iter()

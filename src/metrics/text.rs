@@ -267,6 +267,12 @@ fn escape_into(out: &mut Vec<u8>, value: &str) {
     out.extend_from_slice(&bytes[last..]);
 }
 
+/// A gauge family of one sample without labels.
+pub fn gauge(w: &mut Writer, name: &str, help: &str, unit: Option<&str>, value: f64) {
+    w.family(name, help, unit, Type::Gauge);
+    w.gauge(name, &[], value);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,15 +6,17 @@
 //! changed only after the commit succeeds, and it is what `/metrics` renders, so a scrape never
 //! reads the database and costs O(series).
 
+pub mod budget;
+
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::families::{is_structural_label, outcome, reason, Family, Kind, OVERFLOW_VALUE};
 use crate::ingest::quota::{self, Field};
 use crate::ingest::{Batch, QuotaObservation};
-use crate::schema::{is_structural_label, outcome, reason, Family, Kind, OVERFLOW_VALUE};
 use crate::series::{Hist, LabelValues, Value};
 
 /// Schema steps; step N (1-based) brings the database to `user_version` N.
@@ -161,7 +163,7 @@ pub struct State {
     /// Copied from [`Limits`] so readers can hide stale quota without a write.
     pub quota_retention: std::time::Duration,
     /// Configured budgets and their spend (set up by the caller after [`Store::open`]).
-    pub budgets: crate::budget::Budgets,
+    pub budgets: crate::store::budget::Budgets,
     /// Copied from [`Limits`]: how long a new series is shown at zero ([`Stored::shown_at`]).
     pub new_series_hold: std::time::Duration,
 }
@@ -244,6 +246,8 @@ pub struct Plan {
     quota_cutoff: f64,
     /// Rows of the `meta` table to write with the batch (budget spend).
     pub meta: Vec<(String, String)>,
+    /// The budgets' spend once the batch is committed (empty: unchanged).
+    spend: Vec<budget::Spend>,
 }
 
 pub struct Store {
@@ -535,6 +539,17 @@ impl Store {
         Ok(state)
     }
 
+    /// Everything committing `batch` at `now` writes: its series and the budgets' spend. The
+    /// drain loop and `check` both commit through this, so a record counts the same whoever
+    /// popped it.
+    pub fn plan_batch(&self, state: &State, batch: &Batch, now: i64) -> Plan {
+        let (spend, rows) = state.budgets.after(batch, now);
+        let mut plan = self.plan(state, batch);
+        plan.meta = rows;
+        plan.spend = spend;
+        plan
+    }
+
     /// Work out the absolute values `batch` leads to, folding label sets beyond the cap.
     pub fn plan(&self, state: &State, batch: &Batch) -> Plan {
         let mut plan = Plan::default();
@@ -766,6 +781,7 @@ impl Store {
         state.quota.extend(plan.quota);
         let cutoff = plan.quota_cutoff;
         state.quota.retain(|_, q| q.observed_at >= cutoff);
+        state.budgets.set(plan.spend);
     }
 
     /// `PRAGMA integrity_check`, for tests and the `check` subcommand.
@@ -935,7 +951,7 @@ fn decode_hist(blob: &[u8], bounds: &[f64]) -> Option<Hist> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::ingest_body;
+    use crate::ingest::from_body;
 
     fn rec(model: &str, id: Option<&str>) -> String {
         let id = id.map_or(String::new(), |i| format!(r#","event_id":"{i}""#));
@@ -945,8 +961,38 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_committed_batch_counts_against_the_budgets_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let key = crate::labels::api_key_label("sk-team-a");
+        let budgets = budget::Budgets::new(vec![budget::Budget {
+            api_key: key.clone(),
+            usd: 10.0,
+            period: budget::Period::Month,
+        }]);
+        let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
+        state.budgets = budgets.clone();
+        let mut batch = Batch::default();
+        let labels: LabelValues = ["p", "m", "c", key.as_str()].map(Box::<str>::from).into();
+        batch
+            .delta
+            .add(Family::Cost, labels, Value::Counter(2_000_000_000));
+        let now = 1_796_083_200;
+        let mut plan = store.plan_batch(&state, &batch, now);
+        store.commit(&mut plan, now).unwrap();
+        store.apply(&mut state, plan);
+        assert_eq!(state.budgets.spent_usd(), [2.0]);
+        drop(store);
+        let (store, _) = Store::open(&path, Limits::default()).unwrap();
+        let mut again = budgets;
+        let rows = store.meta_rows(budget::META_PREFIX).unwrap();
+        again.restore(rows.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        assert_eq!(again.spent_usd(), [2.0]);
+    }
+
     fn ingest(store: &mut Store, state: &mut State, body: &str) {
-        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |h| {
+        let batch = from_body(body.as_bytes(), &crate::pricing::Pricing::embedded(), |h| {
             store.seen(h)
         })
         .unwrap();
@@ -984,7 +1030,7 @@ mod tests {
         let (store2, reopened) = Store::open(&path, Limits::default()).unwrap();
         assert_eq!(reopened.families, state.families);
         assert_eq!(requests(&reopened), 2);
-        assert!(store2.seen(crate::ingest::labels::event_id_hash("1")));
+        assert!(store2.seen(crate::labels::event_id_hash("1")));
         assert_eq!(reopened.last_record_timestamp, Some(1_787_409_543.0));
         assert_eq!(store2.integrity_check().unwrap(), "ok");
         #[cfg(unix)]
@@ -1005,9 +1051,9 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&dir.path().join("s.db"), limits).unwrap();
         let body: Vec<String> = (0..10).map(|i| rec(&format!("m{i}"), None)).collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", body.join(",")).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1047,9 +1093,9 @@ mod tests {
                 )
             })
             .collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", body.join(",")).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1087,7 +1133,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs_f64();
-        let real = crate::sim::workload::rfc3339_nano(now);
+        let real = fake_cpa::workload::rfc3339_nano(now);
         ingest(&mut store, &mut state, &quota(&real, 30));
         assert_eq!(used(&state), 0.3);
         drop(store);
@@ -1220,9 +1266,9 @@ mod tests {
                 )
             })
             .collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", body.join(",")).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1251,9 +1297,11 @@ mod tests {
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let body = r#"[{"timestamp":"2026-08-22T14:39:03Z","provider":"codex","auth_index":"c1",
             "response_headers":{"x-codex-primary-used-percent":["25"],"x-ratelimit-remaining-requests":["9"]}}]"#;
-        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
-            false
-        })
+        let batch = from_body(
+            body.as_bytes(),
+            &crate::pricing::Pricing::embedded(),
+            |_| false,
+        )
         .unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1_787_409_600).unwrap();
@@ -1264,7 +1312,7 @@ mod tests {
         assert_eq!(state.quota["c1"].fields.len(), 2);
         assert_eq!(state.quota["c1"].provider, "codex");
         // Two hours later, an unrelated batch commits: the stale observation goes.
-        let batch = ingest_body(b"[]", &crate::cost::Pricing::embedded(), |_| false).unwrap();
+        let batch = from_body(b"[]", &crate::pricing::Pricing::embedded(), |_| false).unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1_787_409_600 + 7200).unwrap();
         store.apply(&mut state, plan);
@@ -1285,9 +1333,11 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let commit_at = |store: &mut Store, state: &mut State, body: &str, now: i64| {
-            let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
-                false
-            })
+            let batch = from_body(
+                body.as_bytes(),
+                &crate::pricing::Pricing::embedded(),
+                |_| false,
+            )
             .unwrap();
             let mut plan = store.plan(state, &batch);
             store.commit(&mut plan, now).unwrap();
@@ -1366,9 +1416,11 @@ mod tests {
         };
         let (mut store, mut state) = Store::open(&path, limits).unwrap();
         let body = format!("[{},{}]", rec("a", None), rec("a", None));
-        let batch = ingest_body(body.as_bytes(), &crate::cost::Pricing::embedded(), |_| {
-            false
-        })
+        let batch = from_body(
+            body.as_bytes(),
+            &crate::pricing::Pricing::embedded(),
+            |_| false,
+        )
         .unwrap();
         let mut plan = store.plan(&state, &batch);
         store.commit(&mut plan, 1000).unwrap();
@@ -1393,9 +1445,9 @@ mod tests {
         assert_eq!(requests_shown(&state, 1030.0), 0);
         assert_eq!(requests_shown(&state, 1061.0), 2);
         // An increment of a known series is shown at once; only creation is held.
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", rec("a", None)).as_bytes(),
-            &crate::cost::Pricing::embedded(),
+            &crate::pricing::Pricing::embedded(),
             |_| false,
         )
         .unwrap();
@@ -1462,6 +1514,6 @@ mod tests {
         drop(store);
         let (reopened, _) = Store::open(&path, limits).unwrap();
         assert!(reopened.dedup_len() <= 6);
-        assert!(reopened.seen(crate::ingest::labels::event_id_hash("19")));
+        assert!(reopened.seen(crate::labels::event_id_hash("19")));
     }
 }

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use cpa_usage_exporter::ingest::labels::api_key_label;
-use cpa_usage_exporter::sim::{Expect, FakeCpa, Workload, WorkloadMix};
+use cpa_usage_exporter::labels::api_key_label;
+use fake_cpa::{Expect, FakeCpa, Workload, WorkloadMix};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cpa-usage-exporter");
 

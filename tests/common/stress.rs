@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cpa_usage_exporter::cost::Pricing;
-use cpa_usage_exporter::ingest::ingest_body;
-use cpa_usage_exporter::schema::Family;
+use cpa_usage_exporter::families::Family;
+use cpa_usage_exporter::ingest::from_body;
+use cpa_usage_exporter::pricing::Pricing;
 use cpa_usage_exporter::store::{Limits, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -36,7 +36,7 @@ pub fn fill_state(db: &Path, requests: usize) -> usize {
                 )
             })
             .collect();
-        let batch = ingest_body(
+        let batch = from_body(
             format!("[{}]", elems.join(",")).as_bytes(),
             &pricing,
             |_| false,
@@ -45,7 +45,7 @@ pub fn fill_state(db: &Path, requests: usize) -> usize {
         let mut plan = store.plan(&state, &batch);
         // Now, so that series retirement leaves them be.
         store
-            .commit(&mut plan, cpa_usage_exporter::metrics::unix_now() as i64)
+            .commit(&mut plan, cpa_usage_exporter::time::unix_now() as i64)
             .unwrap();
         store.apply(&mut state, plan);
     }

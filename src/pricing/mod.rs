@@ -51,7 +51,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::ingest::Tokens;
+use crate::tokens::Tokens;
 
 /// The built-in table.
 const EMBEDDED: &str = include_str!("prices.yaml");
@@ -516,7 +516,7 @@ mod tests {
         let t = PriceTable::from_yaml_str(EMBEDDED, "embedded").unwrap();
         assert_eq!(t.len(), PriceTable::embedded().len());
         assert!(t.len() >= 50, "{}", t.len());
-        // Every upstream model of src/sim/workload.rs.
+        // Every upstream model of crates/fake-cpa/src/workload.rs.
         for model in [
             "gpt-5.4",
             "gpt-5.4-mini",

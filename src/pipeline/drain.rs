@@ -12,44 +12,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::cost::Pricing;
-use crate::cpa::{AuthCause, Client, PopError, Popped};
-use crate::gap::{Gap, GapWatch};
-use crate::ingest::split::Sink;
+use crate::cpa::source::Source;
+use crate::cpa::{PopError, Popped};
+use crate::families::Family;
 use crate::ingest::{Batch, BatchBuilder};
-use crate::metrics::{unix_now, Shared};
-use crate::schema::Family;
+use crate::metrics::Shared;
+use crate::pipeline::backoff::{self, auth_wait, sleep_or_shutdown};
+use crate::pipeline::gap::{Gap, GapWatch};
+use crate::pricing::Pricing;
 use crate::store::Store;
+use crate::time::unix_now;
 
 /// At most one warning a minute about malformed elements; the rest go to debug.
 const INVALID_LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// Anything that pops the usage queue (HTTP, RESP, scripted sources in tests).
-pub trait Source {
-    /// Pop up to `count` elements, handing each to `sink` as it arrives. Elements handed over
-    /// before an error are popped records all the same.
-    fn pop<K: Sink + Send>(
-        &mut self,
-        count: usize,
-        sink: &mut K,
-    ) -> impl Future<Output = Result<Popped, PopError>> + Send;
-
-    /// The idle wait this source wants instead of `DrainOptions::poll_interval`, when it is
-    /// only known at run time (the `auto` transport picks RESP or HTTP on its first poll).
-    fn idle_interval(&self) -> Option<Duration> {
-        None
-    }
-}
-
-impl Source for Client {
-    fn pop<K: Sink + Send>(
-        &mut self,
-        count: usize,
-        sink: &mut K,
-    ) -> impl Future<Output = Result<Popped, PopError>> + Send {
-        Client::pop(self, count, sink)
-    }
-}
 
 /// Pop once, decoding the elements as they arrive (memory follows the largest element, not the
 /// response). The batch holds every element that arrived, also when the pop failed part way:
@@ -66,29 +41,12 @@ pub async fn pop_batch<S: Source>(
     (builder.finish(), popped)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DrainOptions {
     pub batch_size: usize,
     pub poll_interval: Duration,
-}
-
-/// Waits after consecutive failures of one class.
-pub mod backoff {
-    use std::time::Duration;
-
-    /// Transient faults (unreachable, 5xx, timeouts): 1 s doubling to 30 s.
-    pub fn transient(failures: u32) -> Duration {
-        let secs = 1u64 << failures.saturating_sub(1).min(5);
-        Duration::from_secs(secs.min(30))
-    }
-
-    /// Rejected key (401/403): 5 min doubling to 1 h. CPA bans an IP for 30 minutes after 5
-    /// failed logins, and the ban also locks out the admin UI on that IP, so a wrong key must
-    /// cost CPA at most a handful of attempts per hour.
-    pub fn auth(failures: u32) -> Duration {
-        let mins = 5u64 << failures.saturating_sub(1).min(4);
-        Duration::from_secs(mins.min(60) * 60)
-    }
+    /// Prices for `cpa_cost_usd_total`: an input of ingest, so it travels with the drain.
+    pub pricing: Pricing,
 }
 
 /// The failure class of the previous poll, to log a change once instead of every retry.
@@ -163,8 +121,7 @@ pub async fn run<S: Source>(
         }
         let started = Instant::now();
         let started_unix = unix_now();
-        let (batch, popped) =
-            pop_batch(&mut source, opts.batch_size, &store, &shared.pricing).await;
+        let (batch, popped) = pop_batch(&mut source, opts.batch_size, &store, &opts.pricing).await;
         let elements = batch.elements;
         note_invalid(&batch, &mut notes);
         if elements > 0 {
@@ -178,7 +135,7 @@ pub async fn run<S: Source>(
                 if let Err(e) = blocking(|| store.note_pop(started_unix)) {
                     debug!("cannot record the time of the last pop: {e}");
                 }
-                let retention = shared.cpa().settings().map(|s| s.retention);
+                let retention = shared.observed.get().settings().map(|s| s.retention);
                 for gap in gaps.settle(retention, unix_now()) {
                     note_gap(&gap, &shared, &mut notes);
                 }
@@ -187,7 +144,8 @@ pub async fn run<S: Source>(
                     .live
                     .set_idle_interval(source.idle_interval().unwrap_or(opts.poll_interval));
                 shared
-                    .cpa()
+                    .observed
+                    .get()
                     .set_identity(popped.cpa_version.as_deref(), popped.cpa_commit.as_deref());
                 if first_success || health != Health::Up {
                     info!(
@@ -310,7 +268,7 @@ fn retire(store: &mut Store, shared: &Shared, after: Duration) {
     if retired.series.is_empty() {
         return;
     }
-    shared.state_mut().forget(&retired);
+    shared.committed.write().forget(&retired);
     for family in Family::ALL {
         let n = retired.series.iter().filter(|(f, _)| *f == family).count() as u64;
         if n > 0 {
@@ -374,30 +332,6 @@ fn note_invalid(batch: &Batch, notes: &mut Notes) {
     }
 }
 
-pub(crate) fn auth_wait(cause: &AuthCause, failures: u32) -> Duration {
-    let base = backoff::auth(failures);
-    match cause {
-        // Retrying before the ban lifts only extends the outage; add a margin for clock skew.
-        AuthCause::IpBanned { retry_after } => {
-            base.max(retry_after.unwrap_or(Duration::from_secs(30 * 60)) + Duration::from_secs(30))
-        }
-        _ => base,
-    }
-}
-
-/// Returns true when shutdown was requested.
-pub(crate) async fn sleep_or_shutdown(
-    wait: Duration,
-    shutdown: &mut watch::Receiver<bool>,
-) -> bool {
-    let stopped = tokio::select! {
-        _ = tokio::time::sleep(wait) => false,
-        // Err means the sender is gone: nobody can ask to stop any more, so stop now.
-        _ = shutdown.wait_for(|stop| *stop) => true,
-    };
-    stopped || *shutdown.borrow()
-}
-
 /// Commit a batch, retrying while the store fails. Popping more meanwhile would lose records.
 async fn commit_until_done(
     batch: &Batch,
@@ -409,13 +343,7 @@ async fn commit_until_done(
     let mut attempts = 0u32;
     loop {
         let now = unix_now() as i64;
-        let (mut plan, spend) = {
-            let state = shared.state();
-            let (spend, rows) = state.budgets.after(batch, now);
-            let mut plan = store.plan(&state, batch);
-            plan.meta = rows;
-            (plan, spend)
-        };
+        let mut plan = store.plan_batch(&shared.committed.read(), batch, now);
         match blocking(|| store.commit(&mut plan, now)) {
             Ok(()) => {
                 for family in Family::ALL {
@@ -453,9 +381,8 @@ async fn commit_until_done(
                     }
                 }
                 {
-                    let mut state = shared.state_mut();
+                    let mut state = shared.committed.write();
                     store.apply(&mut state, plan);
-                    state.budgets.set(spend);
                 }
                 shared.live.set_store_healthy(true);
                 debug!(
@@ -492,7 +419,9 @@ async fn commit_until_done(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LabelOptions;
+    use crate::cpa::split::Sink;
+    use crate::cpa::AuthCause;
+    use crate::metrics::LabelOptions;
     use crate::store::Limits;
 
     /// A source that always refuses the key, logging when it was asked.
@@ -523,6 +452,7 @@ mod tests {
         let opts = DrainOptions {
             batch_size: 10,
             poll_interval: Duration::from_millis(100),
+            pricing: Pricing::embedded(),
         };
         let start = tokio::time::Instant::now();
         let drain = run(Refusing(calls.clone()), store, shared.clone(), opts, rx);
@@ -539,48 +469,5 @@ mod tests {
             assert!(times[i..].iter().take_while(|u| **u < t + 600).count() <= 3);
         }
         assert_eq!(shared.live.cpa_up.get(), 0);
-    }
-
-    #[test]
-    fn transient_backoff_grows_from_1s_to_30s() {
-        let waits: Vec<u64> = (1..=8).map(|n| backoff::transient(n).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
-    }
-
-    #[test]
-    fn a_wrong_key_is_retried_at_most_three_times_in_any_ten_minutes() {
-        // Attempt times under the auth schedule, over six hours.
-        let mut t = 0u64;
-        let mut attempts = vec![0u64];
-        for failures in 1.. {
-            t += backoff::auth(failures).as_secs();
-            if t > 6 * 3600 {
-                break;
-            }
-            attempts.push(t);
-        }
-        for (i, start) in attempts.iter().enumerate() {
-            let in_window = attempts[i..]
-                .iter()
-                .take_while(|a| **a < start + 600)
-                .count();
-            assert!(
-                in_window <= 3,
-                "{in_window} attempts within 10 minutes of {start}s"
-            );
-        }
-        // And it keeps trying, so a fixed key is picked up within the hour.
-        assert!(attempts.windows(2).all(|w| w[1] - w[0] <= 3600));
-    }
-
-    #[test]
-    fn a_ban_is_waited_out() {
-        let wait = auth_wait(
-            &AuthCause::IpBanned {
-                retry_after: Some(Duration::from_secs(1781)),
-            },
-            1,
-        );
-        assert!(wait >= Duration::from_secs(1781));
     }
 }

@@ -1,5 +1,5 @@
 //! Slow management reads beside the drain loop: CPA's usage settings every few minutes and its
-//! credentials listing every 30 s, published through [`crate::metrics::cpa::CpaView`].
+//! credentials listing every 30 s, published through [`crate::metrics::cpa_view::CpaView`].
 //!
 //! Ban safety: every call here is a bcrypt-checked login on CPA's side, and 5 failed logins ban
 //! the IP for 30 minutes. So the poller calls nothing until the drain loop has seen the key
@@ -14,11 +14,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, Secret};
-use crate::cpa::mgmt::{Call, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
+use crate::cpa::mgmt::{Call, MgmtClient, MgmtError, UsageSettings};
 use crate::cpa::ClientOptions;
-use crate::drain::{auth_wait, sleep_or_shutdown};
 use crate::metrics::Shared;
+use crate::pipeline::backoff::{auth_wait, sleep_or_shutdown};
 
 /// How often the poller looks again while waiting for the drain loop to vouch for the key.
 const KEY_WAIT: Duration = Duration::from_millis(500);
@@ -33,29 +32,16 @@ pub struct PollerOptions {
     pub idle_interval: Duration,
 }
 
-/// Start the poller for `config`'s CPA. `idle_interval` is the drain loop's, for the transport
-/// in use. Stops when `shutdown` turns true; abort the handle to cancel a read in flight (reads
-/// are not destructive).
+/// Start the poller on CPA's management API (`client` carries the URL, key and timeout).
+/// Stops when `shutdown` turns true; abort the handle to cancel a read in flight (reads are
+/// not destructive).
 pub fn spawn(
-    config: &Config,
-    key: Secret,
+    client: ClientOptions,
+    opts: PollerOptions,
     shared: Arc<Shared>,
-    idle_interval: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, reqwest::Error> {
-    let client = MgmtClient::new(ClientOptions {
-        base_url: config.cpa_url.clone(),
-        key,
-        api_version: config.api_version,
-        timeout: config.http_timeout,
-        max_body_bytes: MAX_MGMT_BODY_BYTES,
-        proxy: config.cpa_proxy.clone(),
-    })?;
-    let opts = PollerOptions {
-        settings_interval: config.settings_interval,
-        credentials_interval: config.credentials_interval,
-        idle_interval,
-    };
+    let client = MgmtClient::new(client)?;
     Ok(tokio::spawn(run(client, shared, opts, shutdown)))
 }
 
@@ -124,7 +110,7 @@ impl Poller {
             let result = client.usage_settings().await;
             publish_identity(client, shared);
             if let Some(settings) = self.settled(Call::Settings, result) {
-                shared.cpa().set_settings(settings);
+                shared.observed.get().set_settings(settings);
                 let idle = shared.live.idle_interval();
                 self.warn_about(settings, idle.unwrap_or(self.opts.idle_interval));
             }
@@ -136,7 +122,7 @@ impl Poller {
                 publish_identity(client, shared);
                 if let Some(list) = self.settled(Call::Credentials, result) {
                     self.note_credentials(list.len(), client);
-                    shared.cpa().set_credentials(list);
+                    shared.observed.get().set_credentials(list);
                 }
             }
         }
@@ -259,6 +245,7 @@ impl Poller {
 fn publish_identity(client: &MgmtClient, shared: &Shared) {
     let id = client.identity();
     shared
-        .cpa()
+        .observed
+        .get()
         .set_identity(id.version.as_deref(), id.commit.as_deref());
 }

@@ -130,31 +130,18 @@ impl Family {
         }
     }
 
+    /// Label names in stored and rendered order: those of the family's [`set`].
     pub fn labels(self) -> &'static [&'static str] {
+        use set::LabelSet;
         match self {
-            Family::Requests => &[
-                PROVIDER,
-                MODEL,
-                REQUESTED_MODEL,
-                CREDENTIAL,
-                API_KEY,
-                ENDPOINT,
-            ],
-            Family::Failures => &[
-                PROVIDER,
-                MODEL,
-                REQUESTED_MODEL,
-                CREDENTIAL,
-                API_KEY,
-                ENDPOINT,
-                STATUS_CODE,
-            ],
-            Family::Tokens => &[PROVIDER, MODEL, CREDENTIAL, API_KEY, TYPE],
-            Family::Duration | Family::Ttft => &[PROVIDER, MODEL, CREDENTIAL],
-            Family::Records => &[OUTCOME],
-            Family::InvalidRecords => &[REASON],
-            Family::Cost => &[PROVIDER, MODEL, CREDENTIAL, API_KEY],
-            Family::UnpricedRequests | Family::ZeroTokenRequests => &[PROVIDER, MODEL],
+            Family::Requests => set::Requests::NAMES,
+            Family::Failures => set::Failures::NAMES,
+            Family::Tokens => set::Tokens::NAMES,
+            Family::Duration | Family::Ttft => set::Latency::NAMES,
+            Family::Records => set::Records::NAMES,
+            Family::InvalidRecords => set::InvalidRecords::NAMES,
+            Family::Cost => set::Cost::NAMES,
+            Family::UnpricedRequests | Family::ZeroTokenRequests => set::ByModel::NAMES,
         }
     }
 
@@ -173,12 +160,129 @@ impl Family {
     }
 }
 
+/// Typed label sets, one per shape of family: values are named fields, so a value cannot land
+/// under another label; each set's names and values are written side by side, once.
+pub mod set {
+    use super::label::*;
+    use super::Family;
+    use crate::series::LabelValues;
+
+    /// A family's labels as a struct.
+    pub trait LabelSet {
+        /// Label names, in stored and rendered order.
+        const NAMES: &'static [&'static str];
+        /// The families that carry exactly these labels.
+        const FAMILIES: &'static [Family];
+        /// The values, in the order of [`LabelSet::NAMES`].
+        fn values(&self) -> LabelValues;
+    }
+
+    macro_rules! label_set {
+        ($(#[$doc:meta])* $name:ident [$($family:ident),+] { $($field:ident: $label:ident),+ $(,)? }) => {
+            $(#[$doc])*
+            #[derive(Debug, Clone, Copy)]
+            pub struct $name<'a> {
+                $(pub $field: &'a str,)+
+            }
+
+            impl LabelSet for $name<'_> {
+                const NAMES: &'static [&'static str] = &[$($label),+];
+                const FAMILIES: &'static [Family] = &[$(Family::$family),+];
+                fn values(&self) -> LabelValues {
+                    Box::new([$(Box::<str>::from(self.$field)),+])
+                }
+            }
+        };
+    }
+
+    label_set! {
+        /// `cpa_requests_total`: one upstream attempt's route.
+        Requests [Requests] {
+            provider: PROVIDER,
+            model: MODEL,
+            requested_model: REQUESTED_MODEL,
+            credential: CREDENTIAL,
+            api_key: API_KEY,
+            endpoint: ENDPOINT,
+        }
+    }
+    label_set! {
+        /// `cpa_request_failures_total`: the route and the status code.
+        Failures [Failures] {
+            provider: PROVIDER,
+            model: MODEL,
+            requested_model: REQUESTED_MODEL,
+            credential: CREDENTIAL,
+            api_key: API_KEY,
+            endpoint: ENDPOINT,
+            status_code: STATUS_CODE,
+        }
+    }
+    label_set! {
+        /// `cpa_tokens_total`.
+        Tokens [Tokens] {
+            provider: PROVIDER,
+            model: MODEL,
+            credential: CREDENTIAL,
+            api_key: API_KEY,
+            token_type: TYPE,
+        }
+    }
+    label_set! {
+        /// `cpa_cost_usd_total`.
+        Cost [Cost] {
+            provider: PROVIDER,
+            model: MODEL,
+            credential: CREDENTIAL,
+            api_key: API_KEY,
+        }
+    }
+    label_set! {
+        /// The latency histograms.
+        Latency [Duration, Ttft] {
+            provider: PROVIDER,
+            model: MODEL,
+            credential: CREDENTIAL,
+        }
+    }
+    label_set! {
+        /// Per-model counters (`cpa_unpriced_requests_total`, `cpa_zero_token_requests_total`).
+        ByModel [UnpricedRequests, ZeroTokenRequests] {
+            provider: PROVIDER,
+            model: MODEL,
+        }
+    }
+    label_set! {
+        /// `cpa_exporter_records_total`.
+        Records [Records] { outcome: OUTCOME }
+    }
+    label_set! {
+        /// `cpa_exporter_invalid_records_total`.
+        InvalidRecords [InvalidRecords] { reason: REASON }
+    }
+
+    impl<'a> Requests<'a> {
+        /// The same route with a status code.
+        pub fn failed(&self, status_code: &'a str) -> Failures<'a> {
+            Failures {
+                provider: self.provider,
+                model: self.model,
+                requested_model: self.requested_model,
+                credential: self.credential,
+                api_key: self.api_key,
+                endpoint: self.endpoint,
+                status_code,
+            }
+        }
+    }
+}
+
 /// Labels the exporter itself chooses from a fixed set; they survive overflow folding.
 pub fn is_structural_label(name: &str) -> bool {
     matches!(name, TYPE | OUTCOME | REASON)
 }
 
-/// `type` values of `cpa_tokens_total`, in the order of [`crate::ingest::Tokens`] buckets.
+/// `type` values of `cpa_tokens_total`, in the order of [`crate::tokens::Tokens`] buckets.
 pub const TOKEN_TYPES: [&str; 6] = [
     "input",
     "cache_read",
@@ -209,7 +313,7 @@ pub mod reason {
     /// A token count or latency that is negative, fractional, non-numeric or absurdly large.
     pub const INVALID_NUMBER: &str = "invalid_number";
     /// An element nesting objects and arrays deeper than
-    /// [`crate::ingest::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
+    /// [`crate::cpa::split::MAX_ELEMENT_DEPTH`]; CPA's records nest at most 3 deep.
     pub const TOO_DEEP: &str = "too_deep";
     /// An element larger than `max-response-bytes`, skipped unread (the response is streamed,
     /// so only one element is ever held).
@@ -223,4 +327,54 @@ pub mod reason {
         TOO_DEEP,
         TOO_LARGE,
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set::*;
+    use super::*;
+
+    fn families_of<L: LabelSet>() -> Vec<(Family, &'static [&'static str])> {
+        L::FAMILIES.iter().map(|f| (*f, L::NAMES)).collect()
+    }
+
+    #[test]
+    fn every_family_has_exactly_one_label_set() {
+        let mut claimed: Vec<(Family, &[&str])> = [
+            families_of::<Requests>(),
+            families_of::<Failures>(),
+            families_of::<Tokens>(),
+            families_of::<Cost>(),
+            families_of::<Latency>(),
+            families_of::<ByModel>(),
+            families_of::<Records>(),
+            families_of::<InvalidRecords>(),
+        ]
+        .concat();
+        claimed.sort_by_key(|(f, _)| *f);
+        let mut all = Family::ALL.to_vec();
+        all.sort();
+        assert_eq!(claimed.iter().map(|(f, _)| *f).collect::<Vec<_>>(), all);
+        for (family, names) in claimed {
+            assert_eq!(family.labels(), names, "{family:?}");
+        }
+    }
+
+    #[test]
+    fn values_follow_the_names() {
+        let set = Tokens {
+            provider: "p",
+            model: "m",
+            credential: "c",
+            api_key: "k",
+            token_type: "input",
+        };
+        let values = set.values();
+        let values: Vec<&str> = values.iter().map(|v| &**v).collect();
+        assert_eq!(values, ["p", "m", "c", "k", "input"]);
+        assert_eq!(
+            Tokens::NAMES,
+            ["provider", "model", "credential", "api_key", "type"]
+        );
+    }
 }

@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 
+use crate::families::{label, Family, NANO_PER_UNIT};
 use crate::ingest::Batch;
-use crate::schema::{label, Family, NANO_PER_UNIT};
 use crate::series::Value;
 
 pub const BUDGET: &str = "cpa_budget_usd";
@@ -224,7 +224,7 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::labels::api_key_label;
+    use crate::labels::api_key_label;
     use crate::series::LabelValues;
 
     /// 2026-02-28T23:59:59Z and the second after it.

@@ -4,6 +4,8 @@
 //! Used by the `demo` subcommand (traffic without a real CPA) and by integration tests. Fidelity
 //! to `shared/cpa/API.md` matters more than convenience: quirks are reproduced on purpose.
 
+#![forbid(unsafe_code)]
+
 pub mod credentials;
 mod rng;
 pub mod server;

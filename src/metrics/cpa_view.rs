@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use super::render::gauge;
-use super::text::{Type, Writer};
-use crate::config::LabelOptions;
+use super::text::{gauge, Type, Writer};
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
-use crate::ingest::labels::sanitize;
+use crate::labels::sanitize;
+use crate::metrics::LabelOptions;
 
 pub const CPA_INFO: &str = "cpa_info";
 pub const STATISTICS_ENABLED: &str = "cpa_usage_statistics_enabled";
