@@ -14,9 +14,7 @@ use crate::ingest::Batch;
 use crate::series::Value;
 use crate::time::{civil_from_days, days_from_civil};
 
-pub const BUDGET: &str = "cpa_budget_usd";
-pub const SPENT: &str = "cpa_budget_spent_usd";
-pub const PERIOD_END: &str = "cpa_budget_period_end_timestamp_seconds";
+pub use crate::families::name::budget::{BUDGET, PERIOD_END, SPENT};
 
 /// Prefix of the budget rows in the store's `meta` table.
 pub const META_PREFIX: &str = "budget/";
