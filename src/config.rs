@@ -55,15 +55,18 @@ pub enum Command {
 
 /// Settings that may come from flags or the environment. All are strings here and parsed in
 /// [`Config::resolve`], so flag, env and file values share one validation and one error format.
+/// A clap default shows in `--help` and is used only when the file does not set the value either
+/// (the merge asks clap where each value came from).
 #[derive(Args, Debug)]
 pub struct Flags {
     /// YAML configuration file.
     #[arg(long, env = "CPA_EXPORTER_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// CPA base URL.
-    #[arg(long, env = "CPA_URL", global = true, value_name = "URL")]
+    #[arg(long, env = "CPA_URL", global = true, value_name = "URL", default_value = DEFAULT_CPA_URL)]
     pub cpa_url: Option<String>,
-    /// CPA management key (prefer --management-key-file: flags are visible in `ps`).
+    /// CPA management key (prefer --management-key-file: flags are visible in `ps`) [default:
+    /// none]
     #[arg(
         long,
         env = "CPA_MANAGEMENT_KEY",
@@ -72,7 +75,7 @@ pub struct Flags {
         value_name = "KEY"
     )]
     pub management_key: Option<String>,
-    /// File holding the CPA management key (wins over --management-key).
+    /// File holding the CPA management key (wins over --management-key) [default: none]
     #[arg(
         long,
         env = "CPA_MANAGEMENT_KEY_FILE",
@@ -85,7 +88,8 @@ pub struct Flags {
         long,
         env = "CPA_TRANSPORT",
         global = true,
-        value_name = "auto|http|resp"
+        value_name = "auto|http|resp",
+        default_value = "auto"
     )]
     pub transport: Option<String>,
     /// CPA management API routes: auto (v8, falling back to v0), v0 or v8.
@@ -93,17 +97,24 @@ pub struct Flags {
         long,
         env = "CPA_API_VERSION",
         global = true,
-        value_name = "auto|v0|v8"
+        value_name = "auto|v0|v8",
+        default_value = "auto"
     )]
     pub api_version: Option<String>,
     /// Address to serve /metrics on.
-    #[arg(long, env = "CPA_EXPORTER_LISTEN", global = true, value_name = "ADDR")]
+    #[arg(long, env = "CPA_EXPORTER_LISTEN", global = true, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     pub listen: Option<String>,
     /// SQLite state file.
-    #[arg(long, env = "CPA_EXPORTER_DB", global = true, value_name = "FILE")]
+    #[arg(long, env = "CPA_EXPORTER_DB", global = true, value_name = "FILE", default_value = DEFAULT_DB)]
     pub db: Option<String>,
     /// Records popped per request.
-    #[arg(long, env = "CPA_EXPORTER_BATCH_SIZE", global = true, value_name = "N")]
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_BATCH_SIZE",
+        global = true,
+        value_name = "N",
+        default_value = "1000"
+    )]
     pub batch_size: Option<String>,
     /// Wait between polls when the queue is drained (default 1s over RESP, 5s over HTTP).
     #[arg(
@@ -118,7 +129,8 @@ pub struct Flags {
         long,
         env = "CPA_EXPORTER_SETTINGS_INTERVAL",
         global = true,
-        value_name = "DURATION"
+        value_name = "DURATION",
+        default_value = "2m"
     )]
     pub settings_interval: Option<String>,
     /// How often CPA's credentials listing is read (0s turns it off).
@@ -126,10 +138,12 @@ pub struct Flags {
         long,
         env = "CPA_EXPORTER_CREDENTIALS_INTERVAL",
         global = true,
-        value_name = "DURATION"
+        value_name = "DURATION",
+        default_value = "30s"
     )]
     pub credentials_interval: Option<String>,
-    /// Price table for cpa_cost_usd_total: this project's YAML format or LiteLLM's JSON.
+    /// Price table for cpa_cost_usd_total: this project's YAML format or LiteLLM's JSON
+    /// [default: the built-in table]
     #[arg(
         long,
         env = "CPA_EXPORTER_PRICES_FILE",
@@ -142,11 +156,12 @@ pub struct Flags {
         long,
         env = "CPA_EXPORTER_HTTP_TIMEOUT",
         global = true,
-        value_name = "DURATION"
+        value_name = "DURATION",
+        default_value = "30s"
     )]
     pub http_timeout: Option<String>,
-    /// Proxy for requests to CPA (http:// or https:// URL). Default: none; proxy environment
-    /// variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) are ignored for CPA.
+    /// Proxy for requests to CPA (http:// or https:// URL); proxy environment variables
+    /// (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) are ignored for CPA [default: none]
     #[arg(
         long,
         env = "CPA_EXPORTER_CPA_PROXY",
@@ -154,7 +169,8 @@ pub struct Flags {
         value_name = "URL"
     )]
     pub cpa_proxy: Option<String>,
-    /// Web configuration file (Prometheus exporter-toolkit format): TLS, basic auth, bearer token.
+    /// Web configuration file (Prometheus exporter-toolkit format): TLS, basic auth, bearer token
+    /// [default: none]
     #[arg(
         long = "web.config.file",
         alias = "web-config-file",
@@ -168,7 +184,8 @@ pub struct Flags {
         long,
         env = "CPA_EXPORTER_MAX_RESPONSE_BYTES",
         global = true,
-        value_name = "BYTES"
+        value_name = "BYTES",
+        default_value = "64MiB"
     )]
     pub max_response_bytes: Option<String>,
     /// How long a new series is shown at zero before its value, so Prometheus' rate() counts its
@@ -177,7 +194,8 @@ pub struct Flags {
         long,
         env = "CPA_EXPORTER_NEW_SERIES_HOLD",
         global = true,
-        value_name = "DURATION"
+        value_name = "DURATION",
+        default_value = DEFAULT_NEW_SERIES_HOLD,
     )]
     pub new_series_hold: Option<String>,
     /// Log level: error, warn, info, debug, trace.
@@ -185,7 +203,8 @@ pub struct Flags {
         long,
         env = "CPA_EXPORTER_LOG_LEVEL",
         global = true,
-        value_name = "LEVEL"
+        value_name = "LEVEL",
+        default_value = "info"
     )]
     pub log_level: Option<String>,
     /// Log format: text or json.
@@ -193,7 +212,8 @@ pub struct Flags {
         long,
         env = "CPA_EXPORTER_LOG_FORMAT",
         global = true,
-        value_name = "FORMAT"
+        value_name = "FORMAT",
+        default_value = "text"
     )]
     pub log_format: Option<String>,
 }
@@ -287,169 +307,14 @@ impl ConfigError {
     }
 }
 
-/// One scalar setting: its human name and its three spellings.
-struct Spec {
-    what: &'static str,
-    id: &'static str,
-    env: &'static str,
-    default: Option<&'static str>,
-}
-
-impl Spec {
-    fn file_key(&self) -> String {
-        self.id.replace('_', "-")
-    }
-}
-
-const fn spec(
-    what: &'static str,
-    id: &'static str,
-    env: &'static str,
-    default: Option<&'static str>,
-) -> Spec {
-    Spec {
-        what,
-        id,
-        env,
-        default,
-    }
-}
-
-const CPA_URL: Spec = spec("CPA URL", "cpa_url", "CPA_URL", Some(DEFAULT_CPA_URL));
-const KEY: Spec = spec(
-    "management key",
-    "management_key",
-    "CPA_MANAGEMENT_KEY",
-    None,
-);
-const KEY_FILE: Spec = spec(
-    "management key file",
-    "management_key_file",
-    "CPA_MANAGEMENT_KEY_FILE",
-    None,
-);
-const API_VERSION: Spec = spec(
-    "API version",
-    "api_version",
-    "CPA_API_VERSION",
-    Some("auto"),
-);
-const TRANSPORT: Spec = spec("transport", "transport", "CPA_TRANSPORT", Some("auto"));
-const LISTEN: Spec = spec(
-    "listen address",
-    "listen",
-    "CPA_EXPORTER_LISTEN",
-    Some(DEFAULT_LISTEN),
-);
-const DB: Spec = spec(
-    "state database path",
-    "db",
-    "CPA_EXPORTER_DB",
-    Some(DEFAULT_DB),
-);
-const BATCH: Spec = spec(
-    "batch size",
-    "batch_size",
-    "CPA_EXPORTER_BATCH_SIZE",
-    Some("1000"),
-);
-const POLL: Spec = spec(
-    "poll interval",
-    "poll_interval",
-    "CPA_EXPORTER_POLL_INTERVAL",
-    None,
-);
-const SETTINGS: Spec = spec(
-    "settings interval",
-    "settings_interval",
-    "CPA_EXPORTER_SETTINGS_INTERVAL",
-    Some("2m"),
-);
-const CREDENTIALS: Spec = spec(
-    "credentials interval",
-    "credentials_interval",
-    "CPA_EXPORTER_CREDENTIALS_INTERVAL",
-    Some("30s"),
-);
-const PRICES: Spec = spec(
-    "prices file",
-    "prices_file",
-    "CPA_EXPORTER_PRICES_FILE",
-    None,
-);
-const TIMEOUT: Spec = spec(
-    "HTTP timeout",
-    "http_timeout",
-    "CPA_EXPORTER_HTTP_TIMEOUT",
-    Some("30s"),
-);
-const CPA_PROXY: Spec = spec("CPA proxy", "cpa_proxy", "CPA_EXPORTER_CPA_PROXY", None);
-const WEB_CONFIG: Spec = spec(
-    "web config file",
-    "web_config_file",
-    "CPA_EXPORTER_WEB_CONFIG",
-    None,
-);
-const LOG_LEVEL: Spec = spec(
-    "log level",
-    "log_level",
-    "CPA_EXPORTER_LOG_LEVEL",
-    Some("info"),
-);
-const LOG_FORMAT: Spec = spec(
-    "log format",
-    "log_format",
-    "CPA_EXPORTER_LOG_FORMAT",
-    Some("text"),
-);
-// File-only settings.
-const SERIES_LIMIT: Spec = spec("series limit", "series_limit", "", Some("10000"));
-const DEDUP_WINDOW: Spec = spec("dedup window", "dedup_window", "", Some("100000"));
-const QUOTA_RETENTION: Spec = spec("quota retention", "quota_retention", "", Some("24h"));
-const SERIES_RETIREMENT: Spec = spec("series retirement", "series_retirement", "", Some("30d"));
-const MAX_RESPONSE: Spec = spec(
-    "maximum response size",
-    "max_response_bytes",
-    "CPA_EXPORTER_MAX_RESPONSE_BYTES",
-    Some("64MiB"),
-);
-
-const NEW_SERIES_HOLD: Spec = spec(
-    "new-series hold",
-    "new_series_hold",
-    "CPA_EXPORTER_NEW_SERIES_HOLD",
-    Some(DEFAULT_NEW_SERIES_HOLD),
-);
 /// Default of `new-series-hold`: four scrapes at Prometheus' usual 15 s, two at 30 s.
 pub const DEFAULT_NEW_SERIES_HOLD: &str = "1m";
 
-const SCALARS: [&Spec; 23] = [
-    &CPA_PROXY,
-    &WEB_CONFIG,
-    &CPA_URL,
-    &KEY,
-    &KEY_FILE,
-    &API_VERSION,
-    &TRANSPORT,
-    &LISTEN,
-    &DB,
-    &BATCH,
-    &POLL,
-    &SETTINGS,
-    &CREDENTIALS,
-    &PRICES,
-    &TIMEOUT,
-    &LOG_LEVEL,
-    &LOG_FORMAT,
-    &SERIES_LIMIT,
-    &DEDUP_WINDOW,
-    &QUOTA_RETENTION,
-    &SERIES_RETIREMENT,
-    &MAX_RESPONSE,
-    &NEW_SERIES_HOLD,
-];
-/// Sections of the file that are not scalars.
-const SECTIONS: [&str; 3] = ["labels", "model-aliases", "budgets"];
+/// Settings only the file sets, with their defaults (shown after `--help`'s options).
+const SERIES_LIMIT: &str = "10000";
+const DEDUP_WINDOW: &str = "100000";
+const QUOTA_RETENTION: &str = "24h";
+const SERIES_RETIREMENT: &str = "30d";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -466,7 +331,6 @@ struct LabelsFile {
     unmask_credential_names: bool,
 }
 
-/// The parsed YAML file: scalars as text (validated like flags), plus the `labels` section.
 /// One entry of `budgets`: a client API key (plaintext, `sha256:` display hash or alias), an
 /// amount and a period.
 #[derive(Debug, Deserialize)]
@@ -477,13 +341,102 @@ struct BudgetFile {
     period: String,
 }
 
-#[derive(Debug, Default)]
+/// The YAML file. Its keys are the flags' names in kebab-case (serde derives them from the same
+/// field names as [`Flags`]); scalars are kept as text and validated like flag values.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 struct FileConfig {
+    #[serde(skip)]
     path: Option<PathBuf>,
-    scalars: HashMap<String, String>,
+    #[serde(deserialize_with = "scalar")]
+    cpa_url: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    management_key: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    management_key_file: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    transport: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    api_version: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    listen: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    db: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    batch_size: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    poll_interval: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    settings_interval: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    credentials_interval: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    prices_file: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    http_timeout: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    cpa_proxy: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    web_config_file: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    max_response_bytes: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    new_series_hold: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    log_level: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    log_format: Option<String>,
+    // File-only settings.
+    #[serde(deserialize_with = "scalar")]
+    series_limit: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    dedup_window: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    quota_retention: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    series_retirement: Option<String>,
+    // Sections.
     labels: LabelsFile,
     model_aliases: BTreeMap<String, String>,
     budgets: Vec<BudgetFile>,
+}
+
+/// A scalar setting as text: YAML may write `batch-size: 500` or `unmask: true` unquoted.
+fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde_norway::Value;
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::Bool(b) => Ok(Some(b.to_string())),
+        _ => Err(serde::de::Error::custom(NOT_SCALAR)),
+    }
+}
+
+const NOT_SCALAR: &str = "expected a single value";
+/// The file's sections: the keys that hold more than one value.
+const SECTIONS: [&str; 3] = ["labels", "model-aliases", "budgets"];
+
+/// serde's message, in the words of the rest of the configuration, naming the setting.
+fn explain(e: serde_norway::Error, map: &serde_norway::Mapping) -> String {
+    let text = e.to_string();
+    if text.starts_with(NOT_SCALAR) {
+        // serde does not say which setting: the first non-section key with a nested value.
+        let key = map.iter().find_map(|(k, v)| {
+            let k = k.as_str()?;
+            let nested = !matches!(
+                v,
+                serde_norway::Value::String(_)
+                    | serde_norway::Value::Number(_)
+                    | serde_norway::Value::Bool(_)
+            );
+            (nested && !SECTIONS.contains(&k)).then_some(k)
+        });
+        if let Some(key) = key {
+            return format!("{key}: {NOT_SCALAR}");
+        }
+    }
+    // serde says "field"; the documentation and the other messages say "setting".
+    text.replacen("unknown field", "unknown setting", 1)
 }
 
 impl FileConfig {
@@ -491,96 +444,141 @@ impl FileConfig {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::file(path, e))?;
         let doc: serde_norway::Value =
             serde_norway::from_str(&text).map_err(|e| ConfigError::file(path, e))?;
-        let mut file = FileConfig {
-            path: Some(path.to_owned()),
-            ..FileConfig::default()
-        };
-        let map = match doc {
-            serde_norway::Value::Null => return Ok(file),
-            serde_norway::Value::Mapping(m) => m,
+        let mut file = match doc {
+            serde_norway::Value::Null => FileConfig::default(),
+            serde_norway::Value::Mapping(map) => serde_norway::from_str(&text)
+                .map_err(|e| ConfigError::file(path, explain(e, &map)))?,
             _ => return Err(ConfigError::file(path, "expected a mapping of settings")),
         };
-        for (k, v) in map {
-            let key = k
-                .as_str()
-                .ok_or_else(|| ConfigError::file(path, "setting names must be strings"))?
-                .to_owned();
-            if key == "labels" {
-                file.labels = serde_norway::from_value(v)
-                    .map_err(|e| ConfigError::file(path, format!("labels: {e}")))?;
-                continue;
-            }
-            if key == "budgets" {
-                file.budgets = serde_norway::from_value(v)
-                    .map_err(|e| ConfigError::file(path, format!("budgets: {e}")))?;
-                continue;
-            }
-            if key == "model-aliases" {
-                file.model_aliases = serde_norway::from_value(v)
-                    .map_err(|e| ConfigError::file(path, format!("model-aliases: {e}")))?;
-                continue;
-            }
-            if !SCALARS.iter().any(|s| s.file_key() == key) {
-                let known: Vec<String> = SCALARS.iter().map(|s| s.file_key()).collect();
-                return Err(ConfigError::file(
-                    path,
-                    format!(
-                        "unknown setting `{key}` (known: {}, {})",
-                        SECTIONS.join(", "),
-                        known.join(", ")
-                    ),
-                ));
-            }
-            let text = match v {
-                serde_norway::Value::String(s) => s,
-                serde_norway::Value::Number(n) => n.to_string(),
-                serde_norway::Value::Bool(b) => b.to_string(),
-                _ => {
-                    return Err(ConfigError::file(
-                        path,
-                        format!("{key}: expected a single value"),
-                    ))
-                }
-            };
-            file.scalars.insert(key, text);
-        }
+        file.path = Some(path.to_owned());
         Ok(file)
     }
 }
 
-/// The command line, with every built-in default in `--help`. They are shown, not set as clap
-/// defaults: a clap default would always win over the configuration file.
+/// The command line. Flag defaults are clap's (so `--help` shows them); the file-only settings
+/// are listed after the options.
 pub fn command() -> clap::Command {
-    let mut cmd = <Cli as clap::CommandFactory>::command();
-    let mut file_only = Vec::new();
-    for spec in SCALARS {
-        let default = match spec.default {
-            Some(d) => d,
-            // Its help already says: it depends on the transport.
-            None if spec.id == POLL.id => continue,
-            None if spec.id == PRICES.id => "the built-in table",
-            None => "none",
-        };
-        if spec.env.is_empty() {
-            file_only.push(format!("  {}: {default}", spec.file_key()));
-            continue;
-        }
-        cmd = cmd.mut_arg(spec.id, |arg| {
-            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
-            arg.help(format!("{help} [default: {default}]"))
-        });
-    }
-    cmd.after_help(format!(
+    <Cli as clap::CommandFactory>::command().after_help(format!(
         "Precedence: flags, then environment variables, then the --config file, then the \
-         defaults.\nOnly in the --config file (with their defaults): labels, model-aliases,\n{}",
-        file_only.join("\n")
+         defaults.\nOnly in the --config file (with their defaults): labels, model-aliases,\n  \
+         series-limit: {SERIES_LIMIT}\n  dedup-window: {DEDUP_WINDOW}\n  \
+         quota-retention: {QUOTA_RETENTION}\n  series-retirement: {SERIES_RETIREMENT}"
     ))
 }
 
-/// Where a raw value came from, for error messages.
+/// One setting's value before validation, and where it came from (for error messages).
 struct Raw {
     value: Option<String>,
     origin: String,
+}
+
+impl Raw {
+    fn fail(&self, what: &'static str, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            what,
+            origin: self.origin.clone(),
+            problem: problem.into(),
+        }
+    }
+
+    /// Validate a setting that always has a value (it has a default).
+    fn parse<T>(
+        &self,
+        what: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let v = self
+            .value
+            .as_deref()
+            .ok_or_else(|| self.fail(what, "missing"))?;
+        parse(v).map_err(|p| self.fail(what, p))
+    }
+
+    /// Validate an optional setting: `None` when nothing sets it.
+    fn parse_opt<T>(
+        &self,
+        what: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match &self.value {
+            None => Ok(None),
+            Some(v) => parse(v).map(Some).map_err(|p| self.fail(what, p)),
+        }
+    }
+}
+
+/// The one merge step: flag > env > file > default, for every setting alike.
+struct Sources<'a> {
+    matches: &'a ArgMatches,
+    command: clap::Command,
+    file: &'a FileConfig,
+}
+
+impl Sources<'_> {
+    /// `id` is the field name shared by [`Flags`] and [`FileConfig`]; `flag` holds clap's value
+    /// (given, from the environment, or clap's default), `file` the file's.
+    fn pick(&self, id: &str, flag: &Option<String>, file: &Option<String>) -> Raw {
+        // A global flag given after a subcommand lives in the subcommand's matches.
+        let source = self.matches.value_source(id).max(
+            self.matches
+                .subcommand()
+                .and_then(|(_, m)| m.value_source(id)),
+        );
+        match source {
+            Some(ValueSource::EnvVariable) => {
+                let env = self
+                    .command
+                    .get_arguments()
+                    .find(|a| a.get_id() == id)
+                    .and_then(|a| a.get_env())
+                    .map(|e| e.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                return Raw {
+                    value: flag.clone(),
+                    origin: format!("from {env}"),
+                };
+            }
+            Some(ValueSource::CommandLine) => {
+                return Raw {
+                    value: flag.clone(),
+                    origin: format!("from --{}", id.replace('_', "-")),
+                }
+            }
+            _ => {}
+        }
+        match file {
+            Some(v) => Raw {
+                value: Some(v.clone()),
+                origin: self.in_file(id),
+            },
+            None => Raw {
+                value: flag.clone(),
+                origin: "default".to_owned(),
+            },
+        }
+    }
+
+    /// A setting only the file sets.
+    fn file_only(&self, id: &str, file: &Option<String>, default: &str) -> Raw {
+        match file {
+            Some(v) => Raw {
+                value: Some(v.clone()),
+                origin: self.in_file(id),
+            },
+            None => Raw {
+                value: Some(default.to_owned()),
+                origin: "default".to_owned(),
+            },
+        }
+    }
+
+    fn in_file(&self, id: &str) -> String {
+        let key = id.replace('_', "-");
+        match &self.file.path {
+            Some(p) => format!("`{key}` in {}", p.display()),
+            None => key,
+        }
+    }
 }
 
 impl Config {
@@ -599,202 +597,125 @@ impl Config {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let pick = |spec: &Spec, cli: &Option<String>| -> Raw {
-            if let Some(v) = cli {
-                // A global flag given after a subcommand lives in the subcommand's matches.
-                let source = matches.value_source(spec.id).or_else(|| {
-                    matches
-                        .subcommand()
-                        .and_then(|(_, m)| m.value_source(spec.id))
-                });
-                let origin = match source {
-                    Some(ValueSource::EnvVariable) => format!("from {}", spec.env),
-                    _ => format!("from --{}", spec.id.replace('_', "-")),
-                };
-                return Raw {
-                    value: Some(v.clone()),
-                    origin,
-                };
-            }
-            if let Some(v) = file.scalars.get(&spec.file_key()) {
-                let origin = match &file.path {
-                    Some(p) => format!("`{}` in {}", spec.file_key(), p.display()),
-                    None => spec.file_key(),
-                };
-                return Raw {
-                    value: Some(v.clone()),
-                    origin,
-                };
-            }
-            Raw {
-                value: spec.default.map(str::to_owned),
-                origin: "default".to_owned(),
-            }
+        let src = Sources {
+            matches,
+            command: command(),
+            file: &file,
         };
-        let err = |spec: &Spec, raw: &Raw, problem: String| ConfigError {
-            what: spec.what,
-            origin: raw.origin.clone(),
-            problem,
-        };
-        let required = |spec: &Spec, raw: Raw| -> Result<(String, Raw), ConfigError> {
-            match &raw.value {
-                Some(v) => Ok((v.clone(), raw)),
-                None => Err(err(spec, &raw, "missing".into())),
-            }
-        };
-
-        let (url, raw) = required(&CPA_URL, pick(&CPA_URL, &flags.cpa_url))?;
-        let cpa_url = parse_url(&url).map_err(|p| err(&CPA_URL, &raw, p))?;
-
-        let key_file = pick(&KEY_FILE, &flags.management_key_file);
-        let management_key = match &key_file.value {
-            Some(path) => {
-                Some(read_key_file(Path::new(path)).map_err(|p| err(&KEY_FILE, &key_file, p))?)
-            }
-            None => {
-                let raw = pick(&KEY, &flags.management_key);
-                match raw.value.as_deref().map(str::trim) {
-                    None => None,
-                    Some("") => return Err(err(&KEY, &raw, "is empty".into())),
-                    Some(k) => Some(Secret::new(k)),
-                }
-            }
-        };
-
-        let (v, raw) = required(&API_VERSION, pick(&API_VERSION, &flags.api_version))?;
-        let api_version = choice::<ApiVersion>(&v, true).map_err(|p| err(&API_VERSION, &raw, p))?;
-
-        let (v, raw) = required(&TRANSPORT, pick(&TRANSPORT, &flags.transport))?;
-        let transport = choice::<Transport>(&v, true).map_err(|p| err(&TRANSPORT, &raw, p))?;
-
-        let (v, raw) = required(&LISTEN, pick(&LISTEN, &flags.listen))?;
-        let listen = parse_listen(&v).map_err(|p| err(&LISTEN, &raw, p))?;
-
-        let (v, raw) = required(&DB, pick(&DB, &flags.db))?;
-        if v.trim().is_empty() {
-            return Err(err(&DB, &raw, "is empty".into()));
+        // The field name is the setting's id, its file key and (in kebab-case) its flag.
+        macro_rules! pick {
+            ($id:ident) => {
+                src.pick(stringify!($id), &flags.$id, &file.$id)
+            };
         }
-        let db = PathBuf::from(v);
+        macro_rules! file_only {
+            ($id:ident, $default:expr) => {
+                src.file_only(stringify!($id), &file.$id, $default)
+            };
+        }
 
-        let (v, raw) = required(&BATCH, pick(&BATCH, &flags.batch_size))?;
-        let batch_size = parse_int(&v, 1, 100_000).map_err(|p| err(&BATCH, &raw, p))? as usize;
+        let cpa_url = pick!(cpa_url).parse("CPA URL", parse_url)?;
 
-        let raw = pick(&POLL, &flags.poll_interval);
-        let poll_interval = match &raw.value {
-            None => None,
-            Some(v) => Some(
-                parse_duration(v, Duration::from_millis(100), Duration::from_secs(600))
-                    .map_err(|p| err(&POLL, &raw, p))?,
-            ),
-        };
+        let key_file = pick!(management_key_file);
+        let management_key =
+            match key_file.parse_opt("management key file", |p| read_key_file(Path::new(p)))? {
+                Some(key) => Some(key),
+                None => pick!(management_key).parse_opt("management key", |k| match k.trim() {
+                    "" => Err("is empty".to_owned()),
+                    k => Ok(Secret::new(k)),
+                })?,
+            };
 
-        let (v, raw) = required(&SETTINGS, pick(&SETTINGS, &flags.settings_interval))?;
-        let settings_interval =
-            parse_duration(&v, Duration::from_secs(10), Duration::from_secs(3600))
-                .map_err(|p| err(&SETTINGS, &raw, p))?;
+        let api_version =
+            pick!(api_version).parse("API version", |v| choice::<ApiVersion>(v, true))?;
+        let transport = pick!(transport).parse("transport", |v| choice::<Transport>(v, true))?;
+        let listen = pick!(listen).parse("listen address", parse_listen)?;
+        let db = pick!(db).parse("state database path", |v| match v.trim() {
+            "" => Err("is empty".to_owned()),
+            _ => Ok(PathBuf::from(v)),
+        })?;
+        let batch_size =
+            pick!(batch_size).parse("batch size", |v| parse_int(v, 1, 100_000))? as usize;
+        let poll_interval = pick!(poll_interval).parse_opt("poll interval", |v| {
+            parse_duration(v, Duration::from_millis(100), Duration::from_secs(600))
+        })?;
+        let settings_interval = pick!(settings_interval).parse("settings interval", |v| {
+            parse_duration(v, Duration::from_secs(10), Duration::from_secs(3600))
+        })?;
+        let credentials_interval =
+            pick!(credentials_interval).parse("credentials interval", |v| {
+                match humantime::parse_duration(v.trim()) {
+                    Ok(d) if d.is_zero() => Ok(None),
+                    _ => parse_duration(v, Duration::from_secs(5), Duration::from_secs(3600))
+                        .map(Some),
+                }
+            })?;
+        let prices_file = pick!(prices_file).parse_opt("prices file", non_empty_path)?;
+        let quota_retention = file_only!(quota_retention, QUOTA_RETENTION)
+            .parse("quota retention", |v| {
+                parse_duration(v, Duration::from_secs(60), Duration::from_secs(90 * 86_400))
+            })?;
+        let http_timeout = pick!(http_timeout).parse("HTTP timeout", |v| {
+            parse_duration(v, Duration::from_secs(1), Duration::from_secs(300))
+        })?;
 
-        let (v, raw) = required(
-            &CREDENTIALS,
-            pick(&CREDENTIALS, &flags.credentials_interval),
-        )?;
-        let credentials_interval = match humantime::parse_duration(v.trim()) {
-            Ok(d) if d.is_zero() => None,
-            _ => Some(
-                parse_duration(&v, Duration::from_secs(5), Duration::from_secs(3600))
-                    .map_err(|p| err(&CREDENTIALS, &raw, p))?,
-            ),
-        };
-
-        let raw = pick(&PRICES, &flags.prices_file);
-        let prices_file = match raw.value.as_deref().map(str::trim) {
-            None => None,
-            Some("") => return Err(err(&PRICES, &raw, "is empty".into())),
-            Some(p) => Some(PathBuf::from(p)),
-        };
-
-        let (v, raw) = required(&QUOTA_RETENTION, pick(&QUOTA_RETENTION, &None))?;
-        let quota_retention = parse_duration(
-            &v,
-            Duration::from_secs(60),
-            Duration::from_secs(90 * 86_400),
-        )
-        .map_err(|p| err(&QUOTA_RETENTION, &raw, p))?;
-
-        let (v, raw) = required(&TIMEOUT, pick(&TIMEOUT, &flags.http_timeout))?;
-        let http_timeout = parse_duration(&v, Duration::from_secs(1), Duration::from_secs(300))
-            .map_err(|p| err(&TIMEOUT, &raw, p))?;
-
-        let raw = pick(&CPA_PROXY, &flags.cpa_proxy);
-        let cpa_proxy = match raw.value.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(v) => Some(parse_proxy(v).map_err(|p| err(&CPA_PROXY, &raw, p))?),
-        };
+        let proxy = pick!(cpa_proxy);
+        let cpa_proxy = proxy
+            .parse_opt("CPA proxy", |v| match v.trim() {
+                "" => Ok(None),
+                v => parse_proxy(v).map(Some),
+            })?
+            .flatten();
         // RESP is a raw TCP protocol: it cannot go through an HTTP proxy, and `auto` would probe
         // it directly, bypassing the proxy. With a proxy, CPA is reached over HTTP only.
         let transport = match (transport, &cpa_proxy) {
             (Transport::Resp, Some(_)) => {
-                return Err(err(
-                    &CPA_PROXY,
-                    &raw,
-                    "RESP cannot go through an HTTP proxy: use --transport http (or auto)".into(),
+                return Err(proxy.fail(
+                    "CPA proxy",
+                    "RESP cannot go through an HTTP proxy: use --transport http (or auto)",
                 ))
             }
             (Transport::Auto, Some(_)) => Transport::Http,
             (t, _) => t,
         };
 
-        let raw = pick(&WEB_CONFIG, &flags.web_config_file);
-        let web_config_file = match raw.value.as_deref().map(str::trim) {
-            None => None,
-            Some("") => return Err(err(&WEB_CONFIG, &raw, "is empty".into())),
-            Some(p) => Some(PathBuf::from(p)),
-        };
-
-        let (v, raw) = required(&LOG_LEVEL, pick(&LOG_LEVEL, &flags.log_level))?;
-        let log_level = v.parse::<tracing::Level>().map_err(|_| {
-            err(
-                &LOG_LEVEL,
-                &raw,
-                format!("`{v}`: expected error, warn, info, debug or trace"),
-            )
+        let web_config_file =
+            pick!(web_config_file).parse_opt("web config file", non_empty_path)?;
+        let log_level = pick!(log_level).parse("log level", |v| {
+            v.parse::<tracing::Level>()
+                .map_err(|_| format!("`{v}`: expected error, warn, info, debug or trace"))
         })?;
+        let log_format =
+            pick!(log_format).parse("log format", |v| choice::<LogFormat>(v, false))?;
 
-        let (v, raw) = required(&LOG_FORMAT, pick(&LOG_FORMAT, &flags.log_format))?;
-        let log_format = choice::<LogFormat>(&v, false).map_err(|p| err(&LOG_FORMAT, &raw, p))?;
-
-        let (v, raw) = required(&SERIES_LIMIT, pick(&SERIES_LIMIT, &None))?;
-        let series_per_family =
-            parse_int(&v, 10, 1_000_000).map_err(|p| err(&SERIES_LIMIT, &raw, p))? as usize;
-        let (v, raw) = required(&SERIES_RETIREMENT, pick(&SERIES_RETIREMENT, &None))?;
-        let series_retirement = match v.trim() {
-            "0" | "off" => None,
-            _ => Some(
-                parse_duration(
-                    &v,
+        let series_per_family = file_only!(series_limit, SERIES_LIMIT)
+            .parse("series limit", |v| parse_int(v, 10, 1_000_000))?
+            as usize;
+        let series_retirement = file_only!(series_retirement, SERIES_RETIREMENT).parse(
+            "series retirement",
+            |v| match v.trim() {
+                "0" | "off" => Ok(None),
+                _ => parse_duration(
+                    v,
                     Duration::from_secs(60),
                     Duration::from_secs(3650 * 86_400),
                 )
-                .map_err(|p| err(&SERIES_RETIREMENT, &raw, format!("{p}, or 0/off")))?,
-            ),
-        };
-        let (v, raw) = required(
-            &MAX_RESPONSE,
-            pick(&MAX_RESPONSE, &flags.max_response_bytes),
+                .map(Some)
+                .map_err(|p| format!("{p}, or 0/off")),
+            },
         )?;
-        let max_response_bytes =
-            parse_bytes(&v, 64 * 1024, 1 << 30).map_err(|p| err(&MAX_RESPONSE, &raw, p))?;
-        let (v, raw) = required(
-            &NEW_SERIES_HOLD,
-            pick(&NEW_SERIES_HOLD, &flags.new_series_hold),
-        )?;
-        let new_series_hold = match v.trim() {
-            "0" | "0s" | "off" => Duration::ZERO,
-            _ => parse_duration(&v, Duration::from_secs(1), Duration::from_secs(3600))
-                .map_err(|p| err(&NEW_SERIES_HOLD, &raw, format!("{p}, or 0/off")))?,
-        };
-        let (v, raw) = required(&DEDUP_WINDOW, pick(&DEDUP_WINDOW, &None))?;
-        let dedup_window =
-            parse_int(&v, 0, 10_000_000).map_err(|p| err(&DEDUP_WINDOW, &raw, p))? as usize;
+        let max_response_bytes = pick!(max_response_bytes).parse("maximum response size", |v| {
+            parse_bytes(v, 64 * 1024, 1 << 30)
+        })?;
+        let new_series_hold =
+            pick!(new_series_hold).parse("new-series hold", |v| match v.trim() {
+                "0" | "0s" | "off" => Ok(Duration::ZERO),
+                _ => parse_duration(v, Duration::from_secs(1), Duration::from_secs(3600))
+                    .map_err(|p| format!("{p}, or 0/off")),
+            })?;
+        let dedup_window = file_only!(dedup_window, DEDUP_WINDOW)
+            .parse("dedup window", |v| parse_int(v, 0, 10_000_000))?
+            as usize;
 
         let labels = label_options(&file)?;
         let budgets = budgets(&file, &labels)?;
@@ -828,6 +749,14 @@ impl Config {
             },
             budgets,
         })
+    }
+}
+
+/// A path setting that is set: it must not be blank.
+fn non_empty_path(v: &str) -> Result<PathBuf, String> {
+    match v.trim() {
+        "" => Err("is empty".to_owned()),
+        p => Ok(PathBuf::from(p)),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The persisted metric families: names, help, label names and buckets in one table, so the
-//! ingest aggregation, the SQLite store and the `/metrics` renderer cannot disagree.
+//! ingest aggregation, the SQLite store and the `/metrics` renderer cannot disagree; and the
+//! names of every other family ([`name`]), so all metric names are in this file.
 
 /// Buckets of `cpa_request_duration_seconds` (upper bounds, seconds; `+Inf` implied).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -24,6 +25,61 @@ pub mod label {
     pub const TYPE: &str = "type";
     pub const OUTCOME: &str = "outcome";
     pub const REASON: &str = "reason";
+}
+
+/// Names of the families that are not stored (live, quota, CPA's view, budgets, process): with
+/// [`Family::metric_name`], every metric name is in this file. Help texts stay beside the code
+/// that writes each family.
+pub mod name {
+    /// The exporter's own live metrics (reset on restart).
+    pub mod live {
+        pub const CPA_UP: &str = "cpa_up";
+        pub const BUILD_INFO: &str = "cpa_exporter_build_info";
+        pub const POLLS: &str = "cpa_exporter_polls";
+        pub const POLL_DURATION: &str = "cpa_exporter_poll_duration_seconds";
+        pub const SERIES: &str = "cpa_exporter_series";
+        pub const SERIES_OVERFLOW: &str = "cpa_exporter_series_overflow";
+        pub const STORE_ERRORS: &str = "cpa_exporter_store_errors";
+        pub const SERIES_RETIRED: &str = "cpa_exporter_series_retired";
+        pub const DRAIN_GAPS: &str = "cpa_exporter_drain_gaps";
+        pub const DRAIN_GAP: &str = "cpa_exporter_drain_gap_seconds";
+    }
+    /// Quota and rate-limit gauges, from the latest response headers per credential.
+    pub mod quota {
+        pub const USED_RATIO: &str = "cpa_quota_used_ratio";
+        pub const WINDOW: &str = "cpa_quota_window_seconds";
+        pub const RESET: &str = "cpa_quota_reset_timestamp_seconds";
+        pub const REMAINING: &str = "cpa_ratelimit_remaining";
+        pub const LIMIT: &str = "cpa_ratelimit_limit";
+        pub const LAST_OBSERVED: &str = "cpa_quota_last_observed_timestamp_seconds";
+    }
+    /// CPA's own state: its build, its usage settings and its credentials.
+    pub mod cpa {
+        pub const CPA_INFO: &str = "cpa_info";
+        pub const STATISTICS_ENABLED: &str = "cpa_usage_statistics_enabled";
+        pub const QUEUE_RETENTION: &str = "cpa_usage_queue_retention_seconds";
+        pub const CREDENTIAL_INFO: &str = "cpa_credential_info";
+        pub const CREDENTIAL_STATUS: &str = "cpa_credential_status";
+        pub const CREDENTIAL_UNAVAILABLE: &str = "cpa_credential_unavailable";
+        pub const CREDENTIAL_DISABLED: &str = "cpa_credential_disabled";
+        pub const CREDENTIAL_NEXT_RETRY: &str = "cpa_credential_next_retry_timestamp_seconds";
+        pub const SUBSCRIPTION_END: &str = "cpa_credential_subscription_end_timestamp_seconds";
+    }
+    /// Per-key budgets and their spend.
+    pub mod budget {
+        pub const BUDGET: &str = "cpa_budget_usd";
+        pub const SPENT: &str = "cpa_budget_spent_usd";
+        pub const PERIOD_END: &str = "cpa_budget_period_end_timestamp_seconds";
+    }
+    /// The process metrics, under client_golang's names.
+    pub mod process {
+        pub const CPU_SECONDS: &str = "process_cpu_seconds";
+        pub const VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
+        pub const START_TIME_SECONDS: &str = "process_start_time_seconds";
+        pub const RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+        pub const OPEN_FDS: &str = "process_open_fds";
+        pub const MAX_FDS: &str = "process_max_fds";
+    }
 }
 
 /// Cost is stored in nano-USD so persisted sums stay exact integers.

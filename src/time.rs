@@ -1,4 +1,5 @@
-//! Wall-clock helpers shared by every layer: now, and CPA's RFC 3339 timestamps.
+//! Wall-clock helpers shared by every layer: now, CPA's RFC 3339 timestamps, and UTC calendar
+//! days (for budget periods).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -68,7 +69,7 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -76,6 +77,20 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// The date of a day number since 1970-01-01: (year, month 1..=12, day 1..=31).
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]
@@ -95,5 +110,18 @@ mod tests {
         );
         assert_eq!(parse_rfc3339("2026-08-22T14:39:03"), None);
         assert_eq!(parse_rfc3339("garbage-garbage-garbage"), None);
+    }
+
+    #[test]
+    fn civil_days_round_trip() {
+        for days in [-719_468, -1, 0, 59, 20_512, 2_932_896] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(
+            days_from_civil(2024, 3, 1) - days_from_civil(2024, 2, 28),
+            2
+        );
     }
 }

@@ -108,3 +108,34 @@ fn assert_each_line_new(err: &str) {
         );
     }
 }
+
+#[test]
+fn an_error_says_where_the_value_came_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("config.yml");
+    std::fs::write(&file, "batch-size: 0\n").expect("write the file");
+    let file = file.to_str().expect("utf-8 path");
+    let with_env = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(common::BIN);
+        cmd.args(args).env_clear();
+        if let Some(v) = env {
+            cmd.env("CPA_EXPORTER_BATCH_SIZE", v);
+        }
+        stderr(&cmd.output().expect("run the exporter"))
+    };
+    // The file beats the default, the environment beats the file, a flag beats both, also when
+    // it is given after a subcommand.
+    let e = with_env(&["--config", file], None);
+    assert!(e.contains("invalid batch size (`batch-size` in "), "{e}");
+    let e = with_env(&["--config", file], Some("-1"));
+    assert!(e.contains("(from CPA_EXPORTER_BATCH_SIZE): `-1`"), "{e}");
+    let e = with_env(
+        &["--config", file, "check", "--batch-size", "x"],
+        Some("-1"),
+    );
+    assert!(e.contains("(from --batch-size): `x`"), "{e}");
+    // A value that is not a single one is refused naming its key.
+    std::fs::write(dir.path().join("config.yml"), "db: [a, b]\n").expect("write the file");
+    let e = with_env(&["--config", file], None);
+    assert!(e.contains("db: expected a single value"), "{e}");
+}

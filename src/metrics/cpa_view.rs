@@ -8,15 +8,10 @@ use crate::cpa::mgmt::{Credential, Status, UsageSettings};
 use crate::labels::sanitize;
 use crate::metrics::LabelOptions;
 
-pub const CPA_INFO: &str = "cpa_info";
-pub const STATISTICS_ENABLED: &str = "cpa_usage_statistics_enabled";
-pub const QUEUE_RETENTION: &str = "cpa_usage_queue_retention_seconds";
-pub const CREDENTIAL_INFO: &str = "cpa_credential_info";
-pub const CREDENTIAL_STATUS: &str = "cpa_credential_status";
-pub const CREDENTIAL_UNAVAILABLE: &str = "cpa_credential_unavailable";
-pub const CREDENTIAL_DISABLED: &str = "cpa_credential_disabled";
-pub const CREDENTIAL_NEXT_RETRY: &str = "cpa_credential_next_retry_timestamp_seconds";
-pub const SUBSCRIPTION_END: &str = "cpa_credential_subscription_end_timestamp_seconds";
+pub use crate::families::name::cpa::{
+    CPA_INFO, CREDENTIAL_DISABLED, CREDENTIAL_INFO, CREDENTIAL_NEXT_RETRY, CREDENTIAL_STATUS,
+    CREDENTIAL_UNAVAILABLE, QUEUE_RETENTION, STATISTICS_ENABLED, SUBSCRIPTION_END,
+};
 
 /// What is known about CPA right now. Each part is absent until first read.
 #[derive(Debug, Default)]

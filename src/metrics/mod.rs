@@ -26,16 +26,10 @@ use crate::time::unix_now;
 pub use labels::LabelOptions;
 use text::{Type, Writer};
 
-pub const CPA_UP: &str = "cpa_up";
-pub const BUILD_INFO: &str = "cpa_exporter_build_info";
-pub const POLLS: &str = "cpa_exporter_polls";
-pub const POLL_DURATION: &str = "cpa_exporter_poll_duration_seconds";
-pub const SERIES: &str = "cpa_exporter_series";
-pub const SERIES_OVERFLOW: &str = "cpa_exporter_series_overflow";
-pub const STORE_ERRORS: &str = "cpa_exporter_store_errors";
-pub const SERIES_RETIRED: &str = "cpa_exporter_series_retired";
-pub const DRAIN_GAPS: &str = "cpa_exporter_drain_gaps";
-pub const DRAIN_GAP: &str = "cpa_exporter_drain_gap_seconds";
+pub use crate::families::name::live::{
+    BUILD_INFO, CPA_UP, DRAIN_GAP, DRAIN_GAPS, POLLS, POLL_DURATION, SERIES, SERIES_OVERFLOW,
+    SERIES_RETIRED, STORE_ERRORS,
+};
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
 const POLL_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];

@@ -5,6 +5,7 @@
 use procfs::process::{LimitValue, Process};
 
 use super::text::{gauge, Type, Writer};
+use crate::families::name::process as name;
 
 struct Stat {
     cpu_seconds: f64,
@@ -50,17 +51,17 @@ fn max_fds(process: &Process) -> Option<f64> {
 pub fn encode(w: &mut Writer) {
     let Some(process) = myself() else { return };
     if let Some(stat) = read_stat(&process) {
-        let name = "process_cpu_seconds";
+        let cpu = name::CPU_SECONDS;
         w.family(
-            name,
+            cpu,
             "Total user and system CPU time spent in seconds",
             Some("seconds"),
             Type::Counter,
         );
-        w.counter(name, &[], stat.cpu_seconds);
+        w.counter(cpu, &[], stat.cpu_seconds);
         gauge(
             w,
-            "process_virtual_memory_bytes",
+            name::VIRTUAL_MEMORY_BYTES,
             "Virtual memory size in bytes",
             Some("bytes"),
             stat.virtual_bytes,
@@ -68,7 +69,7 @@ pub fn encode(w: &mut Writer) {
         if let Some(start) = stat.start_time {
             gauge(
                 w,
-                "process_start_time_seconds",
+                name::START_TIME_SECONDS,
                 "Start time of the process since unix epoch in seconds",
                 Some("seconds"),
                 start,
@@ -78,7 +79,7 @@ pub fn encode(w: &mut Writer) {
     if let Some(rss) = resident_bytes(&process) {
         gauge(
             w,
-            "process_resident_memory_bytes",
+            name::RESIDENT_MEMORY_BYTES,
             "Resident memory size in bytes",
             Some("bytes"),
             rss,
@@ -87,7 +88,7 @@ pub fn encode(w: &mut Writer) {
     if let Some(n) = open_fds(&process) {
         gauge(
             w,
-            "process_open_fds",
+            name::OPEN_FDS,
             "Number of open file descriptors",
             None,
             n,
@@ -96,7 +97,7 @@ pub fn encode(w: &mut Writer) {
     if let Some(n) = max_fds(&process) {
         gauge(
             w,
-            "process_max_fds",
+            name::MAX_FDS,
             "Maximum number of open file descriptors",
             None,
             n,

@@ -6,12 +6,9 @@ use super::Shared;
 use crate::ingest::quota::{Field, Resource, Window};
 use crate::metrics::LabelOptions;
 
-pub const USED_RATIO: &str = "cpa_quota_used_ratio";
-pub const WINDOW: &str = "cpa_quota_window_seconds";
-pub const RESET: &str = "cpa_quota_reset_timestamp_seconds";
-pub const REMAINING: &str = "cpa_ratelimit_remaining";
-pub const LIMIT: &str = "cpa_ratelimit_limit";
-pub const LAST_OBSERVED: &str = "cpa_quota_last_observed_timestamp_seconds";
+pub use crate::families::name::quota::{
+    LAST_OBSERVED, LIMIT, REMAINING, RESET, USED_RATIO, WINDOW,
+};
 
 struct Gauge {
     name: &'static str,

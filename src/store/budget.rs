@@ -12,10 +12,9 @@ use std::collections::HashMap;
 use crate::families::{label, Family, NANO_PER_UNIT};
 use crate::ingest::Batch;
 use crate::series::Value;
+use crate::time::{civil_from_days, days_from_civil};
 
-pub const BUDGET: &str = "cpa_budget_usd";
-pub const SPENT: &str = "cpa_budget_spent_usd";
-pub const PERIOD_END: &str = "cpa_budget_period_end_timestamp_seconds";
+pub use crate::families::name::budget::{BUDGET, PERIOD_END, SPENT};
 
 /// Prefix of the budget rows in the store's `meta` table.
 pub const META_PREFIX: &str = "budget/";
@@ -194,31 +193,6 @@ impl Budgets {
             (b, usd, b.period.end(now))
         })
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day number since 1970-01-01: (year, month 1..=12, day 1..=31).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]
