@@ -198,6 +198,16 @@ pub struct Flags {
         default_value = DEFAULT_NEW_SERIES_HOLD,
     )]
     pub new_series_hold: Option<String>,
+    /// How far apart the attempts of one inbound request (same request_id and client key) may
+    /// start, and how long a request whose last attempt failed waits for another (1s..1h).
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_FAILOVER_WINDOW",
+        global = true,
+        value_name = "DURATION",
+        default_value = DEFAULT_FAILOVER_WINDOW,
+    )]
+    pub failover_window: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(
         long,
@@ -309,6 +319,9 @@ impl ConfigError {
 
 /// Default of `new-series-hold`: four scrapes at Prometheus' usual 15 s, two at 30 s.
 pub const DEFAULT_NEW_SERIES_HOLD: &str = "1m";
+/// Default of `failover-window`: CPA retries at once, so a minute covers a chain's gaps; a
+/// successor whose own latency is longer arrives too late (docs/guarantees.md).
+pub const DEFAULT_FAILOVER_WINDOW: &str = "60s";
 
 /// Settings only the file sets, with their defaults (shown after `--help`'s options).
 const SERIES_LIMIT: &str = "10000";
@@ -382,6 +395,8 @@ struct FileConfig {
     max_response_bytes: Option<String>,
     #[serde(deserialize_with = "scalar")]
     new_series_hold: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    failover_window: Option<String>,
     #[serde(deserialize_with = "scalar")]
     log_level: Option<String>,
     #[serde(deserialize_with = "scalar")]
@@ -713,6 +728,9 @@ impl Config {
                 _ => parse_duration(v, Duration::from_secs(1), Duration::from_secs(3600))
                     .map_err(|p| format!("{p}, or 0/off")),
             })?;
+        let failover_window = pick!(failover_window).parse("failover window", |v| {
+            parse_duration(v, Duration::from_secs(1), Duration::from_secs(3600))
+        })?;
         let dedup_window = file_only!(dedup_window, DEDUP_WINDOW)
             .parse("dedup window", |v| parse_int(v, 0, 10_000_000))?
             as usize;
@@ -746,6 +764,8 @@ impl Config {
                 quota_retention,
                 series_retirement,
                 new_series_hold,
+                failover_window,
+                open_requests: crate::store::chains::DEFAULT_OPEN_LIMIT,
             },
             budgets,
         })
@@ -1114,6 +1134,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("management key file"), "{e}");
+    }
+
+    #[test]
+    fn failover_window_defaults_to_a_minute_and_is_validated() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.limits.failover_window, Duration::from_secs(60));
+        let c = resolve(&["--failover-window", "2m"]).unwrap();
+        assert_eq!(c.limits.failover_window, Duration::from_secs(120));
+        let f = file("failover-window: 90s\n");
+        let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+        assert_eq!(c.limits.failover_window, Duration::from_secs(90));
+        for bad in ["500ms", "2h", "soon", "0"] {
+            let e = resolve(&[&format!("--failover-window={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("failover window") && e.contains("--failover-window"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

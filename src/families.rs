@@ -43,6 +43,8 @@ pub mod name {
         pub const SERIES_RETIRED: &str = "cpa_exporter_series_retired";
         pub const DRAIN_GAPS: &str = "cpa_exporter_drain_gaps";
         pub const DRAIN_GAP: &str = "cpa_exporter_drain_gap_seconds";
+        pub const OPEN_REQUESTS: &str = "cpa_exporter_open_requests";
+        pub const REQUESTS_FORCED_CLOSED: &str = "cpa_exporter_requests_forced_closed";
     }
     /// Quota and rate-limit gauges, from the latest response headers per credential.
     pub mod quota {
@@ -110,12 +112,18 @@ pub enum Family {
     Cost,
     UnpricedRequests,
     ZeroTokenRequests,
+    InboundRequests,
+    InboundFailures,
+    FailoverAttempts,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 13] = [
         Family::Requests,
         Family::Failures,
+        Family::InboundRequests,
+        Family::InboundFailures,
+        Family::FailoverAttempts,
         Family::Tokens,
         Family::Cost,
         Family::UnpricedRequests,
@@ -140,6 +148,9 @@ impl Family {
             Family::Cost => "cost_usd",
             Family::UnpricedRequests => "unpriced_requests",
             Family::ZeroTokenRequests => "zero_token_requests",
+            Family::InboundRequests => "inbound_requests",
+            Family::InboundFailures => "inbound_request_failures",
+            Family::FailoverAttempts => "failover_attempts",
         }
     }
 
@@ -160,6 +171,9 @@ impl Family {
             Family::Cost => "cpa_cost_usd",
             Family::UnpricedRequests => "cpa_unpriced_requests",
             Family::ZeroTokenRequests => "cpa_zero_token_requests",
+            Family::InboundRequests => "cpa_inbound_requests",
+            Family::InboundFailures => "cpa_inbound_request_failures",
+            Family::FailoverAttempts => "cpa_failover_attempts",
         }
     }
 
@@ -175,6 +189,9 @@ impl Family {
             Family::Cost => "Estimated upstream cost in USD, from the token buckets and the price table (reasoning priced as output)",
             Family::UnpricedRequests => "Attempts with tokens whose model has no price in the price table, so they add nothing to cpa_cost_usd_total",
             Family::ZeroTokenRequests => "Successful attempts that reported no tokens at all",
+            Family::InboundRequests => "Inbound client requests CPA finished, successful or not (the attempts sharing a request_id within failover-window count once), by the first attempt's requested model",
+            Family::InboundFailures => "Inbound client requests that failed after all their attempts, by the last attempt's HTTP status code",
+            Family::FailoverAttempts => "Failed upstream attempts absorbed by a later successful attempt of the same request (failover), by the failed attempt's route and status code",
         }
     }
 
@@ -198,6 +215,9 @@ impl Family {
             Family::InvalidRecords => set::InvalidRecords::NAMES,
             Family::Cost => set::Cost::NAMES,
             Family::UnpricedRequests | Family::ZeroTokenRequests => set::ByModel::NAMES,
+            Family::InboundRequests => set::InboundRequests::NAMES,
+            Family::InboundFailures => set::InboundFailures::NAMES,
+            Family::FailoverAttempts => set::FailoverAttempts::NAMES,
         }
     }
 
@@ -309,6 +329,30 @@ pub mod set {
         }
     }
     label_set! {
+        /// `cpa_inbound_requests_total`: the request as the client made it.
+        InboundRequests [InboundRequests] {
+            requested_model: REQUESTED_MODEL,
+            api_key: API_KEY,
+        }
+    }
+    label_set! {
+        /// `cpa_inbound_request_failures_total`: the request and the status the client got.
+        InboundFailures [InboundFailures] {
+            requested_model: REQUESTED_MODEL,
+            api_key: API_KEY,
+            status_code: STATUS_CODE,
+        }
+    }
+    label_set! {
+        /// `cpa_failover_attempts_total`: the failed attempt's route and status.
+        FailoverAttempts [FailoverAttempts] {
+            provider: PROVIDER,
+            model: MODEL,
+            credential: CREDENTIAL,
+            status_code: STATUS_CODE,
+        }
+    }
+    label_set! {
         /// `cpa_exporter_records_total`.
         Records [Records] { outcome: OUTCOME }
     }
@@ -403,6 +447,9 @@ mod tests {
             families_of::<Cost>(),
             families_of::<Latency>(),
             families_of::<ByModel>(),
+            families_of::<InboundRequests>(),
+            families_of::<InboundFailures>(),
+            families_of::<FailoverAttempts>(),
             families_of::<Records>(),
             families_of::<InvalidRecords>(),
         ]

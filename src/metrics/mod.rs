@@ -27,8 +27,8 @@ pub use labels::LabelOptions;
 use text::{Type, Writer};
 
 pub use crate::families::name::live::{
-    BUILD_INFO, CPA_UP, DRAIN_GAP, DRAIN_GAPS, POLLS, POLL_DURATION, SERIES, SERIES_OVERFLOW,
-    SERIES_RETIRED, STORE_ERRORS,
+    BUILD_INFO, CPA_UP, DRAIN_GAP, DRAIN_GAPS, OPEN_REQUESTS, POLLS, POLL_DURATION,
+    REQUESTS_FORCED_CLOSED, SERIES, SERIES_OVERFLOW, SERIES_RETIRED, STORE_ERRORS,
 };
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
@@ -50,6 +50,10 @@ pub struct Live {
     /// seconds beyond it (see [`crate::pipeline::gap`]).
     pub drain_gaps: Counter,
     pub drain_gap_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Inbound requests whose last attempt failed, waiting for a failover attempt.
+    pub open_requests: Gauge,
+    /// Open inbound requests finished without waiting for their window, by reason.
+    pub requests_forced_closed: MetricFamily<OneLabel, Counter>,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
@@ -81,6 +85,8 @@ impl Default for Live {
             series_retired: MetricFamily::default(),
             drain_gaps: Counter::default(),
             drain_gap_seconds: Counter::default(),
+            open_requests: Gauge::default(),
+            requests_forced_closed: MetricFamily::default(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             key_state: std::sync::atomic::AtomicU8::new(0),
@@ -329,4 +335,22 @@ fn encode_live(w: &mut Writer, live: &Live) {
         Type::Counter,
     );
     w.counter(DRAIN_GAP, &[], live.drain_gap_seconds.get());
+    w.family(
+        OPEN_REQUESTS,
+        "Inbound requests whose last attempt failed, waiting up to failover-window for another attempt before they count as client failures.",
+        None,
+        Type::Gauge,
+    );
+    w.gauge(OPEN_REQUESTS, &[], live.open_requests.get());
+    w.family(
+        REQUESTS_FORCED_CLOSED,
+        "Open inbound requests finished as client failures without waiting for their window, by reason (limit: too many open; attempts: too many failed attempts).",
+        None,
+        Type::Counter,
+    );
+    for reason in crate::store::chains::forced::ALL {
+        let set = [("reason", reason)];
+        let n = live.requests_forced_closed.get_or_create(&set).get();
+        w.counter(REQUESTS_FORCED_CLOSED, &set, n);
+    }
 }

@@ -109,6 +109,7 @@ pub async fn run<S: Source>(
     // Stale series are retired at start and then every tenth of the retirement (at most 1 h).
     let mut next_retire = Instant::now();
     let mut gaps = GapWatch::new(store.last_pop());
+    shared.live.open_requests.set(store.open_requests() as i64);
     loop {
         if *shutdown.borrow() {
             break;
@@ -121,10 +122,14 @@ pub async fn run<S: Source>(
         }
         let started = Instant::now();
         let started_unix = unix_now();
-        let (batch, popped) = pop_batch(&mut source, opts.batch_size, &store, &opts.pricing).await;
+        let (mut batch, popped) =
+            pop_batch(&mut source, opts.batch_size, &store, &opts.pricing).await;
         let elements = batch.elements;
+        // Less than a full batch: nothing older waits in CPA's queue, so a failed request's
+        // successor, if any, has been seen and its wall-clock window may close it.
+        batch.caught_up = popped.is_ok() && elements < opts.batch_size;
         note_invalid(&batch, &mut notes);
-        if elements > 0 {
+        if elements > 0 || (batch.caught_up && store.chains_due(unix_now() as i64)) {
             commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes).await;
         }
         drop(batch);
@@ -294,6 +299,8 @@ struct Notes {
     /// Families whose series limit was reached, said once per process.
     overflow_said: [bool; Family::COUNT],
     quota_overflow_said: [bool; crate::ingest::quota::FAMILIES.len()],
+    /// The open-request limit was reached, said once per process.
+    open_requests_said: bool,
 }
 
 /// Say that a batch held malformed elements: a warning at most once a minute, else debug.
@@ -346,6 +353,27 @@ async fn commit_until_done(
         let mut plan = store.plan_batch(&shared.committed.read(), batch, now);
         match blocking(|| store.commit(&mut plan, now)) {
             Ok(()) => {
+                if let Some(chains) = &plan.chains {
+                    for &(reason, n) in &chains.forced {
+                        shared
+                            .live
+                            .requests_forced_closed
+                            .get_or_create(&[("reason", reason)])
+                            .inc_by(n);
+                    }
+                    if chains
+                        .forced
+                        .iter()
+                        .any(|(r, _)| *r == crate::store::chains::forced::LIMIT)
+                        && !std::mem::replace(&mut notes.open_requests_said, true)
+                    {
+                        warn!(
+                            limit = store.limits().open_requests,
+                            "more inbound requests waiting for a failover attempt than the limit: the oldest are finished as client failures (counted in cpa_exporter_requests_forced_closed_total)"
+                        );
+                    }
+                    shared.live.open_requests.set(chains.open_count() as i64);
+                }
                 for family in Family::ALL {
                     let n = plan.overflowed[family as usize];
                     if n > 0 {
