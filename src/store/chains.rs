@@ -596,7 +596,7 @@ mod tests {
         let p = step(&mut c, &[main], 110.0, true);
         assert_eq!(total(&p, Family::InboundRequests), 1);
         // In a later batch, after the request finished.
-        let p = step(&mut c, &[tool.clone()], 111.0, true);
+        let p = step(&mut c, std::slice::from_ref(&tool), 111.0, true);
         assert_eq!(total(&p, Family::InboundRequests), 0);
         // A failed tool record of an open chain changes nothing either.
         let mut c = chains();
