@@ -24,11 +24,11 @@ use crate::series::Hist;
 use crate::store::State;
 use crate::time::unix_now;
 pub use labels::LabelOptions;
-use text::{Type, Writer};
+use text::{Meta, Writer};
 
-pub use crate::families::name::live::{
-    BUILD_INFO, CPA_UP, DRAIN_GAP, DRAIN_GAPS, POLLS, POLL_DURATION, SERIES, SERIES_OVERFLOW,
-    SERIES_RETIRED, STORE_ERRORS,
+use crate::families::meta::live::{
+    CPA_UP, DRAIN_GAP, DRAIN_GAPS, POLLS, POLL_DURATION, SERIES_OVERFLOW, SERIES_RETIRED,
+    STORE_ERRORS,
 };
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
@@ -243,35 +243,19 @@ impl Shared {
 }
 
 /// The live metrics, in the order they were registered before the exposition was streamed.
-/// Their help texts end with a full stop, as prometheus-client's registry wrote them.
 fn encode_live(w: &mut Writer, live: &Live) {
-    w.family(
-        CPA_UP,
-        "Whether the last poll of CPA's usage queue succeeded (1) or not (0).",
-        None,
-        Type::Gauge,
-    );
-    w.gauge(CPA_UP, &[], live.cpa_up.get());
-    w.family(
-        POLLS,
-        "Polls of CPA's usage queue by result.",
-        None,
-        Type::Counter,
-    );
+    w.declare(&CPA_UP);
+    w.gauge(CPA_UP.name, &[], live.cpa_up.get());
+    w.declare(&POLLS);
     for result in POLL_RESULTS {
         let n = live.polls.get_or_create(&[("result", result)]).get();
-        w.counter(POLLS, &[("result", result)], n);
+        w.counter(POLLS.name, &[("result", result)], n);
     }
-    w.family(
-        POLL_DURATION,
-        "Duration of one poll of CPA's usage queue, including the commit of its batch.",
-        Some("seconds"),
-        Type::Histogram,
-    );
+    w.declare(&POLL_DURATION);
     {
         let h = live.poll_duration.get();
         w.histogram(
-            POLL_DURATION,
+            POLL_DURATION.name,
             &[],
             &POLL_BUCKETS,
             &h.buckets,
@@ -280,53 +264,30 @@ fn encode_live(w: &mut Writer, live: &Live) {
         );
     }
     let per_family = |w: &mut Writer,
-                      name: &str,
-                      help: &str,
+                      meta: &Meta,
                       counters: &MetricFamily<OneLabel, Counter>,
                       extra: &[&'static str]| {
-        w.family(name, help, None, Type::Counter);
+        w.declare(meta);
         let capped = Family::ALL
             .into_iter()
             .filter(|f| f.is_capped())
             .map(|f| f.id());
         for family in capped.chain(extra.iter().copied()) {
             let set = [("family", family)];
-            w.counter(name, &set, counters.get_or_create(&set).get());
+            w.counter(meta.name, &set, counters.get_or_create(&set).get());
         }
     };
     per_family(
         w,
-        SERIES_OVERFLOW,
-        "Records whose label set was folded into the __other__ series because the family reached its series limit.",
+        &SERIES_OVERFLOW,
         &live.series_overflow,
         &crate::ingest::quota::FAMILIES,
     );
-    w.family(
-        STORE_ERRORS,
-        "Failed commits to the state database (the batch is kept and retried).",
-        None,
-        Type::Counter,
-    );
-    w.counter(STORE_ERRORS, &[], live.store_errors.get());
-    per_family(
-        w,
-        SERIES_RETIRED,
-        "Series deleted because no record updated them within series-retirement (a returning series restarts at zero).",
-        &live.series_retired,
-        &[],
-    );
-    w.family(
-        DRAIN_GAPS,
-        "Stretches without a successful pop (between two pops, or across a restart) longer than CPA's queue retention: records queued then expired unseen.",
-        None,
-        Type::Counter,
-    );
-    w.counter(DRAIN_GAPS, &[], live.drain_gaps.get());
-    w.family(
-        DRAIN_GAP,
-        "Seconds of those stretches beyond CPA's queue retention: records queued in them expired unseen.",
-        Some("seconds"),
-        Type::Counter,
-    );
-    w.counter(DRAIN_GAP, &[], live.drain_gap_seconds.get());
+    w.declare(&STORE_ERRORS);
+    w.counter(STORE_ERRORS.name, &[], live.store_errors.get());
+    per_family(w, &SERIES_RETIRED, &live.series_retired, &[]);
+    w.declare(&DRAIN_GAPS);
+    w.counter(DRAIN_GAPS.name, &[], live.drain_gaps.get());
+    w.declare(&DRAIN_GAP);
+    w.counter(DRAIN_GAP.name, &[], live.drain_gap_seconds.get());
 }
