@@ -1,6 +1,6 @@
 //! The persisted metric families: names, help, label names and buckets in one table, so the
 //! ingest aggregation, the SQLite store and the `/metrics` renderer cannot disagree; and the
-//! names of every other family ([`name`]), so all metric names are in this file.
+//! name, help, unit and type of every other family ([`meta`]), so all of them are in this file.
 
 /// Buckets of `cpa_request_duration_seconds` (upper bounds, seconds; `+Inf` implied).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -27,60 +27,286 @@ pub mod label {
     pub const REASON: &str = "reason";
 }
 
-/// Names of the families that are not stored (live, quota, CPA's view, budgets, process): with
-/// [`Family::metric_name`], every metric name is in this file. Help texts stay beside the code
-/// that writes each family.
-pub mod name {
-    /// The exporter's own live metrics (reset on restart).
-    pub mod live {
-        pub const CPA_UP: &str = "cpa_up";
-        pub const BUILD_INFO: &str = "cpa_exporter_build_info";
-        pub const POLLS: &str = "cpa_exporter_polls";
-        pub const POLL_DURATION: &str = "cpa_exporter_poll_duration_seconds";
-        pub const SERIES: &str = "cpa_exporter_series";
-        pub const SERIES_OVERFLOW: &str = "cpa_exporter_series_overflow";
-        pub const STORE_ERRORS: &str = "cpa_exporter_store_errors";
-        pub const SERIES_RETIRED: &str = "cpa_exporter_series_retired";
-        pub const DRAIN_GAPS: &str = "cpa_exporter_drain_gaps";
-        pub const DRAIN_GAP: &str = "cpa_exporter_drain_gap_seconds";
-        pub const OPEN_REQUESTS: &str = "cpa_exporter_open_requests";
-        pub const REQUESTS_FORCED_CLOSED: &str = "cpa_exporter_requests_forced_closed";
+/// The type of a metric family, as `# TYPE` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A family that is not stored: everything its `# HELP`, `# TYPE` and `# UNIT` lines say.
+/// `name` is the OpenMetrics family name: with the unit suffix, without `_total`.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub unit: Option<&'static str>,
+    pub ty: Type,
+}
+
+const fn gauge(name: &'static str, help: &'static str) -> Meta {
+    Meta {
+        name,
+        help,
+        unit: None,
+        ty: Type::Gauge,
     }
+}
+
+const fn counter(name: &'static str, help: &'static str) -> Meta {
+    Meta {
+        name,
+        help,
+        unit: None,
+        ty: Type::Counter,
+    }
+}
+
+const fn with_unit(meta: Meta, unit: &'static str) -> Meta {
+    Meta {
+        unit: Some(unit),
+        ..meta
+    }
+}
+
+/// The families that are not stored (live, quota, CPA's view, budgets, process): with
+/// [`Family`], every metric's name, help, unit and type is in this file.
+pub mod meta {
+    use super::{counter, gauge, with_unit, Meta, Type};
+
+    /// The exporter's own live metrics (reset on restart). Their help texts end with a full
+    /// stop, as prometheus-client's registry wrote them before the exposition was streamed.
+    pub mod live {
+        use super::*;
+        pub const CPA_UP: Meta = gauge(
+            "cpa_up",
+            "Whether the last poll of CPA's usage queue succeeded (1) or not (0).",
+        );
+        pub const POLLS: Meta = counter(
+            "cpa_exporter_polls",
+            "Polls of CPA's usage queue by result.",
+        );
+        pub const POLL_DURATION: Meta = Meta {
+            name: "cpa_exporter_poll_duration_seconds",
+            help: "Duration of one poll of CPA's usage queue, including the commit of its batch.",
+            unit: Some("seconds"),
+            ty: Type::Histogram,
+        };
+        pub const SERIES_OVERFLOW: Meta = counter(
+            "cpa_exporter_series_overflow",
+            "Records whose label set was folded into the __other__ series because the family reached its series limit.",
+        );
+        pub const STORE_ERRORS: Meta = counter(
+            "cpa_exporter_store_errors",
+            "Failed commits to the state database (the batch is kept and retried).",
+        );
+        pub const SERIES_RETIRED: Meta = counter(
+            "cpa_exporter_series_retired",
+            "Series deleted because no record updated them within series-retirement (a returning series restarts at zero).",
+        );
+        pub const DRAIN_GAPS: Meta = counter(
+            "cpa_exporter_drain_gaps",
+            "Stretches without a successful pop (between two pops, or across a restart) longer than CPA's queue retention: records queued then expired unseen.",
+        );
+        pub const DRAIN_GAP: Meta = with_unit(
+            counter(
+                "cpa_exporter_drain_gap_seconds",
+                "Seconds of those stretches beyond CPA's queue retention: records queued in them expired unseen.",
+            ),
+            "seconds",
+        );
+        pub const OPEN_REQUESTS: Meta = gauge(
+            "cpa_exporter_open_requests",
+            "Inbound requests whose last attempt failed, waiting up to failover-window for another attempt before they count as client failures.",
+        );
+        pub const REQUESTS_FORCED_CLOSED: Meta = counter(
+            "cpa_exporter_requests_forced_closed",
+            "Open inbound requests finished as client failures without waiting for their window, by reason (limit: too many open; attempts: too many failed attempts).",
+        );
+        pub const EVENT_LOG_LINES: Meta = counter(
+            "cpa_exporter_event_log_lines",
+            "Lines written to the event log (one per ingested record, after its batch committed).",
+        );
+        pub const EVENT_LOG_FAILURES: Meta = counter(
+            "cpa_exporter_event_log_failures",
+            "Event log lines not written, by reason (queue_full: the writer was behind; write: the output failed).",
+        );
+    }
+
+    /// The exporter's build and the state of its store.
+    pub mod store {
+        use super::*;
+        pub const BUILD_INFO: Meta = gauge(
+            "cpa_exporter_build_info",
+            "Build of the exporter; constant 1",
+        );
+        pub const LAST_SUCCESS: Meta = with_unit(
+            gauge(
+                "cpa_exporter_last_success_timestamp_seconds",
+                "Unix time of the last successful poll of CPA",
+            ),
+            "seconds",
+        );
+        pub const STORE_SIZE: Meta = with_unit(
+            gauge(
+                "cpa_exporter_store_size_bytes",
+                "Size of the state database on disk, including its write-ahead log",
+            ),
+            "bytes",
+        );
+        pub const LAST_RECORD: Meta = with_unit(
+            gauge(
+                "cpa_exporter_last_record_timestamp_seconds",
+                "Start time of the newest record ingested, Unix seconds",
+            ),
+            "seconds",
+        );
+        pub const SERIES: Meta = gauge(
+            "cpa_exporter_series",
+            "Stored series per family (the series limit applies to these)",
+        );
+    }
+
     /// Quota and rate-limit gauges, from the latest response headers per credential.
     pub mod quota {
-        pub const USED_RATIO: &str = "cpa_quota_used_ratio";
-        pub const WINDOW: &str = "cpa_quota_window_seconds";
-        pub const RESET: &str = "cpa_quota_reset_timestamp_seconds";
-        pub const REMAINING: &str = "cpa_ratelimit_remaining";
-        pub const LIMIT: &str = "cpa_ratelimit_limit";
-        pub const LAST_OBSERVED: &str = "cpa_quota_last_observed_timestamp_seconds";
+        use super::*;
+        pub const USED_RATIO: Meta = gauge(
+            "cpa_quota_used_ratio",
+            "Share of the credential's quota window used (0..1), from the latest response headers",
+        );
+        pub const WINDOW: Meta = with_unit(
+            gauge("cpa_quota_window_seconds", "Length of the quota window"),
+            "seconds",
+        );
+        pub const RESET: Meta = with_unit(
+            gauge(
+                "cpa_quota_reset_timestamp_seconds",
+                "When the quota window resets, Unix seconds",
+            ),
+            "seconds",
+        );
+        pub const REMAINING: Meta = gauge(
+            "cpa_ratelimit_remaining",
+            "Remaining rate limit reported by the upstream (x-ratelimit-remaining-*)",
+        );
+        pub const LIMIT: Meta = gauge(
+            "cpa_ratelimit_limit",
+            "Rate limit reported by the upstream (x-ratelimit-limit-*)",
+        );
+        pub const LAST_OBSERVED: Meta = with_unit(
+            gauge(
+                "cpa_quota_last_observed_timestamp_seconds",
+                "When quota headers were last seen for the credential, Unix seconds",
+            ),
+            "seconds",
+        );
     }
+
     /// CPA's own state: its build, its usage settings and its credentials.
     pub mod cpa {
-        pub const CPA_INFO: &str = "cpa_info";
-        pub const STATISTICS_ENABLED: &str = "cpa_usage_statistics_enabled";
-        pub const QUEUE_RETENTION: &str = "cpa_usage_queue_retention_seconds";
-        pub const CREDENTIAL_INFO: &str = "cpa_credential_info";
-        pub const CREDENTIAL_STATUS: &str = "cpa_credential_status";
-        pub const CREDENTIAL_UNAVAILABLE: &str = "cpa_credential_unavailable";
-        pub const CREDENTIAL_DISABLED: &str = "cpa_credential_disabled";
-        pub const CREDENTIAL_NEXT_RETRY: &str = "cpa_credential_next_retry_timestamp_seconds";
-        pub const SUBSCRIPTION_END: &str = "cpa_credential_subscription_end_timestamp_seconds";
+        use super::*;
+        pub const CPA_INFO: Meta = gauge(
+            "cpa_info",
+            "CPA's build, from its X-CPA-VERSION and X-CPA-COMMIT headers; constant 1",
+        );
+        pub const STATISTICS_ENABLED: Meta = gauge(
+            "cpa_usage_statistics_enabled",
+            "Whether CPA's usage-statistics-enabled is on (1); with 0 CPA publishes no usage",
+        );
+        pub const QUEUE_RETENTION: Meta = with_unit(
+            gauge(
+                "cpa_usage_queue_retention_seconds",
+                "How long CPA keeps a queued usage record (redis-usage-queue-retention-seconds, effective value)",
+            ),
+            "seconds",
+        );
+        pub const CREDENTIAL_INFO: Meta = gauge(
+            "cpa_credential_info",
+            "A credential in CPA's credentials listing, with its display name; constant 1",
+        );
+        pub const CREDENTIAL_STATUS: Meta = gauge(
+            "cpa_credential_status",
+            "CPA's status of a credential: 1 for the current one of active, pending, refreshing, error, disabled, unknown",
+        );
+        pub const CREDENTIAL_UNAVAILABLE: Meta = gauge(
+            "cpa_credential_unavailable",
+            "Whether CPA holds the credential back (cooldown or quota block)",
+        );
+        pub const CREDENTIAL_DISABLED: Meta = gauge(
+            "cpa_credential_disabled",
+            "Whether the credential is disabled in CPA",
+        );
+        pub const CREDENTIAL_NEXT_RETRY: Meta = with_unit(
+            gauge(
+                "cpa_credential_next_retry_timestamp_seconds",
+                "When CPA will next try a held-back credential, Unix seconds (absent when CPA gives no time)",
+            ),
+            "seconds",
+        );
+        pub const SUBSCRIPTION_END: Meta = with_unit(
+            gauge(
+                "cpa_credential_subscription_end_timestamp_seconds",
+                "When the subscription behind the credential ends (codex id_token chatgpt_subscription_active_until), Unix seconds",
+            ),
+            "seconds",
+        );
     }
+
     /// Per-key budgets and their spend.
     pub mod budget {
-        pub const BUDGET: &str = "cpa_budget_usd";
-        pub const SPENT: &str = "cpa_budget_spent_usd";
-        pub const PERIOD_END: &str = "cpa_budget_period_end_timestamp_seconds";
+        use super::*;
+        pub const BUDGET: Meta = gauge(
+            "cpa_budget_usd",
+            "Configured spend limit of a client API key per UTC day or month (budgets in the config file)",
+        );
+        pub const SPENT: Meta = gauge(
+            "cpa_budget_spent_usd",
+            "Estimated spend of the key in the current UTC period, counted from cpa_cost_usd_total's cost since the period began (0 at its start)",
+        );
+        pub const PERIOD_END: Meta = with_unit(
+            gauge(
+                "cpa_budget_period_end_timestamp_seconds",
+                "When the key's current budget period ends (the spend starts again from 0), Unix seconds",
+            ),
+            "seconds",
+        );
     }
-    /// The process metrics, under client_golang's names.
+
+    /// The process metrics, under client_golang's names and help texts.
     pub mod process {
-        pub const CPU_SECONDS: &str = "process_cpu_seconds";
-        pub const VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
-        pub const START_TIME_SECONDS: &str = "process_start_time_seconds";
-        pub const RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
-        pub const OPEN_FDS: &str = "process_open_fds";
-        pub const MAX_FDS: &str = "process_max_fds";
+        use super::*;
+        pub const CPU_SECONDS: Meta = with_unit(
+            counter(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+            ),
+            "seconds",
+        );
+        pub const VIRTUAL_MEMORY_BYTES: Meta = with_unit(
+            gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+            ),
+            "bytes",
+        );
+        pub const START_TIME_SECONDS: Meta = with_unit(
+            gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+            ),
+            "seconds",
+        );
+        pub const RESIDENT_MEMORY_BYTES: Meta = with_unit(
+            gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+            ),
+            "bytes",
+        );
+        pub const OPEN_FDS: Meta = gauge("process_open_fds", "Number of open file descriptors");
+        pub const MAX_FDS: Meta =
+            gauge("process_max_fds", "Maximum number of open file descriptors");
     }
 }
 

@@ -5,14 +5,15 @@
 //! waits in it behind idle clients) and waits for a slot outside the table. When every slot is
 //! taken, a newcomer whose whole request (or TLS hello) has already arrived evicts the
 //! connection idle the longest (no request in progress, no byte lately, older than
-//! [`MIN_AGE`]): a client that sends nothing, or trickles its headers, loses its slot to a
-//! scraper. A newcomer that has sent nothing complete waits for a free slot, and is closed after
+//! [`MIN_AGE`]), one whose last answer refused it (401, 429) first: a client that sends
+//! nothing, trickles its headers or floods wrong passwords loses its slot to a scraper, and a
+//! scraper between two requests on a kept-alive connection is shed last. A newcomer that has sent nothing complete waits for a free slot, and is closed after
 //! the header timeout; so idle clients, however many and however fast they reconnect, only
 //! ever wait behind each other.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -32,6 +33,8 @@ pub struct Conn {
     last_active: AtomicU64,
     /// Milliseconds since the table's epoch when the connection was admitted.
     admitted_at: u64,
+    /// Whether its last answer refused the client (401, 429): shed before the others.
+    refused: AtomicBool,
     /// Notified to evict the connection.
     pub evict: Notify,
     epoch: Instant,
@@ -41,6 +44,12 @@ impl Conn {
     fn touch(&self) {
         self.last_active
             .store(ms_since(self.epoch), Ordering::Relaxed);
+    }
+
+    /// Note how the last request was answered: a client refused for its credentials (a
+    /// password flood) loses its slot before a client that was served.
+    pub fn answered(&self, refused: bool) {
+        self.refused.store(refused, Ordering::Relaxed);
     }
 
     /// Mark a request in progress until the guard is dropped (with the response body).
@@ -58,6 +67,13 @@ fn ms_since(epoch: Instant) -> u64 {
 /// A request in progress on a connection.
 #[derive(Debug)]
 pub struct Busy(Arc<Conn>);
+
+impl Busy {
+    /// See [`Conn::answered`].
+    pub fn answered(&self, refused: bool) {
+        self.0.answered(refused);
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -137,7 +153,12 @@ impl Table {
                     c.in_flight.load(Ordering::Relaxed) == 0
                         && now.saturating_sub(c.admitted_at) >= min_age
                 })
-                .min_by_key(|(_, c)| c.last_active.load(Ordering::Relaxed))
+                .min_by_key(|(_, c)| {
+                    (
+                        !c.refused.load(Ordering::Relaxed),
+                        c.last_active.load(Ordering::Relaxed),
+                    )
+                })
                 .map(|(id, _)| *id);
             if let Some(c) = victim.and_then(|id| conns.remove(&id)) {
                 c.evict.notify_one();
@@ -151,6 +172,7 @@ impl Table {
             in_flight: AtomicU32::new(0),
             last_active: AtomicU64::new(now),
             admitted_at: now,
+            refused: AtomicBool::new(false),
             evict: Notify::new(),
             epoch: self.epoch,
         });
@@ -271,6 +293,22 @@ mod tests {
         // A slot given back is free for anyone.
         drop(a);
         assert!(table.try_admit(false).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_is_shed_before_one_that_was_served() {
+        let table = Table::new(2);
+        let served = table.try_admit(false).unwrap();
+        tick().await;
+        let flooder = table.try_admit(false).unwrap();
+        served.conn.busy().answered(false);
+        tick().await;
+        flooder.conn.busy().answered(true);
+        tick().await;
+        // `served` has been idle longer, but `flooder` was last refused: it goes first.
+        let _newcomer = table.try_admit(true).unwrap();
+        assert!(evicted(&flooder).await);
+        assert!(!evicted(&served).await);
     }
 
     #[test]

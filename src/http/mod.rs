@@ -307,6 +307,11 @@ where
         let busy = conn.busy();
         async move {
             let resp = respond(&ctx, req).await;
+            let status = resp.status();
+            busy.answered(matches!(
+                status,
+                StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+            ));
             // The connection counts as busy until the body is sent.
             Ok::<_, Infallible>(resp.map(|body| {
                 TrackedBody {

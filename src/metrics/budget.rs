@@ -1,10 +1,11 @@
 //! Per-key budgets as gauges: the limit, the spend of the current period and its end.
 
 use crate::families::label;
+use crate::families::meta::budget::{BUDGET, PERIOD_END, SPENT};
 use crate::metrics::LabelOptions;
-use crate::store::budget::{Budgets, BUDGET, PERIOD_END, SPENT};
+use crate::store::budget::Budgets;
 
-use super::text::{Type, Writer};
+use super::text::Writer;
 
 /// Nothing is written when no budget is configured.
 pub fn encode(w: &mut Writer, budgets: &Budgets, labels: &LabelOptions, now: f64) {
@@ -22,33 +23,26 @@ pub fn encode(w: &mut Writer, budgets: &Budgets, labels: &LabelOptions, now: f64
             (key, b.period.as_str(), b.usd, spent, end)
         })
         .collect();
-    w.family(
-        BUDGET,
-        "Configured spend limit of a client API key per UTC day or month (budgets in the config file)",
-        None,
-        Type::Gauge,
-    );
+    w.declare(&BUDGET);
     for &(key, period, usd, _, _) in &rows {
-        w.gauge(BUDGET, &[(label::API_KEY, key), ("period", period)], usd);
+        w.gauge(
+            BUDGET.name,
+            &[(label::API_KEY, key), ("period", period)],
+            usd,
+        );
     }
-    w.family(
-        SPENT,
-        "Estimated spend of the key in the current UTC period, counted from cpa_cost_usd_total's cost since the period began (0 at its start)",
-        None,
-        Type::Gauge,
-    );
+    w.declare(&SPENT);
     for &(key, period, _, spent, _) in &rows {
-        w.gauge(SPENT, &[(label::API_KEY, key), ("period", period)], spent);
+        w.gauge(
+            SPENT.name,
+            &[(label::API_KEY, key), ("period", period)],
+            spent,
+        );
     }
-    w.family(
-        PERIOD_END,
-        "When the key's current budget period ends (the spend starts again from 0), Unix seconds",
-        Some("seconds"),
-        Type::Gauge,
-    );
+    w.declare(&PERIOD_END);
     for &(key, period, _, _, end) in &rows {
         w.gauge(
-            PERIOD_END,
+            PERIOD_END.name,
             &[(label::API_KEY, key), ("period", period)],
             end as f64,
         );

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use super::text::{gauge, Type, Writer};
+use super::text::{gauge, Meta, Writer};
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
 use crate::labels::sanitize;
 use crate::metrics::LabelOptions;
 
-pub use crate::families::name::cpa::{
+use crate::families::meta::cpa::{
     CPA_INFO, CREDENTIAL_DISABLED, CREDENTIAL_INFO, CREDENTIAL_NEXT_RETRY, CREDENTIAL_STATUS,
     CREDENTIAL_UNAVAILABLE, QUEUE_RETENTION, STATISTICS_ENABLED, SUBSCRIPTION_END,
 };
@@ -50,14 +50,9 @@ impl CpaView {
 /// CPA's build, settings and credentials, as far as known.
 pub fn encode(w: &mut Writer, view: &CpaView, opts: &LabelOptions) {
     if let Some((version, commit)) = &view.identity {
-        w.family(
-            CPA_INFO,
-            "CPA's build, from its X-CPA-VERSION and X-CPA-COMMIT headers; constant 1",
-            None,
-            Type::Gauge,
-        );
+        w.declare(&CPA_INFO);
         let labels = [("version", version.as_str()), ("commit", commit.as_str())];
-        w.gauge(CPA_INFO, &labels, 1i64);
+        w.gauge(CPA_INFO.name, &labels, 1i64);
     }
     if let Some(settings) = &view.settings {
         encode_settings(w, settings);
@@ -69,21 +64,9 @@ pub fn encode(w: &mut Writer, view: &CpaView, opts: &LabelOptions) {
 
 fn encode_settings(w: &mut Writer, settings: &UsageSettings) {
     if let Some(enabled) = settings.statistics_enabled {
-        gauge(
-            w,
-            STATISTICS_ENABLED,
-            "Whether CPA's usage-statistics-enabled is on (1); with 0 CPA publishes no usage",
-            None,
-            if enabled { 1.0 } else { 0.0 },
-        );
+        gauge(w, &STATISTICS_ENABLED, if enabled { 1.0 } else { 0.0 });
     }
-    gauge(
-        w,
-        QUEUE_RETENTION,
-        "How long CPA keeps a queued usage record (redis-usage-queue-retention-seconds, effective value)",
-        Some("seconds"),
-        settings.retention.as_secs_f64(),
-    );
+    gauge(w, &QUEUE_RETENTION, settings.retention.as_secs_f64());
 }
 
 /// One credential's label values, as shown.
@@ -132,26 +115,16 @@ pub fn credential_label(auth_index: &str, opts: &LabelOptions) -> String {
 
 fn encode_credentials(w: &mut Writer, credentials: &[Credential], opts: &LabelOptions) {
     let shown = shown(credentials, opts);
-    w.family(
-        CREDENTIAL_INFO,
-        "A credential in CPA's credentials listing, with its display name; constant 1",
-        None,
-        Type::Gauge,
-    );
+    w.declare(&CREDENTIAL_INFO);
     for s in &shown {
         let labels = [
             ("credential", s.credential.as_str()),
             ("provider", s.provider.as_str()),
             ("name", s.name.as_str()),
         ];
-        w.gauge(CREDENTIAL_INFO, &labels, 1i64);
+        w.gauge(CREDENTIAL_INFO.name, &labels, 1i64);
     }
-    w.family(
-        CREDENTIAL_STATUS,
-        "CPA's status of a credential: 1 for the current one of active, pending, refreshing, error, disabled, unknown",
-        None,
-        Type::Gauge,
-    );
+    w.declare(&CREDENTIAL_STATUS);
     for s in &shown {
         for status in Status::ALL {
             let labels = [
@@ -159,36 +132,23 @@ fn encode_credentials(w: &mut Writer, credentials: &[Credential], opts: &LabelOp
                 ("provider", s.provider.as_str()),
                 ("status", status.as_str()),
             ];
-            w.gauge(CREDENTIAL_STATUS, &labels, i64::from(s.c.status == status));
+            w.gauge(
+                CREDENTIAL_STATUS.name,
+                &labels,
+                i64::from(s.c.status == status),
+            );
         }
     }
-    encode_flag(
-        w,
-        &shown,
-        CREDENTIAL_UNAVAILABLE,
-        "Whether CPA holds the credential back (cooldown or quota block)",
-        |c| c.unavailable,
-    );
-    encode_flag(
-        w,
-        &shown,
-        CREDENTIAL_DISABLED,
-        "Whether the credential is disabled in CPA",
-        |c| c.disabled,
-    );
-    w.family(
-        CREDENTIAL_NEXT_RETRY,
-        "When CPA will next try a held-back credential, Unix seconds (absent when CPA gives no time)",
-        Some("seconds"),
-        Type::Gauge,
-    );
+    encode_flag(w, &shown, &CREDENTIAL_UNAVAILABLE, |c| c.unavailable);
+    encode_flag(w, &shown, &CREDENTIAL_DISABLED, |c| c.disabled);
+    w.declare(&CREDENTIAL_NEXT_RETRY);
     for s in &shown {
         if let Some(t) = s.c.next_retry_after {
             let labels = [
                 ("credential", s.credential.as_str()),
                 ("provider", s.provider.as_str()),
             ];
-            w.gauge(CREDENTIAL_NEXT_RETRY, &labels, t);
+            w.gauge(CREDENTIAL_NEXT_RETRY.name, &labels, t);
         }
     }
     encode_subscriptions(w, &shown);
@@ -196,12 +156,7 @@ fn encode_credentials(w: &mut Writer, credentials: &[Credential], opts: &LabelOp
 
 /// Only credentials whose listing entry carries a subscription end (codex `id_token`).
 fn encode_subscriptions(w: &mut Writer, shown: &[Shown<'_>]) {
-    w.family(
-        SUBSCRIPTION_END,
-        "When the subscription behind the credential ends (codex id_token chatgpt_subscription_active_until), Unix seconds",
-        Some("seconds"),
-        Type::Gauge,
-    );
+    w.declare(&SUBSCRIPTION_END);
     for s in shown {
         if let Some(sub) = &s.c.subscription {
             let plan = if sub.plan_type.is_empty() {
@@ -214,7 +169,7 @@ fn encode_subscriptions(w: &mut Writer, shown: &[Shown<'_>]) {
                 ("provider", s.provider.as_str()),
                 ("plan_type", plan.as_str()),
             ];
-            w.gauge(SUBSCRIPTION_END, &labels, sub.active_until);
+            w.gauge(SUBSCRIPTION_END.name, &labels, sub.active_until);
         }
     }
 }
@@ -222,17 +177,16 @@ fn encode_subscriptions(w: &mut Writer, shown: &[Shown<'_>]) {
 fn encode_flag(
     w: &mut Writer,
     shown: &[Shown<'_>],
-    name: &str,
-    help: &str,
+    meta: &Meta,
     flag: impl Fn(&Credential) -> bool,
 ) {
-    w.family(name, help, None, Type::Gauge);
+    w.declare(meta);
     for s in shown {
         let labels = [
             ("credential", s.credential.as_str()),
             ("provider", s.provider.as_str()),
         ];
-        w.gauge(name, &labels, i64::from(flag(s.c)));
+        w.gauge(meta.name, &labels, i64::from(flag(s.c)));
     }
 }
 

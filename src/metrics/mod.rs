@@ -24,11 +24,11 @@ use crate::series::Hist;
 use crate::store::State;
 use crate::time::unix_now;
 pub use labels::LabelOptions;
-use text::{Type, Writer};
+use text::{Meta, Writer};
 
-pub use crate::families::name::live::{
-    BUILD_INFO, CPA_UP, DRAIN_GAP, DRAIN_GAPS, OPEN_REQUESTS, POLLS, POLL_DURATION,
-    REQUESTS_FORCED_CLOSED, SERIES, SERIES_OVERFLOW, SERIES_RETIRED, STORE_ERRORS,
+use crate::families::meta::live::{
+    CPA_UP, DRAIN_GAP, DRAIN_GAPS, EVENT_LOG_FAILURES, EVENT_LOG_LINES, OPEN_REQUESTS, POLLS,
+    POLL_DURATION, REQUESTS_FORCED_CLOSED, SERIES_OVERFLOW, SERIES_RETIRED, STORE_ERRORS,
 };
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
@@ -54,6 +54,8 @@ pub struct Live {
     pub open_requests: Gauge,
     /// Open inbound requests finished without waiting for their window, by reason.
     pub requests_forced_closed: MetricFamily<OneLabel, Counter>,
+    /// The event log's lines, written and not (exported only when the log is on).
+    pub event_log: EventLogCounts,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
@@ -62,6 +64,50 @@ pub struct Live {
     key_state: std::sync::atomic::AtomicU8,
     /// The drain loop's idle wait for the transport in use, in milliseconds; 0 = not yet known.
     idle_ms: AtomicU64,
+}
+
+/// What became of the event log's lines ([`crate::pipeline::events`]).
+#[derive(Debug, Default)]
+pub struct EventLogCounts {
+    enabled: AtomicBool,
+    lines: Counter,
+    failures: MetricFamily<OneLabel, Counter>,
+}
+
+/// `reason` values of `cpa_exporter_event_log_failures_total`.
+pub mod event_log_reason {
+    /// The writer was behind by a full queue of batches: their lines were dropped.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// Writing (or rotating) failed: disk full, permissions, a closed stdout.
+    pub const WRITE: &str = "write";
+    pub const ALL: [&str; 2] = [QUEUE_FULL, WRITE];
+}
+
+impl EventLogCounts {
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn written(&self, lines: u64) {
+        self.lines.inc_by(lines);
+    }
+
+    pub fn failed(&self, reason: &'static str, lines: u64) {
+        self.failures.get_or_create(&[("reason", reason)]).inc_by(lines);
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        w.declare(&EVENT_LOG_LINES);
+        w.counter(EVENT_LOG_LINES.name, &[], self.lines.get());
+        w.declare(&EVENT_LOG_FAILURES);
+        for reason in event_log_reason::ALL {
+            let set = [("reason", reason)];
+            w.counter(EVENT_LOG_FAILURES.name, &set, self.failures.get_or_create(&set).get());
+        }
+    }
 }
 
 /// Every `result` of `cpa_exporter_polls_total`, exported from zero so `rate()` sees the first one.
@@ -87,6 +133,7 @@ impl Default for Live {
             drain_gap_seconds: Counter::default(),
             open_requests: Gauge::default(),
             requests_forced_closed: MetricFamily::default(),
+            event_log: EventLogCounts::default(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             key_state: std::sync::atomic::AtomicU8::new(0),
@@ -249,35 +296,19 @@ impl Shared {
 }
 
 /// The live metrics, in the order they were registered before the exposition was streamed.
-/// Their help texts end with a full stop, as prometheus-client's registry wrote them.
 fn encode_live(w: &mut Writer, live: &Live) {
-    w.family(
-        CPA_UP,
-        "Whether the last poll of CPA's usage queue succeeded (1) or not (0).",
-        None,
-        Type::Gauge,
-    );
-    w.gauge(CPA_UP, &[], live.cpa_up.get());
-    w.family(
-        POLLS,
-        "Polls of CPA's usage queue by result.",
-        None,
-        Type::Counter,
-    );
+    w.declare(&CPA_UP);
+    w.gauge(CPA_UP.name, &[], live.cpa_up.get());
+    w.declare(&POLLS);
     for result in POLL_RESULTS {
         let n = live.polls.get_or_create(&[("result", result)]).get();
-        w.counter(POLLS, &[("result", result)], n);
+        w.counter(POLLS.name, &[("result", result)], n);
     }
-    w.family(
-        POLL_DURATION,
-        "Duration of one poll of CPA's usage queue, including the commit of its batch.",
-        Some("seconds"),
-        Type::Histogram,
-    );
+    w.declare(&POLL_DURATION);
     {
         let h = live.poll_duration.get();
         w.histogram(
-            POLL_DURATION,
+            POLL_DURATION.name,
             &[],
             &POLL_BUCKETS,
             &h.buckets,
@@ -286,71 +317,39 @@ fn encode_live(w: &mut Writer, live: &Live) {
         );
     }
     let per_family = |w: &mut Writer,
-                      name: &str,
-                      help: &str,
+                      meta: &Meta,
                       counters: &MetricFamily<OneLabel, Counter>,
                       extra: &[&'static str]| {
-        w.family(name, help, None, Type::Counter);
+        w.declare(meta);
         let capped = Family::ALL
             .into_iter()
             .filter(|f| f.is_capped())
             .map(|f| f.id());
         for family in capped.chain(extra.iter().copied()) {
             let set = [("family", family)];
-            w.counter(name, &set, counters.get_or_create(&set).get());
+            w.counter(meta.name, &set, counters.get_or_create(&set).get());
         }
     };
     per_family(
         w,
-        SERIES_OVERFLOW,
-        "Records whose label set was folded into the __other__ series because the family reached its series limit.",
+        &SERIES_OVERFLOW,
         &live.series_overflow,
         &crate::ingest::quota::FAMILIES,
     );
-    w.family(
-        STORE_ERRORS,
-        "Failed commits to the state database (the batch is kept and retried).",
-        None,
-        Type::Counter,
-    );
-    w.counter(STORE_ERRORS, &[], live.store_errors.get());
-    per_family(
-        w,
-        SERIES_RETIRED,
-        "Series deleted because no record updated them within series-retirement (a returning series restarts at zero).",
-        &live.series_retired,
-        &[],
-    );
-    w.family(
-        DRAIN_GAPS,
-        "Stretches without a successful pop (between two pops, or across a restart) longer than CPA's queue retention: records queued then expired unseen.",
-        None,
-        Type::Counter,
-    );
-    w.counter(DRAIN_GAPS, &[], live.drain_gaps.get());
-    w.family(
-        DRAIN_GAP,
-        "Seconds of those stretches beyond CPA's queue retention: records queued in them expired unseen.",
-        Some("seconds"),
-        Type::Counter,
-    );
-    w.counter(DRAIN_GAP, &[], live.drain_gap_seconds.get());
-    w.family(
-        OPEN_REQUESTS,
-        "Inbound requests whose last attempt failed, waiting up to failover-window for another attempt before they count as client failures.",
-        None,
-        Type::Gauge,
-    );
-    w.gauge(OPEN_REQUESTS, &[], live.open_requests.get());
-    w.family(
-        REQUESTS_FORCED_CLOSED,
-        "Open inbound requests finished as client failures without waiting for their window, by reason (limit: too many open; attempts: too many failed attempts).",
-        None,
-        Type::Counter,
-    );
+    w.declare(&STORE_ERRORS);
+    w.counter(STORE_ERRORS.name, &[], live.store_errors.get());
+    per_family(w, &SERIES_RETIRED, &live.series_retired, &[]);
+    w.declare(&DRAIN_GAPS);
+    w.counter(DRAIN_GAPS.name, &[], live.drain_gaps.get());
+    w.declare(&DRAIN_GAP);
+    w.counter(DRAIN_GAP.name, &[], live.drain_gap_seconds.get());
+    w.declare(&OPEN_REQUESTS);
+    w.gauge(OPEN_REQUESTS.name, &[], live.open_requests.get());
+    w.declare(&REQUESTS_FORCED_CLOSED);
     for reason in crate::store::chains::forced::ALL {
         let set = [("reason", reason)];
         let n = live.requests_forced_closed.get_or_create(&set).get();
-        w.counter(REQUESTS_FORCED_CLOSED, &set, n);
+        w.counter(REQUESTS_FORCED_CLOSED.name, &set, n);
     }
+    live.event_log.encode(w);
 }

@@ -4,8 +4,8 @@
 
 use procfs::process::{LimitValue, Process};
 
-use super::text::{gauge, Type, Writer};
-use crate::families::name::process as name;
+use super::text::{gauge, Writer};
+use crate::families::meta::process as name;
 
 struct Stat {
     cpu_seconds: f64,
@@ -51,57 +51,21 @@ fn max_fds(process: &Process) -> Option<f64> {
 pub fn encode(w: &mut Writer) {
     let Some(process) = myself() else { return };
     if let Some(stat) = read_stat(&process) {
-        let cpu = name::CPU_SECONDS;
-        w.family(
-            cpu,
-            "Total user and system CPU time spent in seconds",
-            Some("seconds"),
-            Type::Counter,
-        );
-        w.counter(cpu, &[], stat.cpu_seconds);
-        gauge(
-            w,
-            name::VIRTUAL_MEMORY_BYTES,
-            "Virtual memory size in bytes",
-            Some("bytes"),
-            stat.virtual_bytes,
-        );
+        w.declare(&name::CPU_SECONDS);
+        w.counter(name::CPU_SECONDS.name, &[], stat.cpu_seconds);
+        gauge(w, &name::VIRTUAL_MEMORY_BYTES, stat.virtual_bytes);
         if let Some(start) = stat.start_time {
-            gauge(
-                w,
-                name::START_TIME_SECONDS,
-                "Start time of the process since unix epoch in seconds",
-                Some("seconds"),
-                start,
-            );
+            gauge(w, &name::START_TIME_SECONDS, start);
         }
     }
     if let Some(rss) = resident_bytes(&process) {
-        gauge(
-            w,
-            name::RESIDENT_MEMORY_BYTES,
-            "Resident memory size in bytes",
-            Some("bytes"),
-            rss,
-        );
+        gauge(w, &name::RESIDENT_MEMORY_BYTES, rss);
     }
     if let Some(n) = open_fds(&process) {
-        gauge(
-            w,
-            name::OPEN_FDS,
-            "Number of open file descriptors",
-            None,
-            n,
-        );
+        gauge(w, &name::OPEN_FDS, n);
     }
     if let Some(n) = max_fds(&process) {
-        gauge(
-            w,
-            name::MAX_FDS,
-            "Maximum number of open file descriptors",
-            None,
-            n,
-        );
+        gauge(w, &name::MAX_FDS, n);
     }
 }
 

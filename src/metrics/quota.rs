@@ -1,19 +1,15 @@
 //! Quota and rate-limit gauges: the latest header values per credential (API.md 2.2).
 
 use super::sink::Sink;
-use super::text::Type;
+use super::text::Meta;
 use super::Shared;
 use crate::ingest::quota::{Field, Resource, Window};
 use crate::metrics::LabelOptions;
 
-pub use crate::families::name::quota::{
-    LAST_OBSERVED, LIMIT, REMAINING, RESET, USED_RATIO, WINDOW,
-};
+use crate::families::meta::quota::{LAST_OBSERVED, LIMIT, REMAINING, RESET, USED_RATIO, WINDOW};
 
 struct Gauge {
-    name: &'static str,
-    help: &'static str,
-    unit: Option<&'static str>,
+    meta: Meta,
     /// The second label (`window` or `resource`) and the field it reads, per value of it.
     by: &'static str,
     fields: fn(&str) -> Option<Field>,
@@ -53,11 +49,31 @@ pub fn encode(sink: &mut Sink, shared: &Shared, now: f64) -> std::io::Result<()>
         cutoff
     };
     let gauges = [
-        Gauge { name: USED_RATIO, help: "Share of the credential's quota window used (0..1), from the latest response headers", unit: None, by: "window", fields: |w| window(Field::UsedRatio)(w) },
-        Gauge { name: WINDOW, help: "Length of the quota window", unit: Some("seconds"), by: "window", fields: |w| window(Field::WindowSeconds)(w) },
-        Gauge { name: RESET, help: "When the quota window resets, Unix seconds", unit: Some("seconds"), by: "window", fields: |w| window(Field::ResetTimestamp)(w) },
-        Gauge { name: REMAINING, help: "Remaining rate limit reported by the upstream (x-ratelimit-remaining-*)", unit: None, by: "resource", fields: |r| resource(r).map(Field::RateLimitRemaining) },
-        Gauge { name: LIMIT, help: "Rate limit reported by the upstream (x-ratelimit-limit-*)", unit: None, by: "resource", fields: |r| resource(r).map(Field::RateLimitLimit) },
+        Gauge {
+            meta: USED_RATIO,
+            by: "window",
+            fields: |w| window(Field::UsedRatio)(w),
+        },
+        Gauge {
+            meta: WINDOW,
+            by: "window",
+            fields: |w| window(Field::WindowSeconds)(w),
+        },
+        Gauge {
+            meta: RESET,
+            by: "window",
+            fields: |w| window(Field::ResetTimestamp)(w),
+        },
+        Gauge {
+            meta: REMAINING,
+            by: "resource",
+            fields: |r| resource(r).map(Field::RateLimitRemaining),
+        },
+        Gauge {
+            meta: LIMIT,
+            by: "resource",
+            fields: |r| resource(r).map(Field::RateLimitLimit),
+        },
     ];
     for g in &gauges {
         let values: &[&str] = if g.by == "window" {
@@ -65,7 +81,7 @@ pub fn encode(sink: &mut Sink, shared: &Shared, now: f64) -> std::io::Result<()>
         } else {
             &RESOURCES
         };
-        sink.writer().family(g.name, g.help, g.unit, Type::Gauge);
+        sink.writer().declare(&g.meta);
         sink.each(
             shared,
             |s| &s.quota,
@@ -82,17 +98,12 @@ pub fn encode(sink: &mut Sink, shared: &Shared, now: f64) -> std::io::Result<()>
                         ("provider", q.provider.as_str()),
                         (g.by, v),
                     ];
-                    w.gauge(g.name, &set, *value);
+                    w.gauge(g.meta.name, &set, *value);
                 }
             },
         )?;
     }
-    sink.writer().family(
-        LAST_OBSERVED,
-        "When quota headers were last seen for the credential, Unix seconds",
-        Some("seconds"),
-        Type::Gauge,
-    );
+    sink.writer().declare(&LAST_OBSERVED);
     sink.each(
         shared,
         |s| &s.quota,
@@ -102,7 +113,7 @@ pub fn encode(sink: &mut Sink, shared: &Shared, now: f64) -> std::io::Result<()>
                     ("credential", shown(labels, credential)),
                     ("provider", q.provider.as_str()),
                 ];
-                w.gauge(LAST_OBSERVED, &set, q.observed_at);
+                w.gauge(LAST_OBSERVED.name, &set, q.observed_at);
             }
         },
     )

@@ -14,6 +14,7 @@ use std::time::Duration;
 use super::sink::Sink;
 use super::text::{gauge, Format, Type, Writer};
 use super::{cpa_view, process, quota, Shared};
+use crate::families::meta::store::{BUILD_INFO, LAST_RECORD, LAST_SUCCESS, SERIES, STORE_SIZE};
 use crate::families::{label, Family, Kind};
 use crate::series::{LabelValues, Value};
 use crate::store::{Store, Stored};
@@ -57,14 +58,9 @@ fn shown(stored: &Stored, (now, hold): (f64, Duration)) -> Cow<'_, Value> {
 fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
     {
         let mut w = sink.writer();
-        w.family(
-            super::BUILD_INFO,
-            "Build of the exporter; constant 1",
-            None,
-            Type::Gauge,
-        );
+        w.declare(&BUILD_INFO);
         w.gauge(
-            super::BUILD_INFO,
+            BUILD_INFO.name,
             &[
                 ("version", env!("CARGO_PKG_VERSION")),
                 (
@@ -75,40 +71,21 @@ fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
             1i64,
         );
         if let Some(t) = shared.live.last_success() {
-            gauge(
-                &mut w,
-                "cpa_exporter_last_success_timestamp_seconds",
-                "Unix time of the last successful poll of CPA",
-                Some("seconds"),
-                t,
-            );
+            gauge(&mut w, &LAST_SUCCESS, t);
         }
         gauge(
             &mut w,
-            "cpa_exporter_store_size_bytes",
-            "Size of the state database on disk, including its write-ahead log",
-            Some("bytes"),
+            &STORE_SIZE,
             Store::size_bytes(&shared.view.db_path) as f64,
         );
         let state = shared.committed.read();
         if let Some(t) = state.last_record_timestamp {
-            gauge(
-                &mut w,
-                "cpa_exporter_last_record_timestamp_seconds",
-                "Start time of the newest record ingested, Unix seconds",
-                Some("seconds"),
-                t,
-            );
+            gauge(&mut w, &LAST_RECORD, t);
         }
-        w.family(
-            super::SERIES,
-            "Stored series per family (the series limit applies to these)",
-            None,
-            Type::Gauge,
-        );
+        w.declare(&SERIES);
         for family in Family::ALL {
             w.gauge(
-                super::SERIES,
+                SERIES.name,
                 &[("family", family.id())],
                 state.series_count(family) as i64,
             );
@@ -117,7 +94,7 @@ fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
             .iter()
             .zip(state.quota_series())
         {
-            w.gauge(super::SERIES, &[("family", *family)], n as i64);
+            w.gauge(SERIES.name, &[("family", *family)], n as i64);
         }
     }
     let now = unix_now();

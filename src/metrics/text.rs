@@ -83,13 +83,7 @@ pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
         .is_some_and(|q| q > 0.0)
 }
 
-/// The type of a metric family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Type {
-    Counter,
-    Gauge,
-    Histogram,
-}
+pub use crate::families::{Meta, Type};
 
 /// A sample value, written the way Prometheus' parsers read it.
 #[derive(Debug, Clone, Copy)]
@@ -128,6 +122,11 @@ pub struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// The `# HELP`, `# TYPE` and `# UNIT` lines of a family from the table in `families`.
+    pub fn declare(&mut self, meta: &Meta) {
+        self.family(meta.name, meta.help, meta.unit, meta.ty);
+    }
+
     /// `# HELP`, `# TYPE` and (OpenMetrics only) `# UNIT`.
     pub fn family(&mut self, name: &str, help: &str, unit: Option<&str>, ty: Type) {
         let total = ty == Type::Counter && self.format == Format::Text004;
@@ -268,9 +267,9 @@ fn escape_into(out: &mut Vec<u8>, value: &str) {
 }
 
 /// A gauge family of one sample without labels.
-pub fn gauge(w: &mut Writer, name: &str, help: &str, unit: Option<&str>, value: f64) {
-    w.family(name, help, unit, Type::Gauge);
-    w.gauge(name, &[], value);
+pub fn gauge(w: &mut Writer, meta: &Meta, value: f64) {
+    w.declare(meta);
+    w.gauge(meta.name, &[], value);
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use tracing::warn;
 
 use crate::families::{NANO_PER_UNIT, TOKEN_TYPES};
 use crate::ingest::Attempt;
+use crate::metrics::event_log_reason as reason;
 use crate::metrics::{LabelOptions, Shared};
 
 /// Where the event log goes.
@@ -35,15 +36,6 @@ pub enum Target {
         max_bytes: u64,
         keep: usize,
     },
-}
-
-/// `reason` values of `cpa_exporter_event_log_failures_total`.
-pub mod reason {
-    /// The writer was behind by [`super::QUEUE_BATCHES`] batches: the lines were dropped.
-    pub const QUEUE_FULL: &str = "queue_full";
-    /// Writing (or rotating) failed: disk full, permissions, a closed stdout.
-    pub const WRITE: &str = "write";
-    pub const ALL: [&str; 2] = [QUEUE_FULL, WRITE];
 }
 
 /// Committed batches waiting for the writer; past this the drain loop drops lines instead of

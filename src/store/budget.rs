@@ -14,8 +14,6 @@ use crate::ingest::Batch;
 use crate::series::Value;
 use crate::time::{civil_from_days, days_from_civil};
 
-pub use crate::families::name::budget::{BUDGET, PERIOD_END, SPENT};
-
 /// Prefix of the budget rows in the store's `meta` table.
 pub const META_PREFIX: &str = "budget/";
 

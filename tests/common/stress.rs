@@ -277,6 +277,14 @@ pub async fn password_flood(exporter: &Exporter) -> FloodFigures {
     let health = client.get(exporter.url("/healthz")).send().await;
     let healthz = start.elapsed();
     assert_eq!(health.expect("/healthz during the flood").status(), 200);
+    // The login opens its own connection, as a scraper's first scrape does: a kept-alive one
+    // may be closed between two requests when a newcomer needs its slot (HTTP/1.1 keep-alive
+    // allows that; Go's client, Prometheus', retries such a GET, reqwest does not).
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
     let start = Instant::now();
     let login = client
         .get(&url)
