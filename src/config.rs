@@ -16,6 +16,7 @@ use crate::cpa::{ApiVersion, Transport};
 use crate::families::label;
 use crate::labels::{api_key_label, sanitize};
 use crate::metrics::LabelOptions;
+use crate::pipeline::events::Target as EventLogTarget;
 use crate::store::budget::{Budget, Period};
 use crate::store::Limits;
 
@@ -208,6 +209,34 @@ pub struct Flags {
         default_value = DEFAULT_FAILOVER_WINDOW,
     )]
     pub failover_window: Option<String>,
+    /// One JSON line per ingested record, for a log store: off, stdout, or a file path
+    /// (rotated by size). Lines carry request ids, never client keys or error bodies.
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_EVENT_LOG",
+        global = true,
+        value_name = "off|stdout|FILE",
+        default_value = "off"
+    )]
+    pub event_log: Option<String>,
+    /// Size at which the event log file is rotated (FILE -> FILE.1 -> ...), e.g. 100MiB.
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_EVENT_LOG_MAX_SIZE",
+        global = true,
+        value_name = "BYTES",
+        default_value = DEFAULT_EVENT_LOG_MAX_SIZE
+    )]
+    pub event_log_max_size: Option<String>,
+    /// Rotated event log files kept beside the current one (1..100).
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_EVENT_LOG_MAX_FILES",
+        global = true,
+        value_name = "N",
+        default_value = DEFAULT_EVENT_LOG_MAX_FILES
+    )]
+    pub event_log_max_files: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(
         long,
@@ -275,6 +304,8 @@ pub struct Config {
     pub labels: LabelOptions,
     pub limits: Limits,
     pub budgets: Vec<Budget>,
+    /// Where the per-record event log goes; `None`: off.
+    pub event_log: Option<EventLogTarget>,
 }
 
 /// Idle poll interval over HTTP: each poll costs CPA one bcrypt check (about 70 ms of CPU).
@@ -322,6 +353,9 @@ pub const DEFAULT_NEW_SERIES_HOLD: &str = "1m";
 /// Default of `failover-window`: CPA retries at once, so a minute covers a chain's gaps; a
 /// successor whose own latency is longer arrives too late (docs/guarantees.md).
 pub const DEFAULT_FAILOVER_WINDOW: &str = "60s";
+/// Defaults of the event log's rotation: at most 6 x 100 MiB on disk.
+pub const DEFAULT_EVENT_LOG_MAX_SIZE: &str = "100MiB";
+pub const DEFAULT_EVENT_LOG_MAX_FILES: &str = "5";
 
 /// Settings only the file sets, with their defaults (shown after `--help`'s options).
 const SERIES_LIMIT: &str = "10000";
@@ -397,6 +431,12 @@ struct FileConfig {
     new_series_hold: Option<String>,
     #[serde(deserialize_with = "scalar")]
     failover_window: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    event_log: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    event_log_max_size: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    event_log_max_files: Option<String>,
     #[serde(deserialize_with = "scalar")]
     log_level: Option<String>,
     #[serde(deserialize_with = "scalar")]
@@ -731,6 +771,23 @@ impl Config {
         let failover_window = pick!(failover_window).parse("failover window", |v| {
             parse_duration(v, Duration::from_secs(1), Duration::from_secs(3600))
         })?;
+        let event_log_max_size = pick!(event_log_max_size)
+            .parse("event log rotation size", |v| {
+                parse_bytes(v, 1 << 20, 1 << 40)
+            })?;
+        let event_log_max_files = pick!(event_log_max_files)
+            .parse("event log files kept", |v| parse_int(v, 1, 100))?
+            as usize;
+        let event_log = pick!(event_log).parse("event log", |v| match v.trim() {
+            "" => Err("is empty (use off, stdout or a file path)".to_owned()),
+            "off" => Ok(None),
+            "stdout" | "-" => Ok(Some(EventLogTarget::Stdout)),
+            path => Ok(Some(EventLogTarget::File {
+                path: PathBuf::from(path),
+                max_bytes: event_log_max_size as u64,
+                keep: event_log_max_files,
+            })),
+        })?;
         let dedup_window = file_only!(dedup_window, DEDUP_WINDOW)
             .parse("dedup window", |v| parse_int(v, 0, 10_000_000))?
             as usize;
@@ -768,6 +825,7 @@ impl Config {
                 open_requests: crate::store::chains::DEFAULT_OPEN_LIMIT,
             },
             budgets,
+            event_log,
         })
     }
 }

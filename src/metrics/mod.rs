@@ -93,7 +93,9 @@ impl EventLogCounts {
     }
 
     pub fn failed(&self, reason: &'static str, lines: u64) {
-        self.failures.get_or_create(&[("reason", reason)]).inc_by(lines);
+        self.failures
+            .get_or_create(&[("reason", reason)])
+            .inc_by(lines);
     }
 
     fn encode(&self, w: &mut Writer) {
@@ -105,7 +107,11 @@ impl EventLogCounts {
         w.declare(&EVENT_LOG_FAILURES);
         for reason in event_log_reason::ALL {
             let set = [("reason", reason)];
-            w.counter(EVENT_LOG_FAILURES.name, &set, self.failures.get_or_create(&set).get());
+            w.counter(
+                EVENT_LOG_FAILURES.name,
+                &set,
+                self.failures.get_or_create(&set).get(),
+            );
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::families::Family;
 use crate::ingest::{Batch, BatchBuilder};
 use crate::metrics::Shared;
 use crate::pipeline::backoff::{self, auth_wait, sleep_or_shutdown};
+use crate::pipeline::events::EventLog;
 use crate::pipeline::gap::{Gap, GapWatch};
 use crate::pricing::Pricing;
 use crate::store::Store;
@@ -47,6 +48,8 @@ pub struct DrainOptions {
     pub poll_interval: Duration,
     /// Prices for `cpa_cost_usd_total`: an input of ingest, so it travels with the drain.
     pub pricing: Pricing,
+    /// The opt-in per-record log, handed each batch after it committed.
+    pub event_log: Option<Arc<EventLog>>,
 }
 
 /// The failure class of the previous poll, to log a change once instead of every retry.
@@ -130,7 +133,8 @@ pub async fn run<S: Source>(
         batch.caught_up = popped.is_ok() && elements < opts.batch_size;
         note_invalid(&batch, &mut notes);
         if elements > 0 || (batch.caught_up && store.chains_due(unix_now() as i64)) {
-            commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes).await;
+            let log = opts.event_log.as_deref();
+            commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes, log).await;
         }
         drop(batch);
         let wait = match popped {
@@ -346,6 +350,7 @@ async fn commit_until_done(
     shared: &Shared,
     shutdown: &mut watch::Receiver<bool>,
     notes: &mut Notes,
+    event_log: Option<&EventLog>,
 ) {
     let mut attempts = 0u32;
     loop {
@@ -408,9 +413,18 @@ async fn commit_until_done(
                         }
                     }
                 }
+                let failover = plan
+                    .chains
+                    .as_mut()
+                    .map(|c| std::mem::take(&mut c.failover))
+                    .unwrap_or_default();
                 {
                     let mut state = shared.committed.write();
                     store.apply(&mut state, plan);
+                }
+                // Only now: the log never shows a record the counters do not hold.
+                if let Some(log) = event_log {
+                    log.committed(&batch.attempts, failover);
                 }
                 shared.live.set_store_healthy(true);
                 debug!(
@@ -479,6 +493,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let opts = DrainOptions {
             batch_size: 10,
+            event_log: None,
             poll_interval: Duration::from_millis(100),
             pricing: Pricing::embedded(),
         };

@@ -50,9 +50,22 @@ struct Job {
 }
 
 /// The drain loop's end of the event log.
+#[derive(Debug)]
 pub struct EventLog {
-    tx: SyncSender<Job>,
+    /// `None` once dropped, which ends the writer.
+    tx: Option<SyncSender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     shared: Arc<Shared>,
+}
+
+/// At shutdown the lines of every committed batch are written before the process exits.
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl EventLog {
@@ -71,10 +84,14 @@ impl EventLog {
         let (tx, rx) = sync_channel(QUEUE_BATCHES);
         let labels = shared.view.labels.clone();
         let writer_shared = shared.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("event-log".into())
             .spawn(move || write_loop(rx, out, &labels, &writer_shared))?;
-        Ok(EventLog { tx, shared })
+        Ok(EventLog {
+            tx: Some(tx),
+            writer: Some(writer),
+            shared,
+        })
     }
 
     /// Hand over a committed batch. Never blocks: a full queue drops the batch's lines and
@@ -87,8 +104,8 @@ impl EventLog {
             attempts: attempts.to_vec(),
             failover,
         };
-        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = self.tx.try_send(job)
-        {
+        let Some(tx) = &self.tx else { return };
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = tx.try_send(job) {
             self.shared
                 .live
                 .event_log
@@ -323,7 +340,10 @@ mod tests {
     #[test]
     fn times_are_utc_with_milliseconds() {
         assert_eq!(format_time(0.0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_time(1_787_409_543.512_874), "2026-08-22T14:39:03.513Z");
+        assert_eq!(
+            format_time(1_787_409_543.512_874),
+            "2026-08-22T14:39:03.513Z"
+        );
         assert_eq!(format_time(1_787_409_599.9996), "2026-08-22T14:40:00.000Z");
     }
 
@@ -341,11 +361,17 @@ mod tests {
         // does not (25 bytes), so b and c moved to .1 and a to .2.
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
         assert_eq!(read(path.clone()), "d1\n");
-        assert_eq!(read(dir.join("events.log.1")), "b1\nb2\nb3\nb4\nb5\nb6\nb7\nc1\n");
+        assert_eq!(
+            read(dir.join("events.log.1")),
+            "b1\nb2\nb3\nb4\nb5\nb6\nb7\nc1\n"
+        );
         assert_eq!(read(dir.join("events.log.2")), "a1\na2\n");
         r.write_all(&[b'e'; 30]).unwrap();
         assert!(!dir.join("events.log.3").exists(), "keeps 2");
-        assert_eq!(read(dir.join("events.log.2")), "b1\nb2\nb3\nb4\nb5\nb6\nb7\nc1\n");
+        assert_eq!(
+            read(dir.join("events.log.2")),
+            "b1\nb2\nb3\nb4\nb5\nb6\nb7\nc1\n"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

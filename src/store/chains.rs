@@ -97,6 +97,9 @@ pub struct ChainPlan {
     pub delta: Delta,
     /// Chains closed without a successor, by `reason` ([`forced`]).
     pub forced: Vec<(&'static str, u64)>,
+    /// Per attempt of the batch, in order: whether it followed a failed attempt of the same
+    /// inbound request (a failover or retry), for the event log.
+    pub failover: Vec<bool>,
     /// The open chains after the batch.
     open: HashMap<u64, Chain>,
     /// Open chains to write (new or changed) and to delete.
@@ -233,6 +236,7 @@ struct Work<'c> {
 
 impl Work<'_> {
     fn attempt(&mut self, a: &Attempt) {
+        self.plan.failover.push(false);
         let (Some(key), Some(start)) = (a.request_key, a.started) else {
             // Nothing links it to other attempts: a request of its own.
             self.count_request(&a.route.requested_model, &a.route.api_key);
@@ -248,6 +252,9 @@ impl Work<'_> {
         if let Some(chain) = self.plan.open.get(&key) {
             let window = self.chains.window;
             if start >= chain.last_start && start <= chain.last_end + window {
+                if let Some(last) = self.plan.failover.last_mut() {
+                    *last = true;
+                }
                 self.continue_chain(key, a, start, end);
                 return;
             }
@@ -544,6 +551,21 @@ mod tests {
             1
         );
         assert_eq!(c.open_count(), 0);
+    }
+
+    #[test]
+    fn attempts_after_a_failure_of_their_request_are_failovers() {
+        let c = chains();
+        let a = [
+            attempt(1, 100.0, 2.0, 429, "m1"),
+            attempt(2, 100.5, 1.0, 200, "m1"),
+            attempt(1, 103.0, 1.0, 503, "m2"),
+            attempt(1, 105.0, 9.0, 200, "m3"),
+            // The tool record of the finished request: not a failover of anything.
+            attempt(1, 105.0, 1.0, 200, "image"),
+        ];
+        let p = c.plan(&a, 120.0, true);
+        assert_eq!(p.failover, [false, false, true, true, false]);
     }
 
     #[test]
