@@ -100,8 +100,8 @@ pub struct ChainPlan {
     /// Per attempt of the batch, in order: whether it followed a failed attempt of the same
     /// inbound request (a failover or retry), for the event log.
     pub failover: Vec<bool>,
-    /// The open chains after the batch.
-    open: HashMap<u64, Chain>,
+    /// Open chains after the batch.
+    open_after: usize,
     /// Open chains to write (new or changed) and to delete.
     pub(super) upserts: Vec<(u64, Chain)>,
     pub(super) deletes: Vec<u64>,
@@ -113,7 +113,7 @@ pub struct ChainPlan {
 
 impl ChainPlan {
     pub fn open_count(&self) -> usize {
-        self.open.len()
+        self.open_after
     }
 }
 
@@ -159,12 +159,11 @@ impl Chains {
         let mut work = Work {
             chains: self,
             plan: ChainPlan {
-                open: self.open.clone(),
                 forget_before: f64::NEG_INFINITY,
                 ..ChainPlan::default()
             },
+            changes: HashMap::new(),
             finished_now: HashMap::new(),
-            dirty: Vec::new(),
             now,
             forced: HashMap::new(),
         };
@@ -173,26 +172,20 @@ impl Chains {
         }
         if caught_up {
             let due: Vec<u64> = work
-                .plan
-                .open
-                .iter()
+                .open()
                 .filter(|(_, c)| now - c.drained_at > self.window)
-                .map(|(k, _)| *k)
+                .map(|(k, _)| k)
                 .collect();
             for key in due {
                 work.close_failed(key, None);
             }
             work.plan.forget_before = now - self.window;
         }
-        if work.plan.open.len() > self.open_limit {
-            let mut by_age: Vec<(f64, u64)> = work
-                .plan
-                .open
-                .iter()
-                .map(|(k, c)| (c.drained_at, *k))
-                .collect();
+        let open = work.open_count();
+        if open > self.open_limit {
+            let mut by_age: Vec<(f64, u64)> = work.open().map(|(k, c)| (c.drained_at, k)).collect();
             by_age.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let excess = work.plan.open.len() - self.open_limit;
+            let excess = open - self.open_limit;
             for (_, key) in by_age.into_iter().take(excess) {
                 work.close_failed(key, Some(forced::LIMIT));
             }
@@ -202,7 +195,12 @@ impl Chains {
 
     /// Make a committed plan the state.
     pub fn apply(&mut self, plan: ChainPlan) {
-        self.open = plan.open;
+        for (key, chain) in plan.upserts {
+            self.open.insert(key, chain);
+        }
+        for key in plan.deletes {
+            self.open.remove(&key);
+        }
         for (key, f) in plan.finished {
             self.finished_order.push_back((f.at, key));
             self.finished.insert(key, f);
@@ -226,15 +224,73 @@ impl Chains {
 struct Work<'c> {
     chains: &'c Chains,
     plan: ChainPlan,
+    /// Open chains the batch changed (`None`: closed), over `chains.open`: planning copies
+    /// only the chains it touches.
+    changes: HashMap<u64, Option<Chain>>,
     /// Requests finished within this batch (they shadow `chains.finished`).
     finished_now: HashMap<u64, Finished>,
-    /// Open chains changed by the batch.
-    dirty: Vec<u64>,
     now: f64,
     forced: HashMap<&'static str, u64>,
 }
 
 impl Work<'_> {
+    fn get(&self, key: u64) -> Option<&Chain> {
+        match self.changes.get(&key) {
+            Some(changed) => changed.as_ref(),
+            None => self.chains.open.get(&key),
+        }
+    }
+
+    fn get_mut(&mut self, key: u64) -> Option<&mut Chain> {
+        if !self.changes.contains_key(&key) {
+            let base = self.chains.open.get(&key)?.clone();
+            self.changes.insert(key, Some(base));
+        }
+        self.changes.get_mut(&key)?.as_mut()
+    }
+
+    fn insert(&mut self, key: u64, chain: Chain) {
+        self.changes.insert(key, Some(chain));
+    }
+
+    fn remove(&mut self, key: u64) -> Option<Chain> {
+        let chain = match self.changes.get_mut(&key) {
+            Some(changed) => changed.take(),
+            None => self.chains.open.get(&key).cloned(),
+        };
+        self.changes.insert(key, None);
+        chain
+    }
+
+    /// The open chains as the batch has left them so far.
+    fn open(&self) -> impl Iterator<Item = (u64, &Chain)> {
+        let unchanged = self
+            .chains
+            .open
+            .iter()
+            .filter(|(k, _)| !self.changes.contains_key(k));
+        let changed = self
+            .changes
+            .iter()
+            .filter_map(|(k, c)| c.as_ref().map(|c| (k, c)));
+        unchanged.chain(changed).map(|(k, c)| (*k, c))
+    }
+
+    fn open_count(&self) -> usize {
+        let base = &self.chains.open;
+        let added = self
+            .changes
+            .iter()
+            .filter(|(k, c)| c.is_some() && !base.contains_key(k))
+            .count();
+        let removed = self
+            .changes
+            .iter()
+            .filter(|(k, c)| c.is_none() && base.contains_key(k))
+            .count();
+        base.len() + added - removed
+    }
+
     fn attempt(&mut self, a: &Attempt) {
         self.plan.failover.push(false);
         let (Some(key), Some(start)) = (a.request_key, a.started) else {
@@ -249,7 +305,7 @@ impl Work<'_> {
         if self.is_known_attempt(key, start) {
             return;
         }
-        if let Some(chain) = self.plan.open.get(&key) {
+        if let Some(chain) = self.get(key) {
             let window = self.chains.window;
             if start >= chain.last_start && start <= chain.last_end + window {
                 if let Some(last) = self.plan.failover.last_mut() {
@@ -266,7 +322,7 @@ impl Work<'_> {
 
     /// The start time of an attempt already seen under this key (open or recently finished).
     fn is_known_attempt(&self, key: u64, start: f64) -> bool {
-        if let Some(c) = self.plan.open.get(&key) {
+        if let Some(c) = self.get(key) {
             if c.starts.contains(&start) {
                 return true;
             }
@@ -292,12 +348,12 @@ impl Work<'_> {
             failed: vec![failed_of(a)],
             drained_at: self.now,
         };
-        self.plan.open.insert(key, chain);
-        self.dirty.push(key);
+        self.insert(key, chain);
     }
 
     fn continue_chain(&mut self, key: u64, a: &Attempt, start: f64, end: f64) {
-        let Some(chain) = self.plan.open.get_mut(&key) else {
+        let now = self.now;
+        let Some(chain) = self.get_mut(key) else {
             return;
         };
         if chain.starts.len() >= MAX_STARTS {
@@ -316,13 +372,12 @@ impl Work<'_> {
             return;
         }
         chain.failed.push(failed_of(a));
-        chain.drained_at = self.now;
-        self.dirty.push(key);
+        chain.drained_at = now;
     }
 
     /// The request succeeded: its earlier failed attempts were absorbed.
     fn close_succeeded(&mut self, key: u64) {
-        let Some(chain) = self.plan.open.remove(&key) else {
+        let Some(chain) = self.remove(key) else {
             return;
         };
         self.count_request(&chain.requested_model, &chain.api_key);
@@ -343,7 +398,7 @@ impl Work<'_> {
 
     /// No successor came: the client saw the last attempt's failure.
     fn close_failed(&mut self, key: u64, reason: Option<&'static str>) {
-        let Some(chain) = self.plan.open.remove(&key) else {
+        let Some(chain) = self.remove(key) else {
             return;
         };
         self.count_request(&chain.requested_model, &chain.api_key);
@@ -386,19 +441,17 @@ impl Work<'_> {
     }
 
     fn finish(mut self) -> ChainPlan {
-        let old = &self.chains.open;
-        self.dirty.sort_unstable();
-        self.dirty.dedup();
-        self.plan.upserts = self
-            .dirty
-            .iter()
-            .filter_map(|k| self.plan.open.get(k).map(|c| (*k, c.clone())))
-            .collect();
-        self.plan.deletes = old
-            .keys()
-            .filter(|k| !self.plan.open.contains_key(k))
-            .copied()
-            .collect();
+        self.plan.open_after = self.open_count();
+        let base = &self.chains.open;
+        for (key, change) in std::mem::take(&mut self.changes) {
+            match change {
+                Some(chain) => self.plan.upserts.push((key, chain)),
+                None if base.contains_key(&key) => self.plan.deletes.push(key),
+                None => {}
+            }
+        }
+        self.plan.upserts.sort_by_key(|(k, _)| *k);
+        self.plan.deletes.sort_unstable();
         self.plan.finished = self.finished_now.into_iter().collect();
         self.plan
             .finished
