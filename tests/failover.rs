@@ -2,6 +2,8 @@
 //! failures and absorbed failover attempts at /metrics equal what the test computes from the
 //! chains it built, across a restart of the exporter in the middle of chains, with codex image
 //! tool records (same request_id and start, another model) and request_ids reused far apart.
+//! The event log of the same run is checked line by line against the records pushed, and swept
+//! for the secrets planted in them.
 
 mod common;
 
@@ -46,7 +48,19 @@ struct Attempt {
     model: String,
     credential: &'static str,
     status: Option<u16>,
+    /// Whether an earlier attempt of its request failed (the event log's `failover`).
+    failover: bool,
 }
+
+/// Secrets and personal data planted in every record: none may reach the event log.
+const PLANTED: [&str; 6] = [
+    "alice@example.com",
+    "203.0.113.77",
+    "planted-agent/9.9",
+    "upstream said no",
+    "sk-upstream-plaintext",
+    "planted-header-secret",
+];
 
 impl Attempt {
     fn json(&self) -> String {
@@ -58,6 +72,8 @@ impl Attempt {
             r#"{{"timestamp":"{}","latency_ms":{},"provider":"codex","model":"{}","alias":"{}",
                 "auth_index":"{}","api_key":"{}","request_id":"{}","failed":{failed},
                 "fail":{{"status_code":{code},"body":"upstream said no"}},"endpoint":"POST /v1/responses",
+                "source":"alice@example.com","client_ip":"203.0.113.77","x_forwarded_for":"sk-upstream-plaintext",
+                "user_agent":"planted-agent/9.9","response_headers":{{"X-Secret":["planted-header-secret"]}},
                 "tokens":{{"input_tokens":10,"output_tokens":5,"total_tokens":15}}}}"#,
             rfc3339_nano(self.start),
             (self.latency * 1000.0) as u64,
@@ -172,6 +188,7 @@ fn chain(rng: &mut Rng, start: f64, all_failed: bool, id: Option<String>) -> Vec
             model: format!("{requested_model}-v{}", rng.below(2)),
             credential: CREDENTIALS[rng.below(3) as usize],
             status: (!last || all_failed).then(|| STATUSES[rng.below(3) as usize]),
+            failover: i > 0,
         });
         at += latency + rng.below(500) as f64 / 1000.0;
     }
@@ -268,7 +285,9 @@ async fn failover_totals_are_exact_across_a_restart_in_the_middle_of_chains() {
         cpa.push_raw(&a.json());
     }
     // A long window before the restart: nothing open may expire while the exporter runs.
+    let events = dir.path().join("events.log");
     let before = Setup::in_dir(&cpa, KEY, &dir, "before")
+        .with_env("CPA_EXPORTER_EVENT_LOG", events.display().to_string())
         .with_env("CPA_EXPORTER_FAILOVER_WINDOW", "1h")
         .with_env("CPA_EXPORTER_BATCH_SIZE", "16");
     let exporter = Exporter::spawn(&before);
@@ -276,12 +295,20 @@ async fn failover_totals_are_exact_across_a_restart_in_the_middle_of_chains() {
     assert_eq!(m.sum("cpa_requests_total", &[]), phase1.len() as f64);
     let open = m.get("cpa_exporter_open_requests").unwrap_or_default();
     assert!(open >= cut.len() as f64, "{open} open requests");
+    // The lines follow the commit on the writer thread: let them land before the kill (a kill
+    // may lose the last lines, never add one).
+    let written = eventually(Duration::from_secs(20), async || {
+        read_lines(&events).len() == phase1.len()
+    })
+    .await;
+    assert!(written, "{} lines", read_lines(&events).len());
     exporter.sigkill();
 
     for a in &phase2 {
         cpa.push_raw(&a.json());
     }
     let after = Setup::in_dir(&cpa, KEY, &dir, "after")
+        .with_env("CPA_EXPORTER_EVENT_LOG", events.display().to_string())
         .with_env("CPA_EXPORTER_FAILOVER_WINDOW", "3s")
         .with_env("CPA_EXPORTER_BATCH_SIZE", "16");
     let exporter = Exporter::spawn(&after);
@@ -304,4 +331,94 @@ async fn failover_totals_are_exact_across_a_restart_in_the_middle_of_chains() {
     for k in CLIENTS {
         assert!(!text.contains(k));
     }
+
+    // The event log: one line per attempt pushed, each with the record's fields.
+    let pushed: Vec<&Attempt> = phase1.iter().chain(&phase2).collect();
+    let complete = eventually(Duration::from_secs(20), async || {
+        read_lines(&events).len() == pushed.len()
+    })
+    .await;
+    let lines = read_lines(&events);
+    assert!(
+        complete,
+        "{} lines for {} records",
+        lines.len(),
+        pushed.len()
+    );
+    check_lines(&lines, &pushed);
+    assert_eq!(
+        m.get("cpa_exporter_event_log_lines_total"),
+        Some(phase2.len() as f64),
+        "the restarted exporter wrote phase 2"
+    );
+    let raw = std::fs::read_to_string(&events).unwrap();
+    for secret in PLANTED.iter().chain(&CLIENTS) {
+        assert!(!raw.contains(secret), "{secret} in the event log");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&events).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the event log is private");
+    }
+}
+
+fn read_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Every line matches exactly one pushed attempt (same id, model, credential, status and start
+/// to the millisecond), field by field.
+fn check_lines(lines: &[serde_json::Value], pushed: &[&Attempt]) {
+    let mut unmatched: Vec<&Attempt> = pushed.to_vec();
+    for line in lines {
+        let time = line["time"].as_str().expect("time");
+        let t = parse_time(time);
+        let status = line["status_code"].as_u64().expect("status_code");
+        let at = unmatched
+            .iter()
+            .position(|a| {
+                line["request_id"] == a.request_id.as_str()
+                    && line["model"] == a.model.as_str()
+                    && line["credential"] == a.credential
+                    && status == u64::from(a.status.unwrap_or(200))
+                    && (t - a.start).abs() < 0.0015
+            })
+            .unwrap_or_else(|| panic!("no pushed record for {line}"));
+        let a = unmatched.swap_remove(at);
+        let expect = serde_json::json!({
+            "provider": "codex",
+            "requested_model": a.requested_model,
+            "api_key": api_key_label(CLIENTS[a.client]),
+            "endpoint": "POST /v1/responses",
+            "failed": a.status.is_some(),
+            "ttft_seconds": null,
+            "tokens": {"input": 10, "cache_read": 0, "cache_write": 0, "output": 5,
+                       "reasoning": 0, "unclassified": 0},
+            "failover": a.failover,
+        });
+        for (k, v) in expect.as_object().unwrap() {
+            assert_eq!(&line[k], v, "{k} of {line}");
+        }
+        let latency = line["latency_seconds"].as_f64().expect("latency_seconds");
+        assert!(
+            (latency - (a.latency * 1000.0).floor() / 1000.0).abs() < 1e-9,
+            "{line}"
+        );
+        assert!(line["cost_usd"].is_null() || line["cost_usd"].is_number());
+    }
+    assert!(
+        unmatched.is_empty(),
+        "{} records without a line",
+        unmatched.len()
+    );
+}
+
+/// `2026-08-22T14:39:03.512Z` as Unix seconds.
+fn parse_time(t: &str) -> f64 {
+    cpa_usage_exporter::time::parse_rfc3339(t).unwrap_or_else(|| panic!("bad time {t}"))
 }
