@@ -150,8 +150,9 @@ fn name_and_unit(family: Family) -> (&'static str, Option<&'static str>) {
 
 /// The exemplars a series shows: none while it is held at zero, since they would name
 /// records its shown counts do not hold yet.
-fn shown_exemplars<'s>(stored: &'s Stored, value: &Cow<'_, Value>) -> Option<&'s Exemplars> {
-    matches!(value, Cow::Borrowed(_)).then_some(&stored.exemplars)
+/// `value` is what [`shown`] returned: the stored value itself unless the series is held.
+fn shown_exemplars<'s>(stored: &'s Stored, value: &Value) -> Option<&'s Exemplars> {
+    std::ptr::eq(value, &stored.value).then_some(&stored.exemplars)
 }
 
 fn write_value(
