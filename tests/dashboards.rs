@@ -729,3 +729,47 @@ fn the_parser_finds_metric_names_only() {
         Some((None, "job".to_owned()))
     );
 }
+
+/// Families whose samples carry exemplars (OpenMetrics only).
+const WITH_EXEMPLARS: [&str; 3] = [
+    "cpa_request_duration_seconds_bucket",
+    "cpa_time_to_first_token_seconds_bucket",
+    "cpa_request_failures_total",
+];
+
+#[test]
+fn latency_and_failure_graphs_show_exemplars() {
+    let mut shown = 0;
+    for (file, d) in promql::dashboards() {
+        for p in promql::panels(&d) {
+            let title = p["title"].as_str().unwrap_or("").to_lowercase();
+            let graph = matches!(p["type"].as_str(), Some("timeseries" | "heatmap"));
+            let about = ["latency", "ttft", "first token", "failure", "error", "429"]
+                .iter()
+                .any(|w| title.contains(w));
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap_or("");
+                let queries = WITH_EXEMPLARS.iter().any(|m| expr.contains(m));
+                let on = t["exemplar"] == true;
+                // A dot on a latency or failure graph names the request behind it.
+                if graph && about && queries {
+                    assert!(
+                        on,
+                        "{}: panel `{title}` should show exemplars",
+                        file.display()
+                    );
+                    shown += 1;
+                }
+                // Anywhere else there would be none to show.
+                if on {
+                    assert!(
+                        queries && graph,
+                        "{}: `{title}` has no exemplars to show",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+    assert!(shown >= 10, "only {shown} targets show exemplars");
+}

@@ -170,6 +170,10 @@ pub struct RawRecord<'a> {
     pub api_key: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub event_id: Option<Cow<'a, str>>,
+    /// CPA's id of the client request: only ever an OpenMetrics exemplar, never a label,
+    /// stored text or a log line.
+    #[serde(borrow)]
+    pub request_id: Option<Cow<'a, str>>,
     /// Only the quota and rate-limit headers; nothing else of `response_headers` is read.
     #[serde(borrow, deserialize_with = "super::quota::deserialize_quota_headers")]
     pub response_headers: super::quota::QuotaHeaders<'a>,
