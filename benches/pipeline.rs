@@ -121,6 +121,32 @@ fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     best.expect("runs > 0")
 }
 
+/// Scrape time at about 1k, 10k and 100k series, in both formats (OpenMetrics carries the
+/// exemplars; text 0.0.4 never does). `--scrape-only` runs just this.
+fn scrapes(dir: &std::path::Path) {
+    for target in [1_000, 10_000, 100_000] {
+        let (_store, state) = state_with_series(dir, target);
+        let shared = Arc::new(Shared::new(state, Default::default(), dir.join("x.db")));
+        for format in [Format::Text004, Format::OpenMetrics] {
+            let text = render_to_string(&shared, format);
+            let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+            let exemplars = text.matches(" # {").count();
+            drop(text);
+            // Streamed as the server does: chunks into a writer that discards them.
+            let (d, _) = best_of(20, || render(&shared, format, &mut std::io::sink()));
+            println!(
+                "scrape at {:>6} series, {:<11} {:>9.2} ms per scrape, {:.2} µs per sample ({} samples, {} exemplars)",
+                shared.committed.read().total_series(),
+                format!("{format:?}:"),
+                d.as_secs_f64() * 1e3,
+                d.as_secs_f64() * 1e6 / samples as f64,
+                samples,
+                exemplars,
+            );
+        }
+    }
+}
+
 fn limits() -> Limits {
     Limits {
         series_per_family: 1_000_000,
@@ -139,9 +165,10 @@ fn state_with_series(dir: &std::path::Path, target: usize) -> (Store, State) {
             .map(|_| {
                 i += 1;
                 format!(
-                    r#"{{"timestamp":"2026-11-24T10:00:00Z","provider":"codex","model":"model-{}","auth_index":"{:016x}","api_key":"sk-{}","endpoint":"POST /v1/responses","latency_ms":{},"ttft_ms":{},"tokens":{{"input_tokens":100,"output_tokens":20,"cached_tokens":50,"cache_read_tokens":50,"total_tokens":120}}}}"#,
+                    r#"{{"timestamp":"2026-11-24T10:00:00Z","provider":"codex","model":"model-{}","auth_index":"{:016x}","api_key":"sk-{}","endpoint":"POST /v1/responses","request_id":"{:08x}","latency_ms":{},"ttft_ms":{},"tokens":{{"input_tokens":100,"output_tokens":20,"cached_tokens":50,"cache_read_tokens":50,"total_tokens":120}}}}"#,
                     i % 97,
                     i % 389,
+                    i,
                     i,
                     i % 30_000,
                     i % 3_000
@@ -177,6 +204,10 @@ fn main() {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(10_000),
         );
+    }
+    if args.iter().any(|a| a == "--scrape-only") {
+        let dir = tempfile::tempdir().unwrap();
+        return scrapes(dir.path());
     }
     let bodies = bodies(1);
     let mb = bodies.iter().map(Vec::len).sum::<usize>() as f64 / 1e6;
@@ -305,28 +336,7 @@ fn main() {
     );
 
     drop(bodies);
-    for target in [1_000, 10_000, 100_000] {
-        let (_store, state) = state_with_series(dir.path(), target);
-        let shared = Arc::new(Shared::new(
-            state,
-            Default::default(),
-            dir.path().join("x.db"),
-        ));
-        let text = render_to_string(&shared, Format::Text004);
-        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        drop(text);
-        // Streamed as the server does: chunks into a writer that discards them.
-        let (d, _) = best_of(20, || {
-            render(&shared, Format::Text004, &mut std::io::sink())
-        });
-        println!(
-            "scrape at {:>6} series:      {:>9.2} ms per scrape, {:.2} µs per sample ({} samples)",
-            shared.committed.read().total_series(),
-            d.as_secs_f64() * 1e3,
-            d.as_secs_f64() * 1e6 / samples as f64,
-            samples,
-        );
-    }
+    scrapes(dir.path());
     // Memory in a fresh process, so the workload above does not count.
     let exe = std::env::current_exe().expect("own path");
     for whole in [false, true] {

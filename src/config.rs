@@ -1008,27 +1008,18 @@ fn parse_int(v: &str, min: u64, max: u64) -> Result<u64, String> {
     }
 }
 
-/// A size in bytes: a whole number, optionally with a KiB, MiB or GiB suffix.
+/// A size in bytes: a number of bytes, or with a unit, parsed by `parse-size` in its binary
+/// system so that `K`, `KB` and `KiB` (and M, G) all mean powers of 1024, as `64M` always has
+/// here. Fractions (`1.5MiB`) round to the nearest byte.
 fn parse_bytes(v: &str, min: usize, max: usize) -> Result<usize, String> {
-    let t = v.trim();
-    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => (&t[..i], t[i..].trim()),
-        None => (t, ""),
-    };
-    let scale: usize = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        _ => 0,
-    };
     let human = |n: usize| format!("{} MiB", n as f64 / 1048576.0);
-    match digits
-        .parse::<usize>()
+    match parse_size::Config::new()
+        .with_binary()
+        .parse_size(v.trim())
         .ok()
-        .and_then(|n| n.checked_mul(scale))
+        .and_then(|n| usize::try_from(n).ok())
     {
-        Some(n) if scale > 0 && (min..=max).contains(&n) => Ok(n),
+        Some(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(format!(
             "`{v}`: expected a size from {} to {} (a number of bytes, or with KiB, MiB, GiB)",
             human(min),
@@ -1256,8 +1247,20 @@ mod tests {
                 .max_response_bytes,
             1 << 20
         );
-        for bad in ["1KiB", "2GiB", "lots", "1.5MiB", "5 parsecs"] {
-            let e = resolve(&["--max-response-bytes", bad])
+        // K, KB and KiB alike are powers of 1024, as a bare `64M` always was.
+        for (text, want) in [
+            ("64M", 64 << 20),
+            ("64 MiB", 64 << 20),
+            ("64mb", 64 << 20),
+            ("1g", 1 << 30),
+            ("1.5MiB", 3 << 19),
+            ("65536B", 64 << 10),
+        ] {
+            let c = resolve(&["--max-response-bytes", text]).unwrap();
+            assert_eq!(c.max_response_bytes, want, "{text}");
+        }
+        for bad in ["1KiB", "2GiB", "1TiB", "lots", "-64MiB", "5 parsecs"] {
+            let e = resolve(&[&format!("--max-response-bytes={bad}")])
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("maximum response size"), "{bad}: {e}");

@@ -7,8 +7,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::Command;
+use std::time::Duration;
 
-use common::promql::{self, Token};
+use common::promql;
 use serde_json::Value;
 
 /// The dashboards that must exist, by uid.
@@ -105,43 +106,81 @@ fn is_counter_sample(name: &str) -> bool {
         .any(|s| name.ends_with(s))
 }
 
-/// Checks one panel query; returns the problems found.
-fn check_expr(
-    expr: &str,
-    vars: &BTreeSet<String>,
-    values: &BTreeMap<String, String>,
-) -> Vec<String> {
+/// What the checks expand Grafana's interval variables to: durations nobody writes by hand, so
+/// a range in the parsed query tells which variable it came from.
+const LINT_BUILTINS: [(&str, &str); 7] = [
+    ("__rate_interval", "60001ms"),
+    ("__range", "3600001ms"),
+    ("__interval", "15001ms"),
+    ("__range_s", "3600"),
+    ("__range_ms", "3600000"),
+    ("__interval_ms", "15000"),
+    ("__rate_interval_ms", "60000"),
+];
+
+/// The interval variable a duration of a query expanded with [`LINT_BUILTINS`] came from.
+fn interval_variable(d: &Duration) -> Option<&'static str> {
+    match d.as_millis() {
+        60_001 => Some("$__rate_interval"),
+        3_600_001 => Some("$__range"),
+        15_001 => Some("$__interval"),
+        _ => None,
+    }
+}
+
+/// The query as the checks parse it: interval variables as [`LINT_BUILTINS`], query variables
+/// left as written (`job=~"$job"` keeps its `$job`), the others (constants, text boxes) by
+/// their value.
+fn lint_expand(expr: &str, d: &Value) -> String {
+    let mut values = promql::variable_values(d);
+    for v in promql::variables(d) {
+        if let (Some("query"), Some(name)) = (v["type"].as_str(), v["name"].as_str()) {
+            values.insert(name.to_owned(), format!("${name}"));
+        }
+    }
+    promql::expand_with(expr, &values, &LINT_BUILTINS)
+}
+
+/// Checks one panel query of dashboard `d`; returns the problems found.
+fn check_expr(expr: &str, d: &Value, vars: &BTreeSet<String>) -> Vec<String> {
     let mut errors = Vec::new();
-    let selectors = match promql::selectors(expr) {
-        Ok(s) => s,
-        Err(e) => return vec![format!("does not tokenize: {e}")],
+    // As Grafana sends it: every variable by its value.
+    if let Err(e) = promql::parse(&promql::expand(expr, &promql::variable_values(d))) {
+        errors.push(format!("expanded query: {e}"));
+        return errors;
+    }
+    let linted = lint_expand(expr, d);
+    let (selectors, ranges) = match (promql::selectors(&linted), promql::ranges(&linted)) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) | (_, Err(e)) => return vec![e],
     };
     if selectors.is_empty() {
         errors.push("reads no metric".to_owned());
     }
-    for range in promql::ranges(expr).expect("tokenized above") {
-        for part in range.split(':') {
-            let part = part.trim();
-            if !(part.is_empty()
-                || matches!(
-                    part,
-                    "$__rate_interval"
-                        | "${__rate_interval}"
-                        | "$__range"
-                        | "${__range}"
-                        | "$__interval"
-                        | "${__interval}"
-                ))
-            {
-                errors.push(format!(
-                    "range `[{range}]` is not $__rate_interval, $__range or $__interval"
-                ));
-            }
+    for range in &ranges {
+        if interval_variable(range).is_none() {
+            errors.push(format!(
+                "range `[{}]` is not $__rate_interval, $__range or $__interval",
+                promql::duration(range)
+            ));
         }
     }
     for s in &selectors {
-        let matchers: String = s.matchers.chars().filter(|c| !c.is_whitespace()).collect();
-        let has = |label: &str| matchers.contains(&format!("{label}=~\"${label}\""));
+        let has_value = |label: &str, value: &str| {
+            s.matchers
+                .iter()
+                .any(|m| m.label == label && m.op == "=~" && m.value == value)
+        };
+        let has = |label: &str| has_value(label, &format!("${label}"));
+        for m in &s.matchers {
+            if let Some(var) = m.value.strip_prefix('$') {
+                let is_name =
+                    !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if is_name && !vars.contains(var) {
+                    errors.push(format!("unknown variable `${var}`"));
+                }
+            }
+        }
         if is_counter_sample(&s.name) {
             let in_rate = matches!(s.enclosing.as_deref(), Some("rate" | "increase" | "irate"));
             if !in_rate || s.range.is_none() {
@@ -152,13 +191,13 @@ fn check_expr(
             }
         }
         if let (Some("rate" | "irate"), Some(r)) = (s.enclosing.as_deref(), &s.range) {
-            if r.contains("__interval") && !r.contains("rate_interval") {
-                errors.push(format!("rate over `[{r}]`: use $__rate_interval"));
+            if interval_variable(r) == Some("$__interval") {
+                errors.push("rate over `[$__interval]`: use $__rate_interval".to_owned());
             }
         }
         for label in ["job", "instance"] {
             let ok = if is_node_metric(&s.name) {
-                matchers.contains(&format!("{label}=~\"$node_{label}\""))
+                has_value(label, &format!("$node_{label}"))
             } else {
                 has(label)
             };
@@ -191,15 +230,6 @@ fn check_expr(
         if !arg.starts_with("sum by (le") {
             errors.push("histogram_quantile over something other than `sum by (le, ...)`".into());
         }
-    }
-    let expanded = promql::expand(expr, values);
-    match promql::tokenize(&expanded) {
-        Ok(tokens) => {
-            if let Some(Token::Var(v)) = tokens.iter().find(|t| matches!(t, Token::Var(_))) {
-                errors.push(format!("unknown variable `{v}`"));
-            }
-        }
-        Err(e) => errors.push(format!("expanded query does not tokenize: {e}")),
     }
     errors
 }
@@ -310,7 +340,6 @@ fn dashboards_follow_the_provisioning_and_linter_rules() {
         }
 
         // Panels.
-        let values = promql::variable_values(d);
         let mut ids = BTreeSet::new();
         let mut used = BTreeSet::new();
         for p in promql::panels(d) {
@@ -366,10 +395,10 @@ fn dashboards_follow_the_provisioning_and_linter_rules() {
                     perr(format!("query {ref_id}: empty expr"));
                     continue;
                 }
-                for e in check_expr(expr, &names, &values) {
+                for e in check_expr(expr, d, &names) {
                     perr(format!("query {ref_id}: {e}\n    {expr}"));
                 }
-                for s in promql::selectors(expr).unwrap_or_default() {
+                for s in promql::selectors(&lint_expand(expr, d)).unwrap_or_default() {
                     used.insert(s.name);
                 }
             }
@@ -622,9 +651,10 @@ fn expanded_queries_are_valid_promql() {
 }
 
 #[test]
-fn the_tokenizer_finds_metric_names_only() {
+fn the_parser_finds_metric_names_only() {
+    // Grafana's interval variables expanded first, as for every query.
     let names = |e: &str| {
-        promql::metric_names(e)
+        promql::metric_names(&promql::expand(e, &BTreeMap::new()))
             .unwrap()
             .into_iter()
             .collect::<Vec<_>>()
@@ -650,14 +680,27 @@ fn the_tokenizer_finds_metric_names_only() {
     assert_eq!(names("max_over_time(sum(rate(a_total[$__rate_interval]))[$__range:$__interval]) - cpa:health_score"), ["a_total", "cpa:health_score"]);
     assert_eq!(names(r#"{__name__="up"}"#), ["up"]);
     assert_eq!(
-        names("ALERTS{alertstate='firing'} and on() time() > 1"),
+        names("ALERTS{alertstate='firing'} and on() vector(time()) > 1"),
         ["ALERTS"]
     );
-    let s = promql::selectors("increase(a_total[$__range]) + a_total").unwrap();
+    let s = promql::selectors("increase(a_total[1h]) + (a_total)").unwrap();
     assert_eq!(s[0].enclosing.as_deref(), Some("increase"));
-    assert_eq!(s[0].range.as_deref(), Some("$__range"));
-    assert_eq!(s[1].enclosing, None);
-    assert!(promql::selectors("sum(rate(x[1m])").is_err());
+    assert_eq!(s[0].range, Some(Duration::from_secs(3600)));
+    assert_eq!(s[1].enclosing.as_deref(), Some(""));
+    assert_eq!(promql::selectors("a_total * 2").unwrap()[0].enclosing, None);
+    assert_eq!(
+        promql::ranges("max_over_time(rate(a[1m])[1h:15s]) + max_over_time(b[1d:])").unwrap(),
+        [3600, 15, 60, 86_400].map(Duration::from_secs)
+    );
+
+    // A syntax error fails with the query and the parser's message.
+    let e = promql::selectors("sum(rate(x[1m])").unwrap_err();
+    assert!(e.contains("`sum(rate(x[1m])`"), "{e}");
+    assert!(promql::metric_names("rate(x[$__rate_interval])").is_err());
+    assert!(
+        promql::metric_names("rate(x)").is_err(),
+        "rate of an instant vector"
+    );
 
     let vars = BTreeMap::from([
         ("provider".to_owned(), ".*".to_owned()),
@@ -685,4 +728,48 @@ fn the_tokenizer_finds_metric_names_only() {
         promql::parse_label_values("label_values(job)"),
         Some((None, "job".to_owned()))
     );
+}
+
+/// Families whose samples carry exemplars (OpenMetrics only).
+const WITH_EXEMPLARS: [&str; 3] = [
+    "cpa_request_duration_seconds_bucket",
+    "cpa_time_to_first_token_seconds_bucket",
+    "cpa_request_failures_total",
+];
+
+#[test]
+fn latency_and_failure_graphs_show_exemplars() {
+    let mut shown = 0;
+    for (file, d) in promql::dashboards() {
+        for p in promql::panels(&d) {
+            let title = p["title"].as_str().unwrap_or("").to_lowercase();
+            let graph = matches!(p["type"].as_str(), Some("timeseries" | "heatmap"));
+            let about = ["latency", "ttft", "first token", "failure", "error", "429"]
+                .iter()
+                .any(|w| title.contains(w));
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap_or("");
+                let queries = WITH_EXEMPLARS.iter().any(|m| expr.contains(m));
+                let on = t["exemplar"] == true;
+                // A dot on a latency or failure graph names the request behind it.
+                if graph && about && queries {
+                    assert!(
+                        on,
+                        "{}: panel `{title}` should show exemplars",
+                        file.display()
+                    );
+                    shown += 1;
+                }
+                // Anywhere else there would be none to show.
+                if on {
+                    assert!(
+                        queries && graph,
+                        "{}: `{title}` has no exemplars to show",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+    assert!(shown >= 10, "only {shown} targets show exemplars");
 }

@@ -7,7 +7,10 @@
 //! 3. every recording rule produces samples;
 //! 4. when the fake CPA fails most requests, `CPAHighFailureRatio` fires in Prometheus and
 //!    Alertmanager delivers it to a webhook; after recovery it resolves, and the resolved
-//!    notification arrives too.
+//!    notification arrives too;
+//! 5. Prometheus (with `--enable-feature=exemplar-storage`) stores the exporter's OpenMetrics
+//!    exemplars: `/api/v1/query_exemplars` names a planted slow record and a planted failed
+//!    record by their `request_id`, on their own series.
 //!
 //! What runs where:
 //! - the fake CPA ([`FakeCpa`]) and its traffic run inside this test, so the test decides when
@@ -208,6 +211,8 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
             format!("--config.file={}", path("prometheus.yml").display()),
             format!("--storage.tsdb.path={}", path("prometheus-data").display()),
             format!("--web.listen-address={prometheus_addr}"),
+            // Prometheus asks for OpenMetrics by default; exemplars are kept with this flag.
+            "--enable-feature=exemplar-storage".to_owned(),
         ],
         path("prometheus.log"),
     );
@@ -258,6 +263,11 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
     .await;
     assert!(grew, "{}", why("cpa_requests_total did not grow"));
     step("target up, cpa_requests_total grows");
+    // 5. Two records with known ids, on series of their own; checked at the end, by when
+    // Prometheus has long scraped them.
+    for element in exemplar_records() {
+        cpa.push_raw(&element);
+    }
 
     // 4a. Most attempts fail: the alert fires and is delivered.
     load.send_replace(FAILING);
@@ -325,7 +335,72 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
         ))
     );
     step("the resolved notification reached the webhook");
+
+    // 5. The planted records are the exemplars of their bucket and failure series.
+    for (selector, request_id) in [
+        (
+            format!(r#"cpa_request_duration_seconds_bucket{{model="{SLOW_MODEL}",le="600.0"}}"#),
+            SLOW_ID,
+        ),
+        (
+            format!(r#"cpa_request_failures_total{{model="{FAILED_MODEL}",status_code="418"}}"#),
+            FAILED_ID,
+        ),
+    ] {
+        let mut seen = Vec::new();
+        let found = common::eventually(Duration::from_secs(20), async || {
+            seen = prom.exemplars(&selector).await;
+            seen.iter().any(|id| id == request_id)
+        })
+        .await;
+        assert!(
+            found,
+            "{}",
+            why(&format!("{selector}: exemplars {seen:?}, not {request_id}"))
+        );
+    }
+    step("exemplars name the planted slow and failed records");
     drop(load);
+}
+
+/// The planted records of step 5: models no generated record uses, so nothing else becomes
+/// the exemplar of their series.
+const SLOW_MODEL: &str = "e2e-exemplar-slow";
+const SLOW_ID: &str = "5104e2e5";
+const FAILED_MODEL: &str = "e2e-exemplar-failed";
+const FAILED_ID: &str = "fa11ed01";
+
+/// A 500 s attempt (the 600 s bucket) and a failed one (status 418), with known request ids.
+fn exemplar_records() -> Vec<String> {
+    let mut clean = Workload::new(
+        9,
+        WorkloadMix {
+            string_wrapped: 0.0,
+            control: 0.0,
+            invalid: 0.0,
+            failed: 0.0,
+            ..WorkloadMix::default()
+        },
+    );
+    let mut record = |changes: Value| {
+        let text = clean.next(unix_now()).element_json;
+        let (Ok(Value::Object(mut r)), Value::Object(changes)) =
+            (serde_json::from_str::<Value>(&text), changes)
+        else {
+            panic!("a clean workload yields objects: {text}");
+        };
+        r.extend(changes);
+        Value::Object(r).to_string()
+    };
+    vec![
+        record(json!({
+            "model": SLOW_MODEL, "alias": "", "latency_ms": 500_000, "request_id": SLOW_ID,
+        })),
+        record(json!({
+            "model": FAILED_MODEL, "alias": "", "failed": true,
+            "fail": { "status_code": 418, "body": "" }, "request_id": FAILED_ID,
+        })),
+    ]
 }
 
 /// Attempts per second of the accuracy test, and the share that fails.
@@ -1076,6 +1151,28 @@ impl Prom {
             return Err(format!("{}: {}", v["errorType"], v["error"]));
         }
         Ok(v["data"].clone())
+    }
+
+    /// The `request_id`s of the exemplars of the series `selector` matches, over the last hour.
+    async fn exemplars(&self, selector: &str) -> Vec<String> {
+        let now = unix_now();
+        let req = self
+            .http
+            .post(format!("{}/api/v1/query_exemplars", self.base))
+            .form(&[
+                ("query", selector.to_owned()),
+                ("start", (now - 3600.0).to_string()),
+                ("end", (now + 60.0).to_string()),
+            ]);
+        let Ok(data) = self.get_json(req).await else {
+            return Vec::new();
+        };
+        data.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|series| series["exemplars"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["labels"]["request_id"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// An instant query at the current time: its series (a scalar counts as one).

@@ -72,6 +72,45 @@ async fn demo_serves_both_formats_and_promtool_accepts_the_text() {
     assert!(om.ends_with("# EOF\n"));
     assert!(om.contains("# TYPE cpa_requests counter"));
 
+    // Exemplars: in OpenMetrics, on latency and time-to-first-token buckets (and failure
+    // counters), naming a record by CPA's 8-hex request_id; never in text 0.0.4.
+    let with_exemplar: Vec<&str> = om.lines().filter(|l| l.contains(" # {")).collect();
+    for family in [
+        "cpa_request_duration_seconds_bucket{",
+        "cpa_time_to_first_token_seconds_bucket{",
+    ] {
+        assert!(
+            with_exemplar.iter().any(|l| l.starts_with(family)),
+            "no exemplar on {family}"
+        );
+    }
+    for line in &with_exemplar {
+        assert!(
+            [
+                "cpa_request_duration_seconds_bucket{",
+                "cpa_time_to_first_token_seconds_bucket{",
+                "cpa_request_failures_total{",
+            ]
+            .iter()
+            .any(|f| line.starts_with(f)),
+            "exemplar on another family: {line}"
+        );
+        let (_, exemplar) = line.split_once(" # ").unwrap();
+        let id = exemplar
+            .strip_prefix("{request_id=\"")
+            .and_then(|r| r.split_once("\"} "))
+            .map(|(id, _)| id)
+            .unwrap_or_else(|| panic!("malformed exemplar: {line}"));
+        assert!(
+            id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{line}"
+        );
+        // ` value timestamp` after the label set.
+        assert_eq!(exemplar.split(' ').count(), 3, "{line}");
+    }
+    let (_, plain) = get(port, None).await;
+    assert!(!plain.contains("request_id") && !plain.contains(" # "));
+
     // q-values are honoured: q=0 refuses a format or an encoding.
     let (ct, _) = get(port, Some("application/openmetrics-text;q=0, text/plain")).await;
     assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");

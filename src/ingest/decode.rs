@@ -217,8 +217,10 @@ pub struct RawRecord<'a> {
     pub api_key: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub event_id: Option<Cow<'a, str>>,
-    /// Shared by the attempts of one inbound request. Anything but a string reads as absent,
-    /// so a malformed id never costs the record.
+    /// CPA's id of the client request, shared by the attempts of one inbound request: it
+    /// groups them (hashed), and appears only in OpenMetrics exemplars and the opt-in event
+    /// log, never as a label or stored text. Anything but a string reads as absent, so a
+    /// malformed id never costs the record.
     #[serde(borrow, deserialize_with = "lenient_str")]
     pub request_id: Option<Cow<'a, str>>,
     /// Only the quota and rate-limit headers; nothing else of `response_headers` is read.

@@ -20,8 +20,9 @@ use crate::families::set::{self, LabelSet};
 use crate::families::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
 use crate::labels;
 use crate::pricing::{cost_nano_usd, Price, Pricing};
-use crate::series::{Hist, LabelValues, Value};
-pub use attempt::{request_key, Attempt, RequestId, Route};
+pub use crate::series::RequestId;
+use crate::series::{Exemplar, Exemplars, Hist, LabelValues, Value};
+pub use attempt::{request_key, Attempt, Route};
 use decode::{Element, Num, RawRecord};
 pub use tokens::Tokens;
 
@@ -69,6 +70,37 @@ impl Delta {
     }
 }
 
+/// The exemplars of one batch: per family and label set (as [`Delta`] keys them), the latest
+/// record per bucket or counter series. Only the latency, time-to-first-token and failure
+/// families carry them.
+#[derive(Debug, Default)]
+pub struct BatchExemplars {
+    pub families: [HashMap<LabelValues, Exemplars>; Family::COUNT],
+}
+
+impl BatchExemplars {
+    fn add(&mut self, family: Family, labels: LabelValues, e: &Exemplars) {
+        if !e.is_empty() {
+            self.families[family as usize]
+                .entry(labels)
+                .or_default()
+                .merge(e);
+        }
+    }
+
+    pub fn get(&self, family: Family, labels: &LabelValues) -> Option<&Exemplars> {
+        self.families[family as usize].get(labels)
+    }
+
+    fn absorb(&mut self, other: BatchExemplars) {
+        for (family, map) in Family::ALL.into_iter().zip(other.families) {
+            for (labels, e) in map {
+                self.add(family, labels, &e);
+            }
+        }
+    }
+}
+
 /// The outcome of ingesting one popped batch, ready to be committed in one transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -91,6 +123,8 @@ pub struct Batch {
     /// Set by the caller when the pop behind this batch returned less than it asked for: CPA's
     /// queue held nothing older, so an open failover chain may be finished by the wall clock.
     pub caught_up: bool,
+    /// Live exemplars, applied to the state only once the batch is committed.
+    pub exemplars: BatchExemplars,
 }
 
 impl Batch {
@@ -123,6 +157,7 @@ impl Batch {
         self.repaired_utf8 += other.repaired_utf8;
         self.attempts.extend(other.attempts);
         self.caught_up = other.caught_up;
+        self.exemplars.absorb(other.exemplars);
     }
 }
 
@@ -359,7 +394,7 @@ fn ingest_iter<'a>(
     let mut recs = std::mem::take(&mut agg.recs);
     for (key, slot) in agg.slots {
         let rec = std::mem::take(&mut recs[slot]);
-        routes[slot] = Some(rec.emit(&key, pricing, &mut batch.delta));
+        routes[slot] = Some(rec.emit(&key, pricing, &mut batch.delta, &mut batch.exemplars));
     }
     batch.attempts = agg
         .pending
@@ -410,7 +445,7 @@ struct Agg<'a> {
 struct Pending {
     slot: usize,
     started: Option<f64>,
-    request_id: RequestId,
+    request_id: Option<RequestId>,
     request_key: Option<u64>,
     obs: Observation,
 }
@@ -446,7 +481,7 @@ fn decode_element_into<'a>(
         Element::Control => return Outcome::Control,
         Element::Invalid(r) => return Outcome::Invalid(r),
     };
-    let Ok(obs) = Observation::of(&rec) else {
+    let Ok(mut obs) = Observation::of(&rec) else {
         return Outcome::Invalid(reason::INVALID_NUMBER);
     };
     if let Some(id) = rec.event_id.as_deref().filter(|id| !id.is_empty()) {
@@ -466,15 +501,16 @@ fn decode_element_into<'a>(
     if let Some(ts) = started {
         batch.last_record_timestamp = Some(batch.last_record_timestamp.map_or(ts, |t| t.max(ts)));
     }
+    obs.exemplar = exemplar_of(&rec, started, &obs, now);
     if !rec.response_headers.is_empty() {
         note_quota(&rec, started, now, &obs, &mut batch.quota);
     }
     let (request_id, request_key) = match rec.request_id.as_deref().filter(|id| !id.is_empty()) {
         Some(id) => (
-            RequestId::new(id),
+            RequestId::parse(id),
             Some(request_key(rec.api_key.as_deref().unwrap_or_default(), id)),
         ),
-        None => (RequestId::default(), None),
+        None => (None, None),
     };
     let key = RecKey::take(&mut rec);
     let slot = match agg.slots.get(&key) {
@@ -494,6 +530,21 @@ fn decode_element_into<'a>(
         obs,
     });
     Outcome::Ingested
+}
+
+/// The record's exemplar identity: its `request_id` (when CPA's hex form) and when it ended.
+/// The end (start + latency, never after the pop) is when the record was counted, so the
+/// exemplar's dot sits where the graph's rate rises, and a long request is not drawn minutes
+/// before it was observed; CPA's request log still finds it by id.
+fn exemplar_of(
+    rec: &RawRecord<'_>,
+    started: Option<f64>,
+    obs: &Observation,
+    now: f64,
+) -> Option<(RequestId, f64)> {
+    let id = RequestId::parse(rec.request_id.as_deref()?)?;
+    let ended = (started? + obs.latency_seconds.unwrap_or(0.0)).min(now);
+    Some((id, ended))
 }
 
 /// Record a credential's quota headers. They arrived with the first byte of the response.
@@ -562,6 +613,8 @@ struct Observation {
     tokens: Tokens,
     latency_seconds: Option<f64>,
     ttft_seconds: Option<f64>,
+    /// Set once the record's time is known ([`exemplar_of`]).
+    exemplar: Option<(RequestId, f64)>,
 }
 
 impl Observation {
@@ -591,6 +644,7 @@ impl Observation {
             latency_seconds,
             // 0 means "not measured" (and every record before v7.1.24).
             ttft_seconds: (ttft > 0).then(|| ttft as f64 / 1000.0),
+            exemplar: None,
         })
     }
 }
@@ -642,6 +696,41 @@ struct RecAgg {
     tokens: [u64; 6],
     latency: Option<Hist>,
     ttft: Option<Hist>,
+    exemplars: RecExemplars,
+}
+
+/// The latest record per bucket and per failure code of one [`RecKey`].
+#[derive(Default)]
+struct RecExemplars {
+    latency: Exemplars,
+    ttft: Exemplars,
+    failures: Vec<(u16, Exemplars)>,
+}
+
+impl RecExemplars {
+    fn add(&mut self, o: &Observation, (request_id, time): (RequestId, f64)) {
+        let at = |value| Exemplar {
+            request_id,
+            time,
+            value,
+        };
+        if let Some(v) = o.latency_seconds {
+            self.latency.note_observation(LATENCY_BUCKETS, at(v));
+        }
+        if let Some(v) = o.ttft_seconds {
+            self.ttft.note_observation(TTFT_BUCKETS, at(v));
+        }
+        if let Some(code) = o.failed_status {
+            let i = match self.failures.iter().position(|(c, _)| *c == code) {
+                Some(i) => i,
+                None => {
+                    self.failures.push((code, Exemplars::default()));
+                    self.failures.len() - 1
+                }
+            };
+            self.failures[i].1.note_counter(at(1.0));
+        }
+    }
 }
 
 fn observe(hist: &mut Option<Hist>, bounds: &[f64], v: f64) {
@@ -673,6 +762,9 @@ impl RecAgg {
         if let Some(v) = o.ttft_seconds {
             observe(&mut self.ttft, TTFT_BUCKETS, v);
         }
+        if let Some(e) = o.exemplar {
+            self.exemplars.add(o, e);
+        }
     }
 
     /// Project the record-level aggregate onto every family's label set; the route's sanitized
@@ -682,6 +774,7 @@ impl RecAgg {
         key: &RecKey<'_>,
         pricing: &'p Pricing,
         delta: &mut Delta,
+        exemplars: &mut BatchExemplars,
     ) -> (Arc<Route>, Option<&'p Price>) {
         let api_key = if key.api_key.is_empty() {
             "none".to_owned()
@@ -706,8 +799,12 @@ impl RecAgg {
         };
         delta.add_count(Family::Requests, &requests, self.requests);
         for (code, n) in self.failures {
-            let code = code.to_string();
-            delta.add_count(Family::Failures, &requests.failed(&code), n);
+            let code_text = code.to_string();
+            let failed = requests.failed(&code_text);
+            delta.add_count(Family::Failures, &failed, n);
+            if let Some((_, e)) = self.exemplars.failures.iter().find(|(c, _)| *c == code) {
+                exemplars.add(Family::Failures, failed.values(), e);
+            }
         }
         let by_model = set::ByModel {
             provider: &provider,
@@ -749,9 +846,16 @@ impl RecAgg {
             model: &model,
             credential: &credential,
         };
-        for (family, hist) in [(Family::Duration, self.latency), (Family::Ttft, self.ttft)] {
+        let ex = self.exemplars;
+        for (family, hist, ex) in [
+            (Family::Duration, self.latency, ex.latency),
+            (Family::Ttft, self.ttft, ex.ttft),
+        ] {
             if let Some(h) = hist {
                 debug_assert!(matches!(family.kind(), Kind::Histogram(_)));
+                if !ex.is_empty() {
+                    exemplars.add(family, latency.values(), &ex);
+                }
                 delta.add(family, latency.values(), Value::Histogram(h));
             }
         }
@@ -838,6 +942,49 @@ mod tests {
 
     fn api_key_label_of(k: &str) -> String {
         labels::api_key_label(k)
+    }
+
+    #[test]
+    fn exemplars_name_the_latest_record_per_bucket_with_its_end_time() {
+        let slow = REC.replace(r#""latency_ms":8421"#, r#""latency_ms":95000"#);
+        let failed = REC
+            .replace(r#""failed":false"#, r#""failed":true"#)
+            .replace(r#""status_code":200"#, r#""status_code":429"#)
+            .replace("a1b2c3d4", "DEADBEEF");
+        let unusable = REC.replace("a1b2c3d4", "not-hex!");
+        let body = format!("[{REC},{slow},{failed},{unusable}]");
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let route = ["codex", "gpt-5.4", "3f9c2a7d1b4e8c60"];
+        let latency = batch
+            .exemplars
+            .get(Family::Duration, &to_labels(&route))
+            .unwrap();
+        // 8.421 s is in the 10 s bucket (index 7), 95 s in the 120 s one (index 14); the
+        // failed record ends later than the first in the same bucket and wins it.
+        let b7 = latency.get(7).unwrap();
+        assert_eq!(b7.request_id.as_str(), "deadbeef");
+        assert_eq!(b7.value, 8.421);
+        assert!((b7.time - (1_787_409_543.512_874_1 + 8.421)).abs() < 1e-6);
+        assert_eq!(latency.get(14).unwrap().request_id.as_str(), "a1b2c3d4");
+        assert!(batch
+            .exemplars
+            .get(Family::Ttft, &to_labels(&route))
+            .is_some());
+        let key = api_key_label_of("sk-client-key-1");
+        let failure = to_labels(&[
+            "codex",
+            "gpt-5.4",
+            "gpt-5.4-high",
+            "3f9c2a7d1b4e8c60",
+            &key,
+            "POST /v1/responses",
+            "429",
+        ]);
+        let e = batch.exemplars.get(Family::Failures, &failure).unwrap();
+        assert_eq!(e.get(0).unwrap().request_id.as_str(), "deadbeef");
+        assert_eq!(e.get(0).unwrap().value, 1.0);
+        // The ids are nowhere but in exemplars.
+        assert!(!format!("{batch:?}").contains("a1b2c3d4"));
     }
 
     #[test]
@@ -933,8 +1080,12 @@ mod tests {
         let a = &batch.attempts;
         assert_eq!(a.len(), 3);
         assert_eq!(
-            (a[0].failed, a[0].status_code, a[0].request_id.as_str()),
-            (true, 429, "ffff0000")
+            (
+                a[0].failed,
+                a[0].status_code,
+                a[0].request_id.map(|r| r.as_str().to_owned())
+            ),
+            (true, 429, Some("ffff0000".to_owned()))
         );
         assert_eq!((a[1].failed, a[1].status_code), (false, 200));
         assert_eq!(a[1].request_key, a[2].request_key);

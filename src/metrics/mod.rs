@@ -320,6 +320,7 @@ fn encode_live(w: &mut Writer, live: &Live) {
             &h.buckets,
             h.sum,
             h.count,
+            None,
         );
     }
     let per_family = |w: &mut Writer,

@@ -16,7 +16,7 @@ use super::text::{gauge, Format, Type, Writer};
 use super::{cpa_view, process, quota, Shared};
 use crate::families::meta::store::{BUILD_INFO, LAST_RECORD, LAST_SUCCESS, SERIES, STORE_SIZE};
 use crate::families::{label, Family, Kind};
-use crate::series::{LabelValues, Value};
+use crate::series::{Exemplars, LabelValues, Value};
 use crate::store::{Store, Stored};
 use crate::time::unix_now;
 
@@ -125,15 +125,28 @@ fn name_and_unit(family: Family) -> (&'static str, Option<&'static str>) {
     (name, unit)
 }
 
-fn write_value(w: &mut Writer, family: Family, labels: &[(&str, &str)], value: &Value) {
+/// The exemplars a series shows: none while it is held at zero, since they would name
+/// records its shown counts do not hold yet.
+/// `value` is what [`shown`] returned: the stored value itself unless the series is held.
+fn shown_exemplars<'s>(stored: &'s Stored, value: &Value) -> Option<&'s Exemplars> {
+    std::ptr::eq(value, &stored.value).then_some(&stored.exemplars)
+}
+
+fn write_value(
+    w: &mut Writer,
+    family: Family,
+    labels: &[(&str, &str)],
+    value: &Value,
+    exemplars: Option<&Exemplars>,
+) {
     let name = family.metric_name();
     match (value, family.kind()) {
         (Value::Counter(n), _) => match family.output_divisor() {
             Some(d) => w.counter(name, labels, *n as f64 / d),
-            None => w.counter(name, labels, *n),
+            None => w.counter_with(name, labels, *n, exemplars.and_then(|e| e.get(0))),
         },
         (Value::Histogram(h), Kind::Histogram(bounds)) => {
-            w.histogram(name, labels, bounds, &h.buckets, h.sum, h.count)
+            w.histogram(name, labels, bounds, &h.buckets, h.sum, h.count, exemplars)
         }
         (Value::Histogram(_), Kind::Counter) => {}
     }
@@ -166,7 +179,14 @@ fn stored_family(
                     *slot = (name, value);
                 }
                 let n = names.len().min(MAX_LABELS);
-                write_value(w, family, &pairs[..n], &shown(stored, clock));
+                let value = shown(stored, clock);
+                write_value(
+                    w,
+                    family,
+                    &pairs[..n],
+                    &value,
+                    shown_exemplars(stored, &value),
+                );
             },
         );
     }
@@ -176,7 +196,7 @@ fn stored_family(
         .filter(|(_, n)| !opts.drop.contains(n))
         .map(|(i, n)| (i, *n))
         .collect();
-    let mut projected: BTreeMap<Vec<Box<str>>, Value> = BTreeMap::new();
+    let mut projected: BTreeMap<Vec<Box<str>>, (Value, Exemplars)> = BTreeMap::new();
     {
         let state = shared.committed.read();
         for (values, stored) in &state.families[family as usize] {
@@ -193,21 +213,26 @@ fn stored_family(
                 })
                 .collect();
             let value = shown(stored, clock);
-            projected
+            let exemplars = shown_exemplars(stored, &value);
+            let (acc, ex) = projected
                 .entry(key)
-                .and_modify(|acc| acc.merge(&value))
-                .or_insert_with(|| value.into_owned());
+                .or_insert_with(|| (value.zeroed(), Exemplars::default()));
+            acc.merge(&value);
+            // Merged series show the latest record of each bucket among them.
+            if let Some(e) = exemplars {
+                ex.merge(e);
+            }
         }
     }
     let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(kept.len());
-    for (values, value) in &projected {
+    for (values, (value, exemplars)) in &projected {
         pairs.clear();
         pairs.extend(
             kept.iter()
                 .map(|(_, n)| *n)
                 .zip(values.iter().map(|v| &**v)),
         );
-        write_value(&mut sink.writer(), family, &pairs, value);
+        write_value(&mut sink.writer(), family, &pairs, value, Some(exemplars));
         sink.ship_if_full()?;
     }
     Ok(())

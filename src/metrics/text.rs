@@ -4,6 +4,8 @@
 //! The [`Writer`] appends to a byte buffer that the caller ships in chunks (see
 //! [`super::render`]), so a scrape holds a chunk, never the whole exposition.
 
+use crate::series::{Exemplar, Exemplars};
+
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -167,13 +169,27 @@ impl Writer<'_> {
 
     /// `name_total{labels} value` of a counter.
     pub fn counter(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<Num>) {
+        self.counter_with(name, labels, value, None);
+    }
+
+    /// A counter sample with, in OpenMetrics only, the exemplar of a recent record.
+    pub fn counter_with(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl Into<Num>,
+        exemplar: Option<&Exemplar>,
+    ) {
         self.sample(name, "_total", labels, None, value.into());
-        // An OpenMetrics exemplar of this counter would be written here (` # {..} v ts`).
+        self.exemplar(exemplar);
         self.end_sample();
     }
 
     /// A classic histogram from per-bucket (not cumulative) counts, the last one `+Inf`:
     /// `_sum`, `_count`, then the cumulative `_bucket`s, as prometheus-client writes them.
+    /// In OpenMetrics a bucket carries the exemplar of its slot in `exemplars` (the record
+    /// whose value fell in that bucket, not below it).
+    #[allow(clippy::too_many_arguments)]
     pub fn histogram(
         &mut self,
         name: &str,
@@ -182,6 +198,7 @@ impl Writer<'_> {
         buckets: &[u64],
         sum: f64,
         count: u64,
+        exemplars: Option<&Exemplars>,
     ) {
         self.sample(name, "_sum", labels, None, Num::F(sum));
         self.end_sample();
@@ -196,7 +213,7 @@ impl Writer<'_> {
                 None => "+Inf",
             };
             self.sample(name, "_bucket", labels, Some(bound), Num::U(cumulative));
-            // An OpenMetrics exemplar of bucket `i` would be written here.
+            self.exemplar(exemplars.and_then(|e| e.get(i)));
             self.end_sample();
         }
     }
@@ -245,6 +262,23 @@ impl Writer<'_> {
         }
     }
 
+    /// ` # {request_id="…"} value timestamp` after a sample, in OpenMetrics only (text 0.0.4
+    /// has no exemplars). The id is hex by construction, so it needs no escaping, and its 16
+    /// characters at most keep the label set far below OpenMetrics' 128.
+    fn exemplar(&mut self, exemplar: Option<&Exemplar>) {
+        let (Some(e), Format::OpenMetrics) = (exemplar, self.format) else {
+            return;
+        };
+        let mut f = dtoa::Buffer::new();
+        let out = &mut *self.out;
+        out.extend_from_slice(b" # {request_id=\"");
+        out.extend_from_slice(e.request_id.as_str().as_bytes());
+        out.extend_from_slice(b"\"} ");
+        out.extend_from_slice(f.format(e.value).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(f.format(e.time).as_bytes());
+    }
+
     fn end_sample(&mut self) {
         self.out.push(b'\n');
     }
@@ -291,7 +325,7 @@ mod tests {
             w.family("a_requests", "Requests.", None, Type::Counter);
             w.counter("a_requests", &[("x", "1")], 3u64);
             w.family("d_seconds", "Duration.", Some("seconds"), Type::Histogram);
-            w.histogram("d_seconds", &[], &[0.5, 1.0], &[1, 0, 2], 4.5, 3);
+            w.histogram("d_seconds", &[], &[0.5, 1.0], &[1, 0, 2], 4.5, 3, None);
             w.end();
         };
         assert_eq!(
@@ -308,6 +342,37 @@ mod tests {
              d_seconds_sum 4.5\nd_seconds_count 3\nd_seconds_bucket{le=\"0.5\"} 1\n\
              d_seconds_bucket{le=\"1.0\"} 1\nd_seconds_bucket{le=\"+Inf\"} 3\n"
         );
+    }
+
+    #[test]
+    fn exemplars_follow_their_sample_in_openmetrics_and_never_appear_in_text() {
+        let at = |id: &str, time: f64, value: f64| Exemplar {
+            request_id: crate::series::RequestId::parse(id).unwrap(),
+            time,
+            value,
+        };
+        let mut hist = Exemplars::default();
+        hist.note_observation(&[0.5, 1.0], at("a1b2c3d4", 1_787_409_543.5, 0.25));
+        hist.note_observation(&[0.5, 1.0], at("0000beef", 1_787_409_544.0, 42.0));
+        let both = |w: &mut Writer| {
+            w.counter_with(
+                "f",
+                &[("code", "429")],
+                2u64,
+                Some(&at("c0ffee00", 1e9, 1.0)),
+            );
+            w.histogram("d", &[], &[0.5, 1.0], &[1, 0, 2], 42.75, 3, Some(&hist));
+            w.end();
+        };
+        assert_eq!(
+            written(Format::OpenMetrics, both),
+            "f_total{code=\"429\"} 2 # {request_id=\"c0ffee00\"} 1.0 1000000000.0\n\
+             d_sum 42.75\nd_count 3\n\
+             d_bucket{le=\"0.5\"} 1 # {request_id=\"a1b2c3d4\"} 0.25 1787409543.5\n\
+             d_bucket{le=\"1.0\"} 1\n\
+             d_bucket{le=\"+Inf\"} 3 # {request_id=\"0000beef\"} 42.0 1787409544.0\n# EOF\n"
+        );
+        assert!(!written(Format::Text004, both).contains('#'));
     }
 
     #[test]

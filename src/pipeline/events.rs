@@ -21,7 +21,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::families::{NANO_PER_UNIT, TOKEN_TYPES};
-use crate::ingest::Attempt;
+use crate::ingest::{Attempt, RequestId};
 use crate::metrics::event_log_reason as reason;
 use crate::metrics::{LabelOptions, Shared};
 
@@ -191,7 +191,7 @@ fn line(buf: &mut Vec<u8>, a: &Attempt, failover: bool, labels: &LabelOptions) {
         .map_or(&*route.api_key, String::as_str);
     let line = Line {
         time: a.started.map(format_time),
-        request_id: (!a.request_id.is_empty()).then(|| a.request_id.as_str()),
+        request_id: a.request_id.as_ref().map(RequestId::as_str),
         provider: &route.provider,
         model: &route.model,
         requested_model: &route.requested_model,

@@ -526,7 +526,7 @@ mod tests {
     fn attempt(key: u64, start: f64, latency: f64, status: u16, model: &str) -> Attempt {
         Attempt {
             started: Some(start),
-            request_id: RequestId::new("a1b2c3d4"),
+            request_id: RequestId::parse("a1b2c3d4"),
             request_key: Some(key),
             route: route("codex", model, "gpt-5", &format!("cred-{model}")),
             status_code: status,

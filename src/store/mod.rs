@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::families::{is_structural_label, outcome, reason, Family, Kind, OVERFLOW_VALUE};
 use crate::ingest::quota::{self, Field};
 use crate::ingest::{Batch, QuotaObservation};
-use crate::series::{Hist, LabelValues, Value};
+use crate::series::{Exemplars, Hist, LabelValues, Value};
 
 /// Schema steps; step N (1-based) brings the database to `user_version` N.
 const MIGRATIONS: [&str; 4] = [
@@ -141,13 +141,24 @@ impl Default for Limits {
 }
 
 /// A committed series: its row id in SQLite, its cumulative value and when it was created.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Stored {
     pub id: i64,
     pub value: Value,
     /// Unix seconds of the commit that created the series; `None` for a series that needs no
     /// hold (created before the hold existed, or initialised at zero at start).
     pub created_at: Option<i64>,
+    /// Live exemplars (latency, time to first token, failures): set after a commit, never
+    /// written to SQLite, gone with the series when it is retired.
+    pub exemplars: Exemplars,
+}
+
+/// Two series are equal when what is stored of them is: the live exemplars are not, and a
+/// reopened store has none.
+impl PartialEq for Stored {
+    fn eq(&self, other: &Stored) -> bool {
+        (self.id, &self.value, self.created_at) == (other.id, &other.value, other.created_at)
+    }
 }
 
 impl Stored {
@@ -244,6 +255,9 @@ struct Write {
     value: Value,
     /// Copied from the stored series; set by `commit` for a new one.
     created_at: Option<i64>,
+    /// The batch's exemplars of the series (of every label set folded into it), merged into
+    /// the stored ones by `apply`, after the commit.
+    exemplars: Exemplars,
 }
 
 /// The absolute values a batch leads to, computed before the commit and applied after it.
@@ -516,6 +530,7 @@ impl Store {
                     id,
                     value,
                     created_at,
+                    exemplars: Exemplars::default(),
                 },
             );
         }
@@ -680,12 +695,18 @@ impl Store {
                         id: existing.map(|s| s.id),
                         value: existing.map_or_else(|| zero(family), |s| s.value.clone()),
                         created_at: existing.and_then(|s| s.created_at),
+                        exemplars: Exemplars::default(),
                     });
                     slots[f].insert(key.clone(), plan.writes.len() - 1);
                     plan.writes.len() - 1
                 }
             };
             plan.writes[slot].value.merge(delta);
+            // Keyed by the batch's own label set, landing on the series actually written
+            // (`__other__` for a folded one).
+            if let Some(e) = batch.exemplars.get(family, labels) {
+                plan.writes[slot].exemplars.merge(e);
+            }
         }
         // Kept within what SQLite stores, so memory and disk agree after a restart.
         for w in &mut plan.writes {
@@ -843,12 +864,24 @@ impl Store {
     pub fn apply(&mut self, state: &mut State, plan: Plan) {
         for w in plan.writes {
             let id = w.id.unwrap_or_default();
-            let series = Stored {
-                id,
-                value: w.value,
-                created_at: w.created_at,
-            };
-            state.families[w.family as usize].insert(w.labels, series);
+            let family = &mut state.families[w.family as usize];
+            match family.get_mut(&w.labels) {
+                Some(s) => {
+                    s.id = id;
+                    s.value = w.value;
+                    s.created_at = w.created_at;
+                    s.exemplars.merge(&w.exemplars);
+                }
+                None => {
+                    let series = Stored {
+                        id,
+                        value: w.value,
+                        created_at: w.created_at,
+                        exemplars: w.exemplars,
+                    };
+                    family.insert(w.labels, series);
+                }
+            }
         }
         for (seq, id) in plan.event_ids {
             self.dedup.set.insert(id);
@@ -1127,6 +1160,93 @@ mod tests {
                 Value::Histogram(_) => 0,
             })
             .sum()
+    }
+
+    /// The request ids of a family's exemplars, per series (first label) and slot.
+    fn exemplar_ids(state: &State, family: Family) -> Vec<(String, usize, String)> {
+        let mut ids = Vec::new();
+        for (labels, stored) in &state.families[family as usize] {
+            for slot in 0..32 {
+                if let Some(e) = stored.exemplars.get(slot) {
+                    ids.push((
+                        labels[1].to_string(),
+                        slot,
+                        e.request_id.as_str().to_owned(),
+                    ));
+                }
+            }
+        }
+        ids
+    }
+
+    #[test]
+    fn exemplars_land_on_the_committed_series_even_folded_and_are_not_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let limits = Limits {
+            series_per_family: 1,
+            ..Limits::default()
+        };
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        let with_id = |model: &str, id: &str, failed: bool| {
+            rec(model, None).replace(
+                r#""provider""#,
+                &format!(r#""request_id":"{id}","failed":{failed},"provider""#),
+            )
+        };
+        // "a" takes the only slot of each family; "b" folds into `__other__`.
+        ingest(
+            &mut store,
+            &mut state,
+            &format!(
+                "[{},{}]",
+                with_id("a", "0000000a", false),
+                with_id("b", "0000000b", true)
+            ),
+        );
+        // 1.2 s falls in the 2.0 bucket (index 3). Whichever model took the slot shows its own
+        // record; the `__other__` series shows the folded one's.
+        let ids = exemplar_ids(&state, Family::Duration);
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        let (kept, folded) = if ids[1].0 == "a" {
+            ("a", "b")
+        } else {
+            ("b", "a")
+        };
+        assert_eq!(
+            ids,
+            [
+                ("__other__".to_owned(), 3, format!("0000000{folded}")),
+                (kept.to_owned(), 3, format!("0000000{kept}"))
+            ]
+        );
+        assert_eq!(
+            exemplar_ids(&state, Family::Failures),
+            [("b".to_owned(), 0, "0000000b".to_owned())],
+            "the only failure is the first failure series"
+        );
+        // A later record replaces the bucket's exemplar; a record without an id keeps it.
+        ingest(
+            &mut store,
+            &mut state,
+            &format!("[{},{}]", with_id("a", "0000000c", false), rec("a", None)),
+        );
+        let model = if kept == "a" { "a" } else { "__other__" };
+        assert!(exemplar_ids(&state, Family::Duration).contains(&(
+            model.to_owned(),
+            3,
+            "0000000c".to_owned()
+        )));
+        // Not in SQLite (neither the file nor its log holds an id), and a reopened store has
+        // the values without exemplars.
+        drop(store);
+        for file in [path.clone(), path.with_extension("db-wal")] {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            assert!(!bytes.windows(7).any(|w| w == b"0000000"), "{file:?}");
+        }
+        let (_, reopened) = Store::open(&path, limits).unwrap();
+        assert_eq!(reopened.families, state.families);
+        assert!(exemplar_ids(&reopened, Family::Duration).is_empty());
     }
 
     #[test]

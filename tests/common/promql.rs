@@ -1,11 +1,14 @@
 //! PromQL helpers shared by the dashboard, rule and end-to-end tests: load the Grafana
 //! dashboards, expand their template variables the way Grafana would, and list the metric
-//! names a query reads, with a small tokenizer (strings, label matchers, ranges, function
-//! names and keywords are not metric names).
+//! names a query reads from its syntax tree (`promql-parser`), so a query that does not parse
+//! fails the test that reads it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use promql_parser::label::MatchOp;
+use promql_parser::parser::{self as ast, Expr};
 use serde_json::Value;
 
 /// What Grafana's built-in interval variables expand to in these tests.
@@ -101,26 +104,36 @@ pub fn variable_values(dashboard: &Value) -> BTreeMap<String, String> {
     out
 }
 
+/// Grafana's built-in interval variables (without the `$`) and what they expand to here.
+pub const BUILTINS: [(&str, &str); 7] = [
+    ("__rate_interval", RATE_INTERVAL),
+    ("__range", RANGE),
+    ("__interval", INTERVAL),
+    ("__range_s", "3600"),
+    ("__range_ms", "3600000"),
+    ("__interval_ms", "15000"),
+    ("__rate_interval_ms", "60000"),
+];
+
 /// Replace Grafana variables in `expr`: `$__rate_interval`, `$__range`, `$__interval` (and their
 /// `_s`/`_ms` forms) by fixed values, and `$x`, `${x}`, `${x:format}`, `[[x]]` by `vars[x]`.
 /// A `$name` that is neither built in nor in `vars` is left as it is, as Grafana does (so a
 /// `$1` in a `label_replace` replacement survives).
 pub fn expand(expr: &str, vars: &BTreeMap<String, String>) -> String {
-    let builtin = |name: &str| -> Option<&'static str> {
-        Some(match name {
-            "__rate_interval" => RATE_INTERVAL,
-            "__range" => RANGE,
-            "__interval" => INTERVAL,
-            "__range_s" => "3600",
-            "__range_ms" => "3600000",
-            "__interval_ms" => "15000",
-            "__rate_interval_ms" => "60000",
-            _ => return None,
-        })
-    };
+    expand_with(expr, vars, &BUILTINS)
+}
+
+/// [`expand`] with other values for the built-in variables.
+pub fn expand_with(
+    expr: &str,
+    vars: &BTreeMap<String, String>,
+    builtins: &[(&str, &str)],
+) -> String {
     let lookup = |name: &str| -> Option<String> {
-        builtin(name)
-            .map(str::to_owned)
+        builtins
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| (*v).to_owned())
             .or_else(|| vars.get(name).cloned())
     };
     let b = expr.as_bytes();
@@ -263,352 +276,156 @@ fn file_name(p: &Path) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tokenizer
+// Parsing
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Token {
-    Ident(String),
-    Number(String),
-    Str(String),
-    /// The inside of `{...}`: label matchers.
-    Matchers(String),
-    /// The inside of `[...]`: a range or a subquery `range:step`.
-    Range(String),
-    /// A Grafana variable outside strings and brackets: `$x`, `${x}`, `[[x]]`.
-    Var(String),
-    LParen,
-    RParen,
-    Comma,
-    Op(String),
+/// Parse a PromQL expression whose Grafana variables are expanded. The error names the query
+/// and carries the parser's message.
+pub fn parse(expr: &str) -> Result<Expr, String> {
+    ast::parse(expr).map_err(|e| format!("`{expr}` is not valid PromQL: {e}"))
 }
 
-const KEYWORDS: [&str; 11] = [
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "offset",
-    "bool",
-    "and",
-    "or",
-    "unless",
-];
-
-const AGGREGATIONS: [&str; 14] = [
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "group",
-    "stddev",
-    "stdvar",
-    "count",
-    "count_values",
-    "bottomk",
-    "topk",
-    "quantile",
-    "limitk",
-    "limit_ratio",
-];
-
-/// Split a PromQL expression into tokens.
-pub fn tokenize(expr: &str) -> Result<Vec<Token>, String> {
-    let chars: Vec<char> = expr.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    let err = |i: usize, what: &str| format!("{what} at offset {i} in `{expr}`");
-    // Reads a quoted string starting at `start` (the quote); returns the index after it.
-    let read_string = |start: usize| -> Result<(String, usize), String> {
-        let quote = chars[start];
-        let mut j = start + 1;
-        let mut s = String::new();
-        while j < chars.len() {
-            let c = chars[j];
-            if c == '\\' && quote != '`' {
-                if let Some(&n) = chars.get(j + 1) {
-                    s.push(n);
-                }
-                j += 2;
-                continue;
-            }
-            if c == quote {
-                return Ok((s, j + 1));
-            }
-            s.push(c);
-            j += 1;
-        }
-        Err(err(start, "unterminated string"))
-    };
-    while i < chars.len() {
-        let c = chars[i];
-        match c {
-            c if c.is_whitespace() => i += 1,
-            '#' => {
-                while i < chars.len() && chars[i] != '\n' {
-                    i += 1;
-                }
-            }
-            '"' | '\'' | '`' => {
-                let (s, next) = read_string(i)?;
-                out.push(Token::Str(s));
-                i = next;
-            }
-            '{' => {
-                let mut j = i + 1;
-                let mut inner = String::new();
-                loop {
-                    match chars.get(j) {
-                        None => return Err(err(i, "unclosed `{`")),
-                        Some('}') => break,
-                        Some('"' | '\'' | '`') => {
-                            let (_, next) = read_string(j)?;
-                            inner.extend(&chars[j..next]);
-                            j = next;
-                        }
-                        Some(&ch) => {
-                            inner.push(ch);
-                            j += 1;
-                        }
-                    }
-                }
-                out.push(Token::Matchers(inner));
-                i = j + 1;
-            }
-            '[' if chars.get(i + 1) == Some(&'[') => {
-                let rest: String = chars[i + 2..].iter().collect();
-                let end = rest.find("]]").ok_or_else(|| err(i, "unclosed `[[`"))?;
-                out.push(Token::Var(rest[..end].to_owned()));
-                i += 2 + rest[..end].chars().count() + 2;
-            }
-            '[' => {
-                let rest: String = chars[i + 1..].iter().collect();
-                let end = rest.find(']').ok_or_else(|| err(i, "unclosed `[`"))?;
-                out.push(Token::Range(rest[..end].trim().to_owned()));
-                i += 1 + rest[..end].chars().count() + 1;
-            }
-            '$' => {
-                if chars.get(i + 1) == Some(&'{') {
-                    let rest: String = chars[i + 2..].iter().collect();
-                    let end = rest.find('}').ok_or_else(|| err(i, "unclosed `${`"))?;
-                    out.push(Token::Var(rest[..end].to_owned()));
-                    i += 2 + rest[..end].chars().count() + 1;
-                } else {
-                    let mut j = i + 1;
-                    while j < chars.len() && (chars[j].is_ascii_alphanumeric() || chars[j] == '_') {
-                        j += 1;
-                    }
-                    if j == i + 1 {
-                        return Err(err(i, "lone `$`"));
-                    }
-                    out.push(Token::Var(chars[i + 1..j].iter().collect()));
-                    i = j;
-                }
-            }
-            '(' => {
-                out.push(Token::LParen);
-                i += 1;
-            }
-            ')' => {
-                out.push(Token::RParen);
-                i += 1;
-            }
-            ',' => {
-                out.push(Token::Comma);
-                i += 1;
-            }
-            c if c.is_ascii_digit()
-                || (c == '.' && chars.get(i + 1).is_some_and(|n| n.is_ascii_digit())) =>
-            {
-                // Numbers, hex, exponents (`1e-3`) and durations (`1h30m`).
-                let mut j = i;
-                while j < chars.len() {
-                    let ch = chars[j];
-                    let exponent_sign = (ch == '+' || ch == '-')
-                        && matches!(chars[j - 1], 'e' | 'E')
-                        && chars[i..j - 1]
-                            .iter()
-                            .all(|c| c.is_ascii_digit() || *c == '.');
-                    if ch.is_ascii_alphanumeric() || ch == '.' || exponent_sign {
-                        j += 1;
-                    } else {
-                        break;
-                    }
-                }
-                out.push(Token::Number(chars[i..j].iter().collect()));
-                i = j;
-            }
-            c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
-                let mut j = i;
-                while j < chars.len()
-                    && (chars[j].is_ascii_alphanumeric() || chars[j] == '_' || chars[j] == ':')
-                {
-                    j += 1;
-                }
-                out.push(Token::Ident(chars[i..j].iter().collect()));
-                i = j;
-            }
-            '+' | '-' | '*' | '/' | '%' | '^' | '=' | '!' | '<' | '>' | '~' | '@' => {
-                let mut j = i;
-                while j < chars.len() && "+-*/%^=!<>~@".contains(chars[j]) {
-                    // `a>-1`: an operator followed by a sign is two tokens.
-                    if j > i && (chars[j] == '-' || chars[j] == '+') {
-                        break;
-                    }
-                    j += 1;
-                }
-                out.push(Token::Op(chars[i..j].iter().collect()));
-                i = j;
-            }
-            other => return Err(err(i, &format!("unexpected `{other}`"))),
-        }
-    }
-    Ok(out)
+/// One label matcher of a selector: `label op "value"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matcher {
+    pub label: String,
+    /// `=`, `!=`, `=~` or `!~`.
+    pub op: String,
+    pub value: String,
 }
 
 /// A metric read by a query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selector {
     pub name: String,
-    /// The label matchers, as written (without the braces).
-    pub matchers: String,
+    /// The label matchers other than `__name__`, the alternatives of `{a="x" or b="y"}` included.
+    pub matchers: Vec<Matcher>,
     /// The range if the selector is a range vector (`name{..}[range]`).
-    pub range: Option<String>,
+    pub range: Option<Duration>,
     /// The function or aggregation whose parentheses directly enclose it (`""` for plain
-    /// parentheses, `None` at the top level).
+    /// parentheses, `None` at the top level): operators in between do not count.
     pub enclosing: Option<String>,
 }
 
-/// Every metric selector in a PromQL expression.
+/// Every metric selector of a PromQL expression (variables expanded), in the order written.
 pub fn selectors(expr: &str) -> Result<Vec<Selector>, String> {
-    let tokens = tokenize(expr)?;
+    let tree = parse(expr)?;
     let mut out = Vec::new();
-    let mut stack: Vec<String> = Vec::new();
-    let mut pending: Option<String> = None;
-    let mut i = 0;
-    let next_is_paren = |k: usize| tokens.get(k) == Some(&Token::LParen);
-    while i < tokens.len() {
-        match &tokens[i] {
-            Token::Ident(s) => {
-                let lower = s.to_ascii_lowercase();
-                if matches!(
-                    lower.as_str(),
-                    "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
-                ) {
-                    // A label list follows (optional for group_left/group_right).
-                    i += 1;
-                    if next_is_paren(i) {
-                        let mut depth = 0;
-                        while i < tokens.len() {
-                            match tokens[i] {
-                                Token::LParen => depth += 1,
-                                Token::RParen => {
-                                    depth -= 1;
-                                    if depth == 0 {
-                                        break;
-                                    }
-                                }
-                                _ => {}
-                            }
-                            i += 1;
-                        }
-                        i += 1;
-                    }
-                    continue;
-                }
-                if lower == "offset" {
-                    i += 1;
-                    if matches!(tokens.get(i), Some(Token::Op(o)) if o == "-") {
-                        i += 1;
-                    }
-                    i += 1; // the duration
-                    continue;
-                }
-                if KEYWORDS.contains(&lower.as_str())
-                    || lower == "atan2"
-                    || lower == "inf"
-                    || lower == "nan"
-                {
-                    i += 1;
-                    continue;
-                }
-                let by_follows = matches!(tokens.get(i + 1), Some(Token::Ident(k))
-                    if k.eq_ignore_ascii_case("by") || k.eq_ignore_ascii_case("without"));
-                if next_is_paren(i + 1) || (AGGREGATIONS.contains(&lower.as_str()) && by_follows) {
-                    pending = Some(s.clone());
-                    i += 1;
-                    continue;
-                }
-                // A metric name, maybe with matchers and a range.
-                let mut sel = Selector {
-                    name: s.clone(),
-                    matchers: String::new(),
-                    range: None,
-                    enclosing: stack.last().cloned(),
-                };
-                i += 1;
-                if let Some(Token::Matchers(m)) = tokens.get(i) {
-                    sel.matchers = m.clone();
-                    i += 1;
-                }
-                if let Some(Token::Range(r)) = tokens.get(i) {
-                    sel.range = Some(r.clone());
-                    i += 1;
-                }
-                out.push(sel);
-                continue;
-            }
-            Token::Matchers(m) => {
-                // `{__name__="x"}` without a name in front.
-                let name = m
-                    .split(',')
-                    .find_map(|p| {
-                        let (k, v) = p.split_once('=')?;
-                        (k.trim() == "__name__").then(|| v.trim().trim_matches('"').to_owned())
-                    })
-                    .ok_or_else(|| format!("selector without a metric name in `{expr}`"))?;
-                out.push(Selector {
-                    name,
-                    matchers: m.clone(),
-                    range: match tokens.get(i + 1) {
-                        Some(Token::Range(r)) => Some(r.clone()),
-                        _ => None,
-                    },
-                    enclosing: stack.last().cloned(),
-                });
-            }
-            Token::LParen => stack.push(pending.take().unwrap_or_default()),
-            Token::RParen => {
-                stack
-                    .pop()
-                    .ok_or_else(|| format!("unbalanced `)` in `{expr}`"))?;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    if !stack.is_empty() {
-        return Err(format!("unbalanced `(` in `{expr}`"));
-    }
+    collect(&tree, None, &mut out).map_err(|e| format!("`{expr}`: {e}"))?;
     Ok(out)
 }
 
-/// The metric names a PromQL expression reads.
+fn collect(e: &Expr, enclosing: Option<&str>, out: &mut Vec<Selector>) -> Result<(), String> {
+    match e {
+        Expr::VectorSelector(vs) => out.push(selector(vs, None, enclosing)?),
+        Expr::MatrixSelector(ms) => out.push(selector(&ms.vs, Some(ms.range), enclosing)?),
+        Expr::Call(c) => {
+            for a in &c.args.args {
+                collect(a, Some(c.func.name), out)?;
+            }
+        }
+        Expr::Aggregate(a) => {
+            let op = a.op.to_string();
+            if let Some(p) = &a.param {
+                collect(p, Some(&op), out)?;
+            }
+            collect(&a.expr, Some(&op), out)?;
+        }
+        Expr::Paren(p) => collect(&p.expr, Some(""), out)?,
+        Expr::Binary(b) => {
+            collect(&b.lhs, enclosing, out)?;
+            collect(&b.rhs, enclosing, out)?;
+        }
+        Expr::Unary(u) => collect(&u.expr, enclosing, out)?,
+        Expr::Subquery(s) => collect(&s.expr, enclosing, out)?,
+        Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+    }
+    Ok(())
+}
+
+fn selector(
+    vs: &ast::VectorSelector,
+    range: Option<Duration>,
+    enclosing: Option<&str>,
+) -> Result<Selector, String> {
+    let all = vs
+        .matchers
+        .matchers
+        .iter()
+        .chain(vs.matchers.or_matchers.iter().flatten());
+    let mut name = vs.name.clone();
+    let mut matchers = Vec::new();
+    for m in all {
+        if m.name == "__name__" {
+            match &m.op {
+                MatchOp::Equal => name = Some(m.value.clone()),
+                op => {
+                    return Err(format!(
+                        "`__name__{op}\"{}\"`: which metrics is unknown",
+                        m.value
+                    ))
+                }
+            }
+        } else {
+            matchers.push(Matcher {
+                label: m.name.clone(),
+                op: m.op.to_string(),
+                value: m.value.clone(),
+            });
+        }
+    }
+    Ok(Selector {
+        name: name.ok_or("a selector without a metric name")?,
+        matchers,
+        range,
+        enclosing: enclosing.map(str::to_owned),
+    })
+}
+
+/// The metric names a PromQL expression (variables expanded) reads: recording rules' names
+/// included, function names, labels, strings and keywords not.
 pub fn metric_names(expr: &str) -> Result<BTreeSet<String>, String> {
     Ok(selectors(expr)?.into_iter().map(|s| s.name).collect())
 }
 
-/// Every range written in the expression: `[5m]`, and both parts of a subquery `[1h:1m]`.
-pub fn ranges(expr: &str) -> Result<Vec<String>, String> {
-    Ok(tokenize(expr)?
-        .into_iter()
-        .filter_map(|t| match t {
-            Token::Range(r) => Some(r),
-            _ => None,
-        })
-        .collect())
+/// Every duration written between brackets: a range vector's `[5m]`, and a subquery's range
+/// and step (`[1h:1m]`; a subquery without a step gives its range only).
+pub fn ranges(expr: &str) -> Result<Vec<Duration>, String> {
+    fn walk(e: &Expr, out: &mut Vec<Duration>) {
+        match e {
+            Expr::MatrixSelector(ms) => out.push(ms.range),
+            Expr::Subquery(s) => {
+                out.push(s.range);
+                out.extend(s.step);
+                walk(&s.expr, out);
+            }
+            Expr::Call(c) => c.args.args.iter().for_each(|a| walk(a, out)),
+            Expr::Aggregate(a) => {
+                if let Some(p) = &a.param {
+                    walk(p, out);
+                }
+                walk(&a.expr, out);
+            }
+            Expr::Paren(p) => walk(&p.expr, out),
+            Expr::Binary(b) => {
+                walk(&b.lhs, out);
+                walk(&b.rhs, out);
+            }
+            Expr::Unary(u) => walk(&u.expr, out),
+            Expr::VectorSelector(_)
+            | Expr::NumberLiteral(_)
+            | Expr::StringLiteral(_)
+            | Expr::Extension(_) => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&parse(expr)?, &mut out);
+    Ok(out)
+}
+
+/// A duration as PromQL writes it (`1m`, `1h30m`).
+pub fn duration(d: &Duration) -> String {
+    promql_parser::util::display_duration(d)
 }
 
 /// The recording-rule names (`record:`) of every rule file under `alerts/`, or `None` when
