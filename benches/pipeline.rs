@@ -279,8 +279,11 @@ fn main() {
         let path = dir.path().join(format!("commit-{}.db", rand_suffix()));
         let (mut store, mut state) = Store::open(&path, limits()).unwrap();
         for b in &bodies {
-            let batch = from_body(b, &pricing, |id| store.seen(id)).unwrap();
-            let mut plan = store.plan(&state, &batch);
+            // As the drain loop commits: failover grouping and its expiry included.
+            let mut batch = from_body(b, &pricing, |id| store.seen(id)).unwrap();
+            batch.caught_up = true;
+            let now = cpa_usage_exporter::time::unix_now() as i64;
+            let mut plan = store.plan_batch(&state, &batch, now);
             store.commit(&mut plan, 0).unwrap();
             store.apply(&mut state, plan);
         }

@@ -15,6 +15,7 @@ use crate::cpa::ClientOptions;
 use crate::cpa::Transport;
 use crate::metrics::Shared;
 use crate::pipeline::drain::{self, DrainOptions};
+use crate::pipeline::events::{EventLog, Target as EventLogTarget};
 use crate::pipeline::poller::{self, PollerOptions};
 use crate::store::budget::{Budgets, META_PREFIX};
 use crate::store::{State, Store, StoreError};
@@ -40,6 +41,12 @@ pub enum StartError {
     Transport(#[from] BuildError),
     #[error("web config file (--web.config.file / CPA_EXPORTER_WEB_CONFIG)")]
     WebConfig(#[from] crate::http::WebConfigError),
+    #[error("event log (--event-log / CPA_EXPORTER_EVENT_LOG): cannot open {path}: {source}")]
+    EventLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Resolves once SIGTERM or SIGINT arrives. The handlers are installed by the call, not at the
@@ -144,6 +151,18 @@ pub async fn run_with_key(
     let poll_interval = client.idle_interval();
     let pricing = load_pricing(&config)?;
     let shared = Arc::new(Shared::new(state, config.labels.clone(), config.db.clone()));
+    let event_log = match config.event_log.clone() {
+        None => None,
+        Some(target) => {
+            let path = match &target {
+                EventLogTarget::Stdout => "stdout".to_owned(),
+                EventLogTarget::File { path, .. } => path.display().to_string(),
+            };
+            let log = EventLog::start(target, shared.clone())
+                .map_err(|source| StartError::EventLog { path, source })?;
+            Some(Arc::new(log))
+        }
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = listener.local_addr().unwrap_or(config.listen);
     info!(
@@ -199,6 +218,7 @@ pub async fn run_with_key(
             // The source's own idle interval wins once its transport is known.
             poll_interval,
             pricing,
+            event_log,
         },
         stop_rx,
     );

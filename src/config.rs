@@ -16,6 +16,7 @@ use crate::cpa::{ApiVersion, Transport};
 use crate::families::label;
 use crate::labels::{api_key_label, sanitize};
 use crate::metrics::LabelOptions;
+use crate::pipeline::events::Target as EventLogTarget;
 use crate::store::budget::{Budget, Period};
 use crate::store::Limits;
 
@@ -198,6 +199,44 @@ pub struct Flags {
         default_value = DEFAULT_NEW_SERIES_HOLD,
     )]
     pub new_series_hold: Option<String>,
+    /// How far apart the attempts of one inbound request (same request_id and client key) may
+    /// start, and how long a request whose last attempt failed waits for another (1s..1h).
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_FAILOVER_WINDOW",
+        global = true,
+        value_name = "DURATION",
+        default_value = DEFAULT_FAILOVER_WINDOW,
+    )]
+    pub failover_window: Option<String>,
+    /// One JSON line per ingested record, for a log store: off, stdout, or a file path
+    /// (rotated by size). Lines carry request ids, never client keys or error bodies.
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_EVENT_LOG",
+        global = true,
+        value_name = "off|stdout|FILE",
+        default_value = "off"
+    )]
+    pub event_log: Option<String>,
+    /// Size at which the event log file is rotated (FILE -> FILE.1 -> ...), e.g. 100MiB.
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_EVENT_LOG_MAX_SIZE",
+        global = true,
+        value_name = "BYTES",
+        default_value = DEFAULT_EVENT_LOG_MAX_SIZE
+    )]
+    pub event_log_max_size: Option<String>,
+    /// Rotated event log files kept beside the current one (1..100).
+    #[arg(
+        long,
+        env = "CPA_EXPORTER_EVENT_LOG_MAX_FILES",
+        global = true,
+        value_name = "N",
+        default_value = DEFAULT_EVENT_LOG_MAX_FILES
+    )]
+    pub event_log_max_files: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(
         long,
@@ -265,6 +304,8 @@ pub struct Config {
     pub labels: LabelOptions,
     pub limits: Limits,
     pub budgets: Vec<Budget>,
+    /// Where the per-record event log goes; `None`: off.
+    pub event_log: Option<EventLogTarget>,
 }
 
 /// Idle poll interval over HTTP: each poll costs CPA one bcrypt check (about 70 ms of CPU).
@@ -309,6 +350,12 @@ impl ConfigError {
 
 /// Default of `new-series-hold`: four scrapes at Prometheus' usual 15 s, two at 30 s.
 pub const DEFAULT_NEW_SERIES_HOLD: &str = "1m";
+/// Default of `failover-window`: CPA retries at once, so a minute covers a chain's gaps; a
+/// successor whose own latency is longer arrives too late (docs/guarantees.md).
+pub const DEFAULT_FAILOVER_WINDOW: &str = "60s";
+/// Defaults of the event log's rotation: at most 6 x 100 MiB on disk.
+pub const DEFAULT_EVENT_LOG_MAX_SIZE: &str = "100MiB";
+pub const DEFAULT_EVENT_LOG_MAX_FILES: &str = "5";
 
 /// Settings only the file sets, with their defaults (shown after `--help`'s options).
 const SERIES_LIMIT: &str = "10000";
@@ -382,6 +429,14 @@ struct FileConfig {
     max_response_bytes: Option<String>,
     #[serde(deserialize_with = "scalar")]
     new_series_hold: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    failover_window: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    event_log: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    event_log_max_size: Option<String>,
+    #[serde(deserialize_with = "scalar")]
+    event_log_max_files: Option<String>,
     #[serde(deserialize_with = "scalar")]
     log_level: Option<String>,
     #[serde(deserialize_with = "scalar")]
@@ -713,6 +768,26 @@ impl Config {
                 _ => parse_duration(v, Duration::from_secs(1), Duration::from_secs(3600))
                     .map_err(|p| format!("{p}, or 0/off")),
             })?;
+        let failover_window = pick!(failover_window).parse("failover window", |v| {
+            parse_duration(v, Duration::from_secs(1), Duration::from_secs(3600))
+        })?;
+        let event_log_max_size = pick!(event_log_max_size)
+            .parse("event log rotation size", |v| {
+                parse_bytes(v, 1 << 20, 1 << 40)
+            })?;
+        let event_log_max_files = pick!(event_log_max_files)
+            .parse("event log files kept", |v| parse_int(v, 1, 100))?
+            as usize;
+        let event_log = pick!(event_log).parse("event log", |v| match v.trim() {
+            "" => Err("is empty (use off, stdout or a file path)".to_owned()),
+            "off" => Ok(None),
+            "stdout" | "-" => Ok(Some(EventLogTarget::Stdout)),
+            path => Ok(Some(EventLogTarget::File {
+                path: PathBuf::from(path),
+                max_bytes: event_log_max_size as u64,
+                keep: event_log_max_files,
+            })),
+        })?;
         let dedup_window = file_only!(dedup_window, DEDUP_WINDOW)
             .parse("dedup window", |v| parse_int(v, 0, 10_000_000))?
             as usize;
@@ -746,8 +821,11 @@ impl Config {
                 quota_retention,
                 series_retirement,
                 new_series_hold,
+                failover_window,
+                open_requests: crate::store::chains::DEFAULT_OPEN_LIMIT,
             },
             budgets,
+            event_log,
         })
     }
 }
@@ -1105,6 +1183,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("management key file"), "{e}");
+    }
+
+    #[test]
+    fn failover_window_defaults_to_a_minute_and_is_validated() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.limits.failover_window, Duration::from_secs(60));
+        let c = resolve(&["--failover-window", "2m"]).unwrap();
+        assert_eq!(c.limits.failover_window, Duration::from_secs(120));
+        let f = file("failover-window: 90s\n");
+        let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+        assert_eq!(c.limits.failover_window, Duration::from_secs(90));
+        for bad in ["500ms", "2h", "soon", "0"] {
+            let e = resolve(&[&format!("--failover-window={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("failover window") && e.contains("--failover-window"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

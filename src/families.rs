@@ -116,6 +116,22 @@ pub mod meta {
             ),
             "seconds",
         );
+        pub const OPEN_REQUESTS: Meta = gauge(
+            "cpa_exporter_open_requests",
+            "Inbound requests whose last attempt failed, waiting up to failover-window for another attempt before they count as client failures.",
+        );
+        pub const REQUESTS_FORCED_CLOSED: Meta = counter(
+            "cpa_exporter_requests_forced_closed",
+            "Open inbound requests finished as client failures without waiting for their window, by reason (limit: too many open; attempts: too many failed attempts).",
+        );
+        pub const EVENT_LOG_LINES: Meta = counter(
+            "cpa_exporter_event_log_lines",
+            "Lines written to the event log (one per ingested record, after its batch committed).",
+        );
+        pub const EVENT_LOG_FAILURES: Meta = counter(
+            "cpa_exporter_event_log_failures",
+            "Event log lines not written, by reason (queue_full: the writer was behind; write: the output failed).",
+        );
     }
 
     /// The exporter's build and the state of its store.
@@ -322,12 +338,18 @@ pub enum Family {
     Cost,
     UnpricedRequests,
     ZeroTokenRequests,
+    InboundRequests,
+    InboundFailures,
+    FailoverAttempts,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 13] = [
         Family::Requests,
         Family::Failures,
+        Family::InboundRequests,
+        Family::InboundFailures,
+        Family::FailoverAttempts,
         Family::Tokens,
         Family::Cost,
         Family::UnpricedRequests,
@@ -352,6 +374,9 @@ impl Family {
             Family::Cost => "cost_usd",
             Family::UnpricedRequests => "unpriced_requests",
             Family::ZeroTokenRequests => "zero_token_requests",
+            Family::InboundRequests => "inbound_requests",
+            Family::InboundFailures => "inbound_request_failures",
+            Family::FailoverAttempts => "failover_attempts",
         }
     }
 
@@ -372,6 +397,9 @@ impl Family {
             Family::Cost => "cpa_cost_usd",
             Family::UnpricedRequests => "cpa_unpriced_requests",
             Family::ZeroTokenRequests => "cpa_zero_token_requests",
+            Family::InboundRequests => "cpa_inbound_requests",
+            Family::InboundFailures => "cpa_inbound_request_failures",
+            Family::FailoverAttempts => "cpa_failover_attempts",
         }
     }
 
@@ -387,6 +415,9 @@ impl Family {
             Family::Cost => "Estimated upstream cost in USD, from the token buckets and the price table (reasoning priced as output)",
             Family::UnpricedRequests => "Attempts with tokens whose model has no price in the price table, so they add nothing to cpa_cost_usd_total",
             Family::ZeroTokenRequests => "Successful attempts that reported no tokens at all",
+            Family::InboundRequests => "Inbound client requests CPA finished, successful or not (the attempts sharing a request_id within failover-window count once), by the first attempt's requested model",
+            Family::InboundFailures => "Inbound client requests that failed after all their attempts, by the last attempt's HTTP status code",
+            Family::FailoverAttempts => "Failed upstream attempts absorbed by a later successful attempt of the same request (failover), by the failed attempt's route and status code",
         }
     }
 
@@ -410,6 +441,9 @@ impl Family {
             Family::InvalidRecords => set::InvalidRecords::NAMES,
             Family::Cost => set::Cost::NAMES,
             Family::UnpricedRequests | Family::ZeroTokenRequests => set::ByModel::NAMES,
+            Family::InboundRequests => set::InboundRequests::NAMES,
+            Family::InboundFailures => set::InboundFailures::NAMES,
+            Family::FailoverAttempts => set::FailoverAttempts::NAMES,
         }
     }
 
@@ -521,6 +555,30 @@ pub mod set {
         }
     }
     label_set! {
+        /// `cpa_inbound_requests_total`: the request as the client made it.
+        InboundRequests [InboundRequests] {
+            requested_model: REQUESTED_MODEL,
+            api_key: API_KEY,
+        }
+    }
+    label_set! {
+        /// `cpa_inbound_request_failures_total`: the request and the status the client got.
+        InboundFailures [InboundFailures] {
+            requested_model: REQUESTED_MODEL,
+            api_key: API_KEY,
+            status_code: STATUS_CODE,
+        }
+    }
+    label_set! {
+        /// `cpa_failover_attempts_total`: the failed attempt's route and status.
+        FailoverAttempts [FailoverAttempts] {
+            provider: PROVIDER,
+            model: MODEL,
+            credential: CREDENTIAL,
+            status_code: STATUS_CODE,
+        }
+    }
+    label_set! {
         /// `cpa_exporter_records_total`.
         Records [Records] { outcome: OUTCOME }
     }
@@ -615,6 +673,9 @@ mod tests {
             families_of::<Cost>(),
             families_of::<Latency>(),
             families_of::<ByModel>(),
+            families_of::<InboundRequests>(),
+            families_of::<InboundFailures>(),
+            families_of::<FailoverAttempts>(),
             families_of::<Records>(),
             families_of::<InvalidRecords>(),
         ]

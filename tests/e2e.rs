@@ -34,7 +34,9 @@
 //!   The test sends them fast instead of waiting 5 minutes for the failures to age out.
 //!
 //! Failed attempts are shaped like one failing client (one API key, endpoint and requested
-//! model), so each model's failures fall into a few counter series. The exporter runs with its
+//! model), so each model's failures fall into a few counter series. Every other failure is
+//! failed over (the next success continues its request), the rest reach the client after a
+//! `failover-window` of 2 s, so the failover and client-failure panels have data. The exporter runs with its
 //! new-series hold off here (the test harness' default, so the timeline stays short), and then
 //! Prometheus cannot see the first increment of a new series.
 //!
@@ -155,6 +157,8 @@ async fn the_stack_scrapes_records_alerts_and_notifies() {
         extra: vec![
             ("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s".to_owned()),
             ("CPA_EXPORTER_SETTINGS_INTERVAL", "10s".to_owned()),
+            // Requests whose last attempt failed count as client failures within the test.
+            ("CPA_EXPORTER_FAILOVER_WINDOW", "2s".to_owned()),
             (
                 "CPA_EXPORTER_CONFIG",
                 path("exporter.yml").display().to_string(),
@@ -801,6 +805,10 @@ async fn traffic(cpa: FakeCpa, mut workload: Workload, mut load: watch::Receiver
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     let mut last = Instant::now();
     let (mut due, mut fail_due, mut n, mut failures) = (0.0, 0.0, 0u64, 0usize);
+    // Every other failure is failed over: the next successful attempt continues its request
+    // (same request_id and client key, starting when it ended), so the failover panels have
+    // data; the other failures are what the client saw.
+    let mut failed_over: Option<(String, f64)> = None;
     loop {
         ticker.tick().await;
         if load.has_changed().is_err() {
@@ -820,7 +828,15 @@ async fn traffic(cpa: FakeCpa, mut workload: Workload, mut load: watch::Receiver
                 FAIL_CODES[failures % FAIL_CODES.len()]
             });
             let g = workload.next(now);
-            cpa.push_raw(&shape(&g.element_json, fail, n));
+            let mut element = shape(&g.element_json, fail, n);
+            if fail.is_some() && failures % 2 == 0 {
+                failed_over = request_of(&element).or(failed_over);
+            } else if fail.is_none() {
+                if let Some(failed) = failed_over.take() {
+                    element = continue_request(&element, &failed);
+                }
+            }
+            cpa.push_raw(&element);
         }
     }
 }
@@ -859,6 +875,32 @@ fn shape(element: &str, fail: Option<u16>, n: u64) -> String {
             record.insert(k.to_owned(), v);
         }
     }
+    Value::Object(record).to_string()
+}
+
+/// The `request_id` of a record and when it ended (start + latency), Unix seconds.
+fn request_of(element: &str) -> Option<(String, f64)> {
+    let record: Value = serde_json::from_str(element).ok()?;
+    let id = record["request_id"].as_str()?.to_owned();
+    let start = cpa_usage_exporter::time::parse_rfc3339(record["timestamp"].as_str()?)?;
+    Some((id, start + record["latency_ms"].as_f64()? / 1000.0))
+}
+
+/// Make a successful record the next attempt of a failed request: its request_id and client
+/// key, starting when the failed attempt ended.
+fn continue_request(element: &str, (id, ended): &(String, f64)) -> String {
+    let Ok(Value::Object(mut record)) = serde_json::from_str::<Value>(element) else {
+        return element.to_owned();
+    };
+    if !record.contains_key("timestamp") {
+        return element.to_owned();
+    }
+    record.insert("request_id".to_owned(), json!(id));
+    record.insert("api_key".to_owned(), json!(CLIENT_API_KEYS[0]));
+    record.insert(
+        "timestamp".to_owned(),
+        json!(fake_cpa::workload::rfc3339_nano(*ended)),
+    );
     Value::Object(record).to_string()
 }
 

@@ -92,6 +92,53 @@ where
     d.deserialize_any(ObjectVisitor(std::marker::PhantomData))
 }
 
+/// A string, borrowed when it has no escapes; any other JSON value is skipped and reads as `None`.
+fn lenient_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct StrVisitor;
+    impl<'de> Visitor<'de> for StrVisitor {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map
+                .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(StrVisitor)
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RawTokens {
@@ -170,9 +217,11 @@ pub struct RawRecord<'a> {
     pub api_key: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub event_id: Option<Cow<'a, str>>,
-    /// CPA's id of the client request: only ever an OpenMetrics exemplar, never a label,
-    /// stored text or a log line.
-    #[serde(borrow)]
+    /// CPA's id of the client request, shared by the attempts of one inbound request: it
+    /// groups them (hashed), and appears only in OpenMetrics exemplars and the opt-in event
+    /// log, never as a label or stored text. Anything but a string reads as absent, so a
+    /// malformed id never costs the record.
+    #[serde(borrow, deserialize_with = "lenient_str")]
     pub request_id: Option<Cow<'a, str>>,
     /// Only the quota and rate-limit headers; nothing else of `response_headers` is read.
     #[serde(borrow, deserialize_with = "super::quota::deserialize_quota_headers")]

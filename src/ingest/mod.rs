@@ -4,6 +4,7 @@
 //! summed per label set in memory, so the store writes each distinct series once per batch. A bad
 //! element is counted with a reason and never spoils the rest of its batch.
 
+pub mod attempt;
 pub mod decode;
 #[cfg(test)]
 mod props;
@@ -12,13 +13,16 @@ pub mod tokens;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::cpa::split;
 use crate::families::set::{self, LabelSet};
 use crate::families::{outcome, reason, Family, Kind, LATENCY_BUCKETS, TOKEN_TYPES, TTFT_BUCKETS};
 use crate::labels;
-use crate::pricing::{cost_nano_usd, Pricing};
-use crate::series::{Exemplar, Exemplars, Hist, LabelValues, RequestId, Value};
+use crate::pricing::{cost_nano_usd, Price, Pricing};
+pub use crate::series::RequestId;
+use crate::series::{Exemplar, Exemplars, Hist, LabelValues, Value};
+pub use attempt::{request_key, Attempt, Route};
 use decode::{Element, Num, RawRecord};
 pub use tokens::Tokens;
 
@@ -36,7 +40,8 @@ impl Delta {
             .or_insert(value);
     }
 
-    fn add_count<L: LabelSet>(&mut self, family: Family, labels: &L, n: u64) {
+    /// Add `n` to the series of `labels` (nothing when `n` is 0).
+    pub fn add_count<L: LabelSet>(&mut self, family: Family, labels: &L, n: u64) {
         debug_assert!(L::FAMILIES.contains(&family), "{family:?}");
         if n > 0 {
             self.add(family, labels.values(), Value::Counter(n));
@@ -113,6 +118,11 @@ pub struct Batch {
     pub invalid: BTreeMap<&'static str, u64>,
     /// Elements whose bytes were not UTF-8 and were decoded with U+FFFD in their place.
     pub repaired_utf8: u64,
+    /// The ingested records (not duplicates, not invalid ones), in queue order.
+    pub attempts: Vec<Attempt>,
+    /// Set by the caller when the pop behind this batch returned less than it asked for: CPA's
+    /// queue held nothing older, so an open failover chain may be finished by the wall clock.
+    pub caught_up: bool,
     /// Live exemplars, applied to the state only once the batch is committed.
     pub exemplars: BatchExemplars,
 }
@@ -145,6 +155,8 @@ impl Batch {
             *self.invalid.entry(reason).or_default() += n;
         }
         self.repaired_utf8 += other.repaired_utf8;
+        self.attempts.extend(other.attempts);
+        self.caught_up = other.caught_up;
         self.exemplars.absorb(other.exemplars);
     }
 }
@@ -352,7 +364,7 @@ fn ingest_iter<'a>(
     now: f64,
     seen: impl Fn(u64) -> bool,
 ) -> Batch {
-    let mut agg: HashMap<RecKey<'_>, RecAgg> = HashMap::new();
+    let mut agg = Agg::default();
     let mut batch = Batch {
         elements: texts.len(),
         ..Batch::default()
@@ -377,9 +389,21 @@ fn ingest_iter<'a>(
         }
     }
     batch.ingested = outcomes[0];
-    for (key, rec) in agg {
-        rec.emit(&key, pricing, &mut batch.delta, &mut batch.exemplars);
+    // One route (labels, price) per distinct label set, shared by its attempts.
+    let mut routes: Vec<Option<(Arc<Route>, Option<&Price>)>> = vec![None; agg.recs.len()];
+    let mut recs = std::mem::take(&mut agg.recs);
+    for (key, slot) in agg.slots {
+        let rec = std::mem::take(&mut recs[slot]);
+        routes[slot] = Some(rec.emit(&key, pricing, &mut batch.delta, &mut batch.exemplars));
     }
+    batch.attempts = agg
+        .pending
+        .into_iter()
+        .filter_map(|p| {
+            let (route, price) = routes.get(p.slot)?.as_ref()?;
+            Some(p.attempt(route, *price))
+        })
+        .collect();
     let names = [
         outcome::INGESTED,
         outcome::DUPLICATE,
@@ -408,10 +432,46 @@ enum Outcome {
     Invalid(&'static str),
 }
 
+/// The records of a part, summed per label set, and each record's own figures in queue order.
+#[derive(Default)]
+struct Agg<'a> {
+    /// Index into `recs` of each label set.
+    slots: HashMap<RecKey<'a>, usize>,
+    recs: Vec<RecAgg>,
+    pending: Vec<Pending>,
+}
+
+/// An attempt whose labels are resolved once its batch part is summed.
+struct Pending {
+    slot: usize,
+    started: Option<f64>,
+    request_id: Option<RequestId>,
+    request_key: Option<u64>,
+    obs: Observation,
+}
+
+impl Pending {
+    fn attempt(self, route: &Arc<Route>, price: Option<&Price>) -> Attempt {
+        let o = self.obs;
+        Attempt {
+            started: self.started,
+            request_id: self.request_id,
+            request_key: self.request_key,
+            route: Arc::clone(route),
+            status_code: o.failed_status.unwrap_or(200),
+            failed: o.failed_status.is_some(),
+            latency_seconds: o.latency_seconds,
+            ttft_seconds: o.ttft_seconds,
+            tokens: o.tokens,
+            cost_nano_usd: price.map(|p| cost_nano_usd(p, &o.tokens)),
+        }
+    }
+}
+
 fn decode_element_into<'a>(
     raw: &'a str,
     now: f64,
-    agg: &mut HashMap<RecKey<'a>, RecAgg>,
+    agg: &mut Agg<'a>,
     batch: &mut Batch,
     ids_in_batch: &mut HashSet<u64>,
     seen: &impl Fn(u64) -> bool,
@@ -445,7 +505,30 @@ fn decode_element_into<'a>(
     if !rec.response_headers.is_empty() {
         note_quota(&rec, started, now, &obs, &mut batch.quota);
     }
-    agg.entry(RecKey::take(&mut rec)).or_default().add(&obs);
+    let (request_id, request_key) = match rec.request_id.as_deref().filter(|id| !id.is_empty()) {
+        Some(id) => (
+            RequestId::parse(id),
+            Some(request_key(rec.api_key.as_deref().unwrap_or_default(), id)),
+        ),
+        None => (None, None),
+    };
+    let key = RecKey::take(&mut rec);
+    let slot = match agg.slots.get(&key) {
+        Some(&slot) => slot,
+        None => {
+            agg.recs.push(RecAgg::default());
+            agg.slots.insert(key, agg.recs.len() - 1);
+            agg.recs.len() - 1
+        }
+    };
+    agg.recs[slot].add(&obs);
+    agg.pending.push(Pending {
+        slot,
+        started,
+        request_id,
+        request_key,
+        obs,
+    });
     Outcome::Ingested
 }
 
@@ -684,14 +767,15 @@ impl RecAgg {
         }
     }
 
-    /// Project the record-level aggregate onto every family's label set.
-    fn emit(
+    /// Project the record-level aggregate onto every family's label set; the route's sanitized
+    /// labels and price are returned for the attempts.
+    fn emit<'p>(
         self,
         key: &RecKey<'_>,
-        pricing: &Pricing,
+        pricing: &'p Pricing,
         delta: &mut Delta,
         exemplars: &mut BatchExemplars,
-    ) {
+    ) -> (Arc<Route>, Option<&'p Price>) {
         let api_key = if key.api_key.is_empty() {
             "none".to_owned()
         } else {
@@ -728,7 +812,8 @@ impl RecAgg {
         };
         // Cost is linear in tokens, so pricing the summed buckets equals summing per record
         // (up to one nano-USD of rounding per series and batch).
-        match pricing.lookup(&key.model, &key.requested_model) {
+        let price = pricing.lookup(&key.model, &key.requested_model);
+        match price {
             Some(price) => {
                 let nano = cost_nano_usd(price, &Tokens(self.tokens));
                 let cost = set::Cost {
@@ -774,6 +859,15 @@ impl RecAgg {
                 delta.add(family, latency.values(), Value::Histogram(h));
             }
         }
+        let route = Route {
+            provider: provider.into(),
+            model: model.into(),
+            requested_model: requested.into(),
+            credential: credential.into(),
+            api_key: api_key.into(),
+            endpoint: endpoint.into(),
+        };
+        (Arc::new(route), price)
     }
 }
 
@@ -972,6 +1066,66 @@ mod tests {
         assert_eq!(q.provider, "codex");
         // Observed at start + ttft (0.912 s).
         assert!((q.observed_at - (1_787_409_600.0 + 0.912)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn attempts_follow_the_queue_and_leave_out_duplicates_and_invalid_elements() {
+        let with_id = REC.replace(r#""request_id""#, r#""event_id":"e1","request_id""#);
+        let failed = REC
+            .replace(r#""failed":false"#, r#""failed":true"#)
+            .replace(r#""status_code":200"#, r#""status_code":429"#)
+            .replace("a1b2c3d4", "ffff0000");
+        let body = format!(r#"[{failed},{with_id},"garbage",{with_id},{REC}]"#);
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        let a = &batch.attempts;
+        assert_eq!(a.len(), 3);
+        assert_eq!(
+            (
+                a[0].failed,
+                a[0].status_code,
+                a[0].request_id.map(|r| r.as_str().to_owned())
+            ),
+            (true, 429, Some("ffff0000".to_owned()))
+        );
+        assert_eq!((a[1].failed, a[1].status_code), (false, 200));
+        assert_eq!(a[1].request_key, a[2].request_key);
+        assert_ne!(a[0].request_key, a[1].request_key);
+        assert_eq!(
+            a[1].request_key,
+            Some(request_key("sk-client-key-1", "a1b2c3d4"))
+        );
+        let route = &a[1].route;
+        assert_eq!(&*route.api_key, api_key_label_of("sk-client-key-1"));
+        assert_eq!(
+            (&*route.provider, &*route.model, &*route.requested_model),
+            ("codex", "gpt-5.4", "gpt-5.4-high")
+        );
+        assert!(
+            Arc::ptr_eq(&a[1].route, &a[2].route),
+            "one route per label set"
+        );
+        assert_eq!(a[1].started, Some(1_787_409_543.512_874_1));
+        assert_eq!(a[1].latency_seconds, Some(8.421));
+        assert_eq!(a[1].ttft_seconds, Some(0.912));
+        assert_eq!(a[1].tokens.0[Tokens::CACHE_READ], 11008);
+        // The attempts' costs add up to the cost family's increment.
+        let cost: u64 = a.iter().filter_map(|a| a.cost_nano_usd).sum();
+        let key = api_key_label_of("sk-client-key-1");
+        let family = counter(
+            &batch,
+            Family::Cost,
+            &["codex", "gpt-5.4", "3f9c2a7d1b4e8c60", &key],
+        );
+        assert!(cost.abs_diff(family) <= 1, "{cost} vs {family}");
+        assert!(cost > 0);
+    }
+
+    #[test]
+    fn a_request_id_that_is_not_a_string_reads_as_absent() {
+        let body = format!("[{}]", REC.replace(r#""a1b2c3d4""#, r#"{"x":[1]}"#));
+        let batch = from_body(body.as_bytes(), &Pricing::embedded(), |_| false).unwrap();
+        assert_eq!(batch.ingested, 1);
+        assert_eq!(batch.attempts[0].request_key, None);
     }
 
     #[test]

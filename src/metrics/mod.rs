@@ -27,8 +27,8 @@ pub use labels::LabelOptions;
 use text::{Meta, Writer};
 
 use crate::families::meta::live::{
-    CPA_UP, DRAIN_GAP, DRAIN_GAPS, POLLS, POLL_DURATION, SERIES_OVERFLOW, SERIES_RETIRED,
-    STORE_ERRORS,
+    CPA_UP, DRAIN_GAP, DRAIN_GAPS, EVENT_LOG_FAILURES, EVENT_LOG_LINES, OPEN_REQUESTS, POLLS,
+    POLL_DURATION, REQUESTS_FORCED_CLOSED, SERIES_OVERFLOW, SERIES_RETIRED, STORE_ERRORS,
 };
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
@@ -50,6 +50,12 @@ pub struct Live {
     /// seconds beyond it (see [`crate::pipeline::gap`]).
     pub drain_gaps: Counter,
     pub drain_gap_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Inbound requests whose last attempt failed, waiting for a failover attempt.
+    pub open_requests: Gauge,
+    /// Open inbound requests finished without waiting for their window, by reason.
+    pub requests_forced_closed: MetricFamily<OneLabel, Counter>,
+    /// The event log's lines, written and not (exported only when the log is on).
+    pub event_log: EventLogCounts,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
@@ -58,6 +64,56 @@ pub struct Live {
     key_state: std::sync::atomic::AtomicU8,
     /// The drain loop's idle wait for the transport in use, in milliseconds; 0 = not yet known.
     idle_ms: AtomicU64,
+}
+
+/// What became of the event log's lines ([`crate::pipeline::events`]).
+#[derive(Debug, Default)]
+pub struct EventLogCounts {
+    enabled: AtomicBool,
+    lines: Counter,
+    failures: MetricFamily<OneLabel, Counter>,
+}
+
+/// `reason` values of `cpa_exporter_event_log_failures_total`.
+pub mod event_log_reason {
+    /// The writer was behind by a full queue of batches: their lines were dropped.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// Writing (or rotating) failed: disk full, permissions, a closed stdout.
+    pub const WRITE: &str = "write";
+    pub const ALL: [&str; 2] = [QUEUE_FULL, WRITE];
+}
+
+impl EventLogCounts {
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn written(&self, lines: u64) {
+        self.lines.inc_by(lines);
+    }
+
+    pub fn failed(&self, reason: &'static str, lines: u64) {
+        self.failures
+            .get_or_create(&[("reason", reason)])
+            .inc_by(lines);
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        w.declare(&EVENT_LOG_LINES);
+        w.counter(EVENT_LOG_LINES.name, &[], self.lines.get());
+        w.declare(&EVENT_LOG_FAILURES);
+        for reason in event_log_reason::ALL {
+            let set = [("reason", reason)];
+            w.counter(
+                EVENT_LOG_FAILURES.name,
+                &set,
+                self.failures.get_or_create(&set).get(),
+            );
+        }
+    }
 }
 
 /// Every `result` of `cpa_exporter_polls_total`, exported from zero so `rate()` sees the first one.
@@ -81,6 +137,9 @@ impl Default for Live {
             series_retired: MetricFamily::default(),
             drain_gaps: Counter::default(),
             drain_gap_seconds: Counter::default(),
+            open_requests: Gauge::default(),
+            requests_forced_closed: MetricFamily::default(),
+            event_log: EventLogCounts::default(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             key_state: std::sync::atomic::AtomicU8::new(0),
@@ -291,4 +350,13 @@ fn encode_live(w: &mut Writer, live: &Live) {
     w.counter(DRAIN_GAPS.name, &[], live.drain_gaps.get());
     w.declare(&DRAIN_GAP);
     w.counter(DRAIN_GAP.name, &[], live.drain_gap_seconds.get());
+    w.declare(&OPEN_REQUESTS);
+    w.gauge(OPEN_REQUESTS.name, &[], live.open_requests.get());
+    w.declare(&REQUESTS_FORCED_CLOSED);
+    for reason in crate::store::chains::forced::ALL {
+        let set = [("reason", reason)];
+        let n = live.requests_forced_closed.get_or_create(&set).get();
+        w.counter(REQUESTS_FORCED_CLOSED.name, &set, n);
+    }
+    live.event_log.encode(w);
 }

@@ -18,6 +18,7 @@ use crate::families::Family;
 use crate::ingest::{Batch, BatchBuilder};
 use crate::metrics::Shared;
 use crate::pipeline::backoff::{self, auth_wait, sleep_or_shutdown};
+use crate::pipeline::events::EventLog;
 use crate::pipeline::gap::{Gap, GapWatch};
 use crate::pricing::Pricing;
 use crate::store::Store;
@@ -47,6 +48,8 @@ pub struct DrainOptions {
     pub poll_interval: Duration,
     /// Prices for `cpa_cost_usd_total`: an input of ingest, so it travels with the drain.
     pub pricing: Pricing,
+    /// The opt-in per-record log, handed each batch after it committed.
+    pub event_log: Option<Arc<EventLog>>,
 }
 
 /// The failure class of the previous poll, to log a change once instead of every retry.
@@ -109,6 +112,7 @@ pub async fn run<S: Source>(
     // Stale series are retired at start and then every tenth of the retirement (at most 1 h).
     let mut next_retire = Instant::now();
     let mut gaps = GapWatch::new(store.last_pop());
+    shared.live.open_requests.set(store.open_requests() as i64);
     loop {
         if *shutdown.borrow() {
             break;
@@ -121,11 +125,16 @@ pub async fn run<S: Source>(
         }
         let started = Instant::now();
         let started_unix = unix_now();
-        let (batch, popped) = pop_batch(&mut source, opts.batch_size, &store, &opts.pricing).await;
+        let (mut batch, popped) =
+            pop_batch(&mut source, opts.batch_size, &store, &opts.pricing).await;
         let elements = batch.elements;
+        // Less than a full batch: nothing older waits in CPA's queue, so a failed request's
+        // successor, if any, has been seen and its wall-clock window may close it.
+        batch.caught_up = popped.is_ok() && elements < opts.batch_size;
         note_invalid(&batch, &mut notes);
-        if elements > 0 {
-            commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes).await;
+        if elements > 0 || (batch.caught_up && store.chains_due(unix_now() as i64)) {
+            let log = opts.event_log.as_deref();
+            commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes, log).await;
         }
         drop(batch);
         let wait = match popped {
@@ -294,6 +303,8 @@ struct Notes {
     /// Families whose series limit was reached, said once per process.
     overflow_said: [bool; Family::COUNT],
     quota_overflow_said: [bool; crate::ingest::quota::FAMILIES.len()],
+    /// The open-request limit was reached, said once per process.
+    open_requests_said: bool,
 }
 
 /// Say that a batch held malformed elements: a warning at most once a minute, else debug.
@@ -339,6 +350,7 @@ async fn commit_until_done(
     shared: &Shared,
     shutdown: &mut watch::Receiver<bool>,
     notes: &mut Notes,
+    event_log: Option<&EventLog>,
 ) {
     let mut attempts = 0u32;
     loop {
@@ -346,6 +358,27 @@ async fn commit_until_done(
         let mut plan = store.plan_batch(&shared.committed.read(), batch, now);
         match blocking(|| store.commit(&mut plan, now)) {
             Ok(()) => {
+                if let Some(chains) = &plan.chains {
+                    for &(reason, n) in &chains.forced {
+                        shared
+                            .live
+                            .requests_forced_closed
+                            .get_or_create(&[("reason", reason)])
+                            .inc_by(n);
+                    }
+                    if chains
+                        .forced
+                        .iter()
+                        .any(|(r, _)| *r == crate::store::chains::forced::LIMIT)
+                        && !std::mem::replace(&mut notes.open_requests_said, true)
+                    {
+                        warn!(
+                            limit = store.limits().open_requests,
+                            "more inbound requests waiting for a failover attempt than the limit: the oldest are finished as client failures (counted in cpa_exporter_requests_forced_closed_total)"
+                        );
+                    }
+                    shared.live.open_requests.set(chains.open_count() as i64);
+                }
                 for family in Family::ALL {
                     let n = plan.overflowed[family as usize];
                     if n > 0 {
@@ -380,9 +413,18 @@ async fn commit_until_done(
                         }
                     }
                 }
+                let failover = plan
+                    .chains
+                    .as_mut()
+                    .map(|c| std::mem::take(&mut c.failover))
+                    .unwrap_or_default();
                 {
                     let mut state = shared.committed.write();
                     store.apply(&mut state, plan);
+                }
+                // Only now: the log never shows a record the counters do not hold.
+                if let Some(log) = event_log {
+                    log.committed(&batch.attempts, failover);
                 }
                 shared.live.set_store_healthy(true);
                 debug!(
@@ -451,6 +493,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let opts = DrainOptions {
             batch_size: 10,
+            event_log: None,
             poll_interval: Duration::from_millis(100),
             pricing: Pricing::embedded(),
         };

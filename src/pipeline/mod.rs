@@ -3,5 +3,6 @@
 
 pub mod backoff;
 pub mod drain;
+pub mod events;
 pub mod gap;
 pub mod poller;

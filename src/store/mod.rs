@@ -7,6 +7,7 @@
 //! reads the database and costs O(series).
 
 pub mod budget;
+pub mod chains;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -20,7 +21,7 @@ use crate::ingest::{Batch, QuotaObservation};
 use crate::series::{Exemplars, Hist, LabelValues, Value};
 
 /// Schema steps; step N (1-based) brings the database to `user_version` N.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     // 1: counters and histograms, the dedup window, small values.
     "CREATE TABLE IF NOT EXISTS series (
                      id         INTEGER PRIMARY KEY,
@@ -45,6 +46,15 @@ const MIGRATIONS: [&str; 3] = [
     // 3: when each series was created, so a restart within the new-series hold keeps holding it
     // at zero. Rows from before have none and are shown as they are.
     "ALTER TABLE series ADD COLUMN created_at INTEGER;",
+    // 4: failover grouping. Open requests (their last attempt failed) by request key, a one-way
+    // hash of client key and request_id; and per batch the start times of the requests it
+    // finished, kept for the failover window (see chains.rs). No request_id is stored.
+    "CREATE TABLE IF NOT EXISTS open_requests (key INTEGER PRIMARY KEY, chain TEXT NOT NULL);
+     CREATE TABLE IF NOT EXISTS finished_requests (
+                     seq  INTEGER PRIMARY KEY,
+                     at   REAL NOT NULL,
+                     keys BLOB NOT NULL
+                 );",
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// `PRAGMA application_id` of our databases ("CPAE"), so another application's SQLite file is
@@ -109,6 +119,11 @@ pub struct Limits {
     /// start from zero and `rate()` counts its first increment (see [`Stored::shown_at`]).
     /// Zero shows every series at once. The exporter's setting defaults to one minute.
     pub new_series_hold: std::time::Duration,
+    /// How far apart (and how long on the wall clock) the attempts of one inbound request may
+    /// be; see [`chains`].
+    pub failover_window: std::time::Duration,
+    /// Open inbound requests kept; beyond it the oldest is finished as it stands.
+    pub open_requests: usize,
 }
 
 impl Default for Limits {
@@ -119,6 +134,8 @@ impl Default for Limits {
             quota_retention: std::time::Duration::from_secs(24 * 3600),
             series_retirement: Some(DEFAULT_SERIES_RETIREMENT),
             new_series_hold: std::time::Duration::ZERO,
+            failover_window: chains::DEFAULT_WINDOW,
+            open_requests: chains::DEFAULT_OPEN_LIMIT,
         }
     }
 }
@@ -262,6 +279,8 @@ pub struct Plan {
     pub meta: Vec<(String, String)>,
     /// The budgets' spend once the batch is committed (empty: unchanged).
     spend: Vec<budget::Spend>,
+    /// The failover grouping's changes (set by [`Store::plan_batch`]).
+    pub chains: Option<chains::ChainPlan>,
 }
 
 pub struct Store {
@@ -271,6 +290,8 @@ pub struct Store {
     dedup: Dedup,
     /// The last successful pop: (time, whether written to the database).
     last_pop: Option<(f64, bool)>,
+    /// Inbound requests being grouped from their attempts, as committed.
+    chains: chains::Chains,
 }
 
 impl Store {
@@ -295,6 +316,7 @@ impl Store {
             limits,
             dedup: Dedup::default(),
             last_pop: None,
+            chains: chains::Chains::new(limits.failover_window, limits.open_requests),
         };
         store.migrate()?;
         store.init_known_series()?;
@@ -348,6 +370,16 @@ impl Store {
             self.last_pop = Some((at, true));
         }
         Ok(())
+    }
+
+    /// Inbound requests whose last attempt failed and whose outcome is not known yet.
+    pub fn open_requests(&self) -> usize {
+        self.chains.open_count()
+    }
+
+    /// Whether committing an empty batch at `now` would finish or forget a request.
+    pub fn chains_due(&self, now: i64) -> bool {
+        self.chains.due(now as f64)
     }
 
     /// `event_id`s currently remembered.
@@ -463,6 +495,7 @@ impl Store {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
+        self.load_chains()?;
         let mut state = State {
             quota_retention: self.limits.quota_retention,
             new_series_hold: self.limits.new_series_hold,
@@ -554,12 +587,44 @@ impl Store {
         Ok(state)
     }
 
-    /// Everything committing `batch` at `now` writes: its series and the budgets' spend. The
-    /// drain loop and `check` both commit through this, so a record counts the same whoever
-    /// popped it.
+    /// The failover grouping's open and recently finished requests.
+    fn load_chains(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT at, keys FROM finished_requests ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let at: f64 = row.get(0)?;
+            let blob: Vec<u8> = row.get(1)?;
+            let finished = chains::decode_finished(&blob, at)
+                .ok_or_else(|| StoreError::Corrupt("finished_requests".to_owned()))?;
+            for (key, f) in finished {
+                self.chains.restore_finished(key, f);
+            }
+        }
+        let mut stmt = self.conn.prepare("SELECT key, chain FROM open_requests")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let key = row.get::<_, i64>(0)? as u64;
+            let chain = serde_json::from_str(&row.get::<_, String>(1)?)
+                .map_err(|e| StoreError::Corrupt(format!("open_requests: {e}")))?;
+            self.chains.restore_open(key, chain);
+        }
+        Ok(())
+    }
+
+    /// Everything committing `batch` at `now` writes: its series, the inbound requests its
+    /// attempts finish, and the budgets' spend. The drain loop and `check` both commit through
+    /// this, so a record counts the same whoever popped it.
     pub fn plan_batch(&self, state: &State, batch: &Batch, now: i64) -> Plan {
         let (spend, rows) = state.budgets.after(batch, now);
-        let mut plan = self.plan(state, batch);
+        let mut chains = self
+            .chains
+            .plan(&batch.attempts, now as f64, batch.caught_up);
+        let inbound = std::mem::take(&mut chains.delta);
+        let mut plan = self.plan_with(state, batch, Some(&inbound));
+        chains.delta = inbound;
+        plan.chains = Some(chains);
         plan.meta = rows;
         plan.spend = spend;
         plan
@@ -567,6 +632,16 @@ impl Store {
 
     /// Work out the absolute values `batch` leads to, folding label sets beyond the cap.
     pub fn plan(&self, state: &State, batch: &Batch) -> Plan {
+        self.plan_with(state, batch, None)
+    }
+
+    /// [`Store::plan`] with further increments (the inbound-request families) besides the batch's.
+    fn plan_with(
+        &self,
+        state: &State,
+        batch: &Batch,
+        extra: Option<&crate::ingest::Delta>,
+    ) -> Plan {
         let mut plan = Plan::default();
         // Index into `plan.writes` of each series touched; folded label sets share one write.
         let mut slots: [HashMap<LabelValues, usize>; Family::COUNT] = Default::default();
@@ -577,7 +652,11 @@ impl Store {
         // Records per (provider, model, credential, api_key), built only when such a series
         // folds (rare): the requests family counts records under a superset of those labels.
         let mut records_per_key: Option<HashMap<LabelValues, u64>> = None;
-        for (family, labels, delta) in batch.delta.iter() {
+        let deltas = batch
+            .delta
+            .iter()
+            .chain(extra.into_iter().flat_map(|d| d.iter()));
+        for (family, labels, delta) in deltas {
             let f = family as usize;
             let stored = &state.families[f];
             let is_new = !stored.contains_key(labels) && !slots[f].contains_key(labels);
@@ -758,6 +837,9 @@ impl Store {
                     params![META_LAST_RECORD_TS, ts],
                 )?;
             }
+            if let Some(c) = &plan.chains {
+                write_chains(&tx, c, now_unix)?;
+            }
         }
         tx.commit()?;
         for (i, id) in new_ids {
@@ -815,6 +897,9 @@ impl Store {
         let cutoff = plan.quota_cutoff;
         state.quota.retain(|_, q| q.observed_at >= cutoff);
         state.budgets.set(plan.spend);
+        if let Some(c) = plan.chains {
+            self.chains.apply(c);
+        }
     }
 
     /// `PRAGMA integrity_check`, for tests and the `check` subcommand.
@@ -823,6 +908,39 @@ impl Store {
             .conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
     }
+}
+
+/// The failover grouping's changes, in the batch's transaction.
+fn write_chains(
+    tx: &rusqlite::Transaction<'_>,
+    c: &chains::ChainPlan,
+    now_unix: i64,
+) -> Result<(), StoreError> {
+    let mut put = tx.prepare_cached(
+        "INSERT INTO open_requests (key, chain) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET chain = excluded.chain",
+    )?;
+    for (key, chain) in &c.upserts {
+        let text = serde_json::to_string(chain)
+            .map_err(|e| StoreError::Corrupt(format!("open request: {e}")))?;
+        put.execute(params![*key as i64, text])?;
+    }
+    let mut delete = tx.prepare_cached("DELETE FROM open_requests WHERE key = ?1")?;
+    for key in &c.deletes {
+        delete.execute([*key as i64])?;
+    }
+    if !c.finished.is_empty() {
+        tx.prepare_cached("INSERT INTO finished_requests (at, keys) VALUES (?1, ?2)")?
+            .execute(params![
+                now_unix as f64,
+                chains::encode_finished(&c.finished)
+            ])?;
+    }
+    if c.forget_before.is_finite() {
+        tx.prepare_cached("DELETE FROM finished_requests WHERE at < ?1")?
+            .execute([c.forget_before])?;
+    }
+    Ok(())
 }
 
 /// Make sure the database at `path` is ours, and mark it so: a database with our

@@ -210,6 +210,9 @@ struct Retry {
     client: usize,
     provider: usize,
     model: usize,
+    /// When the failed attempt before it ended (Unix seconds; 0 for a first attempt): CPA starts
+    /// the next attempt only after that.
+    not_before: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -393,7 +396,10 @@ impl Workload {
         let status = shape.failed.then(|| self.failure_status(p));
         if shape.failed && self.rng.chance(0.5) {
             // CPA fails over to the next credential: same request_id on the next record.
-            self.retry = Some(Retry { ..retry.clone() });
+            self.retry = Some(Retry {
+                not_before: now,
+                ..retry.clone()
+            });
         }
 
         let buckets = if shape.failed || self.rng.chance(0.01) {
@@ -410,6 +416,13 @@ impl Workload {
             self.rng
                 .lognormal(if stream { 7.0 } else { 3.0 }, 0.9)
                 .clamp(0.3, 120.0)
+        };
+        // A retry starts after the attempt it replaces ended, as CPA's do: it ends now, so it
+        // lasted at most since then.
+        let latency_s = if now - latency_s < retry.not_before {
+            (now - retry.not_before).max(0.01)
+        } else {
+            latency_s
         };
         let latency_ms = (latency_s * 1000.0) as u64;
         let ttft_ms = if stream && !shape.failed && self.rng.chance(0.9) {
@@ -528,6 +541,7 @@ impl Workload {
             client: self.rng.range(0, CLIENT_API_KEYS.len() as u64 - 1) as usize,
             provider,
             model: self.rng.range(0, models - 1) as usize,
+            not_before: 0.0,
         }
     }
 

@@ -1,0 +1,383 @@
+//! The opt-in event log: one JSON line per ingested record, for a log store (Loki, Elastic...),
+//! where Prometheus must not hold one series per request.
+//!
+//! Lines are handed over only after their batch committed, so the log never shows a record the
+//! counters do not hold. A writer thread owns the output: a slow disk or a stdout nobody reads
+//! never stops the drain loop. Lines that cannot be written are counted by reason
+//! (`cpa_exporter_event_log_failures_total`), never silently lost.
+//!
+//! A line carries label values as the metrics show them (the client key as its hash or alias,
+//! the credential as its display name) and the `request_id`, never the client key, `source`,
+//! `fail.body`, the client's address, user agent or other headers: those never reach
+//! [`Attempt`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tracing::warn;
+
+use crate::families::{NANO_PER_UNIT, TOKEN_TYPES};
+use crate::ingest::{Attempt, RequestId};
+use crate::metrics::event_log_reason as reason;
+use crate::metrics::{LabelOptions, Shared};
+
+/// Where the event log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Stdout,
+    /// A file, rotated by size: `PATH` is the current one, `PATH.1` the one before, up to
+    /// `PATH.<keep>`.
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+        keep: usize,
+    },
+}
+
+/// Committed batches waiting for the writer; past this the drain loop drops lines instead of
+/// waiting (at the default batch size, up to 64 000 lines, about 25 MB).
+pub const QUEUE_BATCHES: usize = 64;
+
+/// One committed batch's attempts, and for each whether it followed a failed attempt of the
+/// same inbound request (a failover).
+struct Job {
+    attempts: Vec<Attempt>,
+    failover: Vec<bool>,
+}
+
+/// The drain loop's end of the event log.
+#[derive(Debug)]
+pub struct EventLog {
+    /// `None` once dropped, which ends the writer.
+    tx: Option<SyncSender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// At shutdown the lines of every committed batch are written before the process exits.
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl EventLog {
+    /// Open the output (a file that cannot be opened fails here, at start) and start the
+    /// writer thread.
+    pub fn start(target: Target, shared: Arc<Shared>) -> io::Result<EventLog> {
+        let out: Box<dyn Write + Send> = match &target {
+            Target::Stdout => Box::new(io::stdout()),
+            Target::File {
+                path,
+                max_bytes,
+                keep,
+            } => Box::new(Rotating::open(path.clone(), *max_bytes, *keep)?),
+        };
+        shared.live.event_log.enable();
+        let (tx, rx) = sync_channel(QUEUE_BATCHES);
+        let labels = shared.view.labels.clone();
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("event-log".into())
+            .spawn(move || write_loop(rx, out, &labels, &writer_shared))?;
+        Ok(EventLog {
+            tx: Some(tx),
+            writer: Some(writer),
+            shared,
+        })
+    }
+
+    /// Hand over a committed batch. Never blocks: a full queue drops the batch's lines and
+    /// counts them.
+    pub fn committed(&self, attempts: &[Attempt], failover: Vec<bool>) {
+        if attempts.is_empty() {
+            return;
+        }
+        let job = Job {
+            attempts: attempts.to_vec(),
+            failover,
+        };
+        let Some(tx) = &self.tx else { return };
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = tx.try_send(job) {
+            self.shared
+                .live
+                .event_log
+                .failed(reason::QUEUE_FULL, job.attempts.len() as u64);
+        }
+    }
+}
+
+fn write_loop(
+    rx: Receiver<Job>,
+    mut out: Box<dyn Write + Send>,
+    labels: &LabelOptions,
+    shared: &Shared,
+) {
+    let mut buf = Vec::new();
+    let mut said = false;
+    for job in rx {
+        buf.clear();
+        for (i, a) in job.attempts.iter().enumerate() {
+            let failover = job.failover.get(i).copied().unwrap_or(false);
+            line(&mut buf, a, failover, labels);
+        }
+        let n = job.attempts.len() as u64;
+        match out.write_all(&buf).and_then(|()| out.flush()) {
+            Ok(()) => shared.live.event_log.written(n),
+            Err(e) => {
+                shared.live.event_log.failed(reason::WRITE, n);
+                if !std::mem::replace(&mut said, true) {
+                    warn!(
+                        lines = n,
+                        "cannot write the event log, its lines are dropped (counted in cpa_exporter_event_log_failures_total): {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The six token buckets, named as `cpa_tokens_total`'s `type` values.
+#[derive(Serialize)]
+struct TokenFields {
+    input: u64,
+    cache_read: u64,
+    cache_write: u64,
+    output: u64,
+    reasoning: u64,
+    unclassified: u64,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    /// The attempt's start, RFC 3339 UTC with milliseconds.
+    time: Option<String>,
+    request_id: Option<&'a str>,
+    provider: &'a str,
+    model: &'a str,
+    requested_model: &'a str,
+    credential: &'a str,
+    api_key: &'a str,
+    endpoint: &'a str,
+    status_code: u16,
+    failed: bool,
+    latency_seconds: Option<f64>,
+    ttft_seconds: Option<f64>,
+    tokens: TokenFields,
+    /// `None` when the model has no price.
+    cost_usd: Option<f64>,
+    failover: bool,
+}
+
+/// Append one attempt's line (with its newline) to `buf`.
+fn line(buf: &mut Vec<u8>, a: &Attempt, failover: bool, labels: &LabelOptions) {
+    const _: () = assert!(TOKEN_TYPES.len() == 6);
+    let [input, cache_read, cache_write, output, reasoning, unclassified] = a.tokens.0;
+    let route = &a.route;
+    let credential = labels
+        .credential_names
+        .get(&*route.credential)
+        .map_or(&*route.credential, String::as_str);
+    let api_key = labels
+        .api_key_aliases
+        .get(&*route.api_key)
+        .map_or(&*route.api_key, String::as_str);
+    let line = Line {
+        time: a.started.map(format_time),
+        request_id: a.request_id.as_ref().map(RequestId::as_str),
+        provider: &route.provider,
+        model: &route.model,
+        requested_model: &route.requested_model,
+        credential,
+        api_key,
+        endpoint: &route.endpoint,
+        status_code: a.status_code,
+        failed: a.failed,
+        latency_seconds: a.latency_seconds,
+        ttft_seconds: a.ttft_seconds,
+        tokens: TokenFields {
+            input,
+            cache_read,
+            cache_write,
+            output,
+            reasoning,
+            unclassified,
+        },
+        cost_usd: a.cost_nano_usd.map(|n| n as f64 / NANO_PER_UNIT),
+        failover,
+    };
+    // Serializing plain strings and numbers into a Vec cannot fail.
+    if serde_json::to_writer(&mut *buf, &line).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
+/// Unix seconds as RFC 3339 in UTC with milliseconds: `2026-08-22T14:39:03.512Z`.
+fn format_time(t: f64) -> String {
+    let ms = (t * 1000.0).round() as i64;
+    let (secs, ms) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = crate::time::civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// A file rotated by size: before a write would take it past `max_bytes`, `PATH.<keep-1>` moves
+/// to `PATH.<keep>` (replacing it), ..., `PATH` to `PATH.1`, and a new `PATH` is started. A
+/// batch's lines are written at once, so a line is never split across files.
+///
+/// Hand-written rather than `file-rotate`: that crate panics when the directory cannot be
+/// created and drops writes silently when the file cannot be opened, and every failure here
+/// must be counted.
+struct Rotating {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: usize,
+    file: Option<File>,
+    size: u64,
+}
+
+impl Rotating {
+    fn open(path: PathBuf, max_bytes: u64, keep: usize) -> io::Result<Rotating> {
+        let mut r = Rotating {
+            path,
+            max_bytes,
+            keep,
+            file: None,
+            size: 0,
+        };
+        r.reopen()?;
+        Ok(r)
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = open_private(&self.path)?;
+        self.size = file.metadata()?.len();
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file = None;
+        for n in (1..self.keep).rev() {
+            let from = self.rotated(n);
+            if from.exists() {
+                std::fs::rename(&from, self.rotated(n + 1))?;
+            }
+        }
+        if self.keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            std::fs::rename(&self.path, self.rotated(1))?;
+        }
+        self.reopen()
+    }
+}
+
+impl Write for Rotating {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.size > 0 && self.size + buf.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        if self.file.is_none() {
+            // A failed rotation or write left no file: try again with this batch.
+            self.reopen()?;
+        }
+        let file = self.file.as_mut().ok_or(io::ErrorKind::NotFound)?;
+        match file.write_all(buf) {
+            Ok(()) => {
+                self.size += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the batch may be in the file; start over from its real size.
+                self.file = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), Write::flush)
+    }
+}
+
+/// Open for appending, readable by the owner only: lines carry request ids.
+fn open_private(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc_with_milliseconds() {
+        assert_eq!(format_time(0.0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_time(1_787_409_543.512_874),
+            "2026-08-22T14:39:03.513Z"
+        );
+        assert_eq!(format_time(1_787_409_599.999_6), "2026-08-22T14:40:00.000Z");
+    }
+
+    #[test]
+    fn a_file_rotates_by_size_and_keeps_that_many() {
+        let dir = std::env::temp_dir().join(format!("cpa-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.log");
+        let mut r = Rotating::open(path.clone(), 25, 2).unwrap();
+        for batch in ["a1\na2\n", "b1\nb2\nb3\nb4\nb5\nb6\nb7\n", "c1\n", "d1\n"] {
+            r.write_all(batch.as_bytes()).unwrap();
+        }
+        // A batch is never split: b's 21 bytes did not fit behind a's 6, c fits behind b, d
+        // does not (25 bytes), so b and c moved to .1 and a to .2.
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(path.clone()), "d1\n");
+        assert_eq!(
+            read(dir.join("events.log.1")),
+            "b1\nb2\nb3\nb4\nb5\nb6\nb7\nc1\n"
+        );
+        assert_eq!(read(dir.join("events.log.2")), "a1\na2\n");
+        r.write_all(&[b'e'; 30]).unwrap();
+        assert!(!dir.join("events.log.3").exists(), "keeps 2");
+        assert_eq!(
+            read(dir.join("events.log.2")),
+            "b1\nb2\nb3\nb4\nb5\nb6\nb7\nc1\n"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
