@@ -781,7 +781,9 @@ async fn check_recording_rules(prom: &Prom) -> usize {
         );
     }
     let mut missing = names.clone();
-    let all = common::eventually(Duration::from_secs(10), async || {
+    // Two groups are evaluated once a minute (`interval: 1m`), first at an offset Prometheus
+    // derives from the group, up to a minute after it started: wait that long for them.
+    let all = common::eventually(Duration::from_secs(75), async || {
         let mut still = BTreeSet::new();
         for name in &missing {
             if prom.query(name).await.map_or(true, |r| r.is_empty()) {
