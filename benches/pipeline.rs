@@ -274,6 +274,29 @@ fn main() {
         d.as_secs_f64()
     );
 
+    // The event log's writer thread: a batch's attempts serialized into one buffer (what it
+    // writes with one call), no I/O.
+    let attempts: Vec<_> = bodies
+        .iter()
+        .map(|b| from_body(b, &pricing, |_| false).unwrap().attempts)
+        .collect();
+    let labels = cpa_usage_exporter::metrics::LabelOptions::default();
+    let (d, bytes) = best_of(3, || {
+        let mut buf = Vec::new();
+        let mut bytes = 0;
+        for a in &attempts {
+            buf.clear();
+            cpa_usage_exporter::pipeline::events::write_lines(&mut buf, a, &[], &labels);
+            bytes += buf.len();
+        }
+        bytes
+    });
+    println!(
+        "event log lines:              {:>9.0} lines/s ({:.0} bytes per line)",
+        RECORDS as f64 / d.as_secs_f64(),
+        bytes as f64 / RECORDS as f64
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let (d, series) = best_of(3, || {
         let path = dir.path().join(format!("commit-{}.db", rand_suffix()));

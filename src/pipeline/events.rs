@@ -124,10 +124,7 @@ fn write_loop(
     let mut said = false;
     for job in rx {
         buf.clear();
-        for (i, a) in job.attempts.iter().enumerate() {
-            let failover = job.failover.get(i).copied().unwrap_or(false);
-            line(&mut buf, a, failover, labels);
-        }
+        write_lines(&mut buf, &job.attempts, &job.failover, labels);
         let n = job.attempts.len() as u64;
         match out.write_all(&buf).and_then(|()| out.flush()) {
             Ok(()) => shared.live.event_log.written(n),
@@ -174,6 +171,19 @@ struct Line<'a> {
     /// `None` when the model has no price.
     cost_usd: Option<f64>,
     failover: bool,
+}
+
+/// Append the lines of a batch's attempts to `buf`; `failover` is per attempt (missing ones are
+/// `false`).
+pub fn write_lines(
+    buf: &mut Vec<u8>,
+    attempts: &[Attempt],
+    failover: &[bool],
+    labels: &LabelOptions,
+) {
+    for (i, a) in attempts.iter().enumerate() {
+        line(buf, a, failover.get(i).copied().unwrap_or(false), labels);
+    }
 }
 
 /// Append one attempt's line (with its newline) to `buf`.
