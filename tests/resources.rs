@@ -225,7 +225,10 @@ async fn stale_series_are_retired_and_restart_at_zero() {
             [],
         )
         .unwrap();
-    assert_eq!(aged, 3, "requests, tokens and unpriced requests");
+    assert_eq!(
+        aged, 4,
+        "requests, tokens, unpriced requests and inbound requests (requested_model=old-model)"
+    );
 
     // `off`: nothing is retired.
     let exporter = Exporter::spawn(&s);
