@@ -1186,6 +1186,33 @@ mod tests {
     }
 
     #[test]
+    fn the_event_log_is_off_by_default_and_goes_to_stdout_or_a_rotated_file() {
+        assert_eq!(resolve(&[]).unwrap().event_log, None);
+        let c = resolve(&["--event-log", "stdout"]).unwrap();
+        assert_eq!(c.event_log, Some(EventLogTarget::Stdout));
+        let f = file("event-log: /var/log/cpa/events.log\nevent-log-max-size: 10MiB\nevent-log-max-files: 2\n");
+        let c = resolve(&["--config", f.path().to_str().unwrap()]).unwrap();
+        assert_eq!(
+            c.event_log,
+            Some(EventLogTarget::File {
+                path: PathBuf::from("/var/log/cpa/events.log"),
+                max_bytes: 10 << 20,
+                keep: 2,
+            })
+        );
+        for (flag, bad, what) in [
+            ("--event-log", "", "--event-log"),
+            ("--event-log-max-size", "100KiB", "--event-log-max-size"),
+            ("--event-log-max-files", "0", "--event-log-max-files"),
+        ] {
+            let e = resolve(&[&format!("{flag}={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what), "{flag}={bad}: {e}");
+        }
+    }
+
+    #[test]
     fn failover_window_defaults_to_a_minute_and_is_validated() {
         let c = resolve(&[]).unwrap();
         assert_eq!(c.limits.failover_window, Duration::from_secs(60));
