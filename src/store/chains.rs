@@ -205,9 +205,10 @@ impl Chains {
             self.finished_order.push_back((f.at, key));
             self.finished.insert(key, f);
         }
-        // Keep the finished requests within the window, and at most ten times the open limit
-        // (a recognition aid only: forgetting one early counts a late tool record as a request).
-        let max_finished = self.open_limit.saturating_mul(10);
+        // Keep the finished requests within the window, and at most as many as the open limit
+        // (a recognition aid only: forgetting one early counts a late tool record as a request;
+        // about 120 bytes each, so the bound is about 1.2 MB at the default limit).
+        let max_finished = self.open_limit;
         while let Some(&(at, key)) = self.finished_order.front() {
             if at >= plan.forget_before && self.finished_order.len() <= max_finished {
                 break;
