@@ -80,11 +80,7 @@ fn assert_complete(body: &str, samples: usize, what: &str) {
 
 /// `/metrics`, decoded, with the given encoding and format asked for.
 pub async fn scrape(exporter: &Exporter, gzip: bool, openmetrics: bool) -> String {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
+    let client = new_client(Duration::from_secs(120));
     let mut req = client
         .get(exporter.url("/metrics"))
         .header("X-Prometheus-Scrape-Timeout-Seconds", "110");
@@ -208,11 +204,7 @@ pub async fn scrapes_behind_hostile_connections(exporter: &Exporter, n: usize) -
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut took = Vec::new();
     for i in 0..n {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
+        let client = new_client(Duration::from_secs(10));
         let start = Instant::now();
         let resp = client
             .get(exporter.url("/metrics"))
@@ -268,11 +260,7 @@ pub async fn password_flood(exporter: &Exporter) -> FloodFigures {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let client = new_client(Duration::from_secs(20));
     let start = Instant::now();
     let health = client.get(exporter.url("/healthz")).send().await;
     let healthz = start.elapsed();
@@ -280,11 +268,7 @@ pub async fn password_flood(exporter: &Exporter) -> FloodFigures {
     // The login opens its own connection, as a scraper's first scrape does: a kept-alive one
     // may be closed between two requests when a newcomer needs its slot (HTTP/1.1 keep-alive
     // allows that; Go's client, Prometheus', retries such a GET, reqwest does not).
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let client = new_client(Duration::from_secs(20));
     let start = Instant::now();
     let login = client
         .get(&url)
@@ -311,4 +295,14 @@ pub fn web_config_with_password(dir: &Path) -> std::path::PathBuf {
     let hash = bcrypt::hash("right-password", 10).unwrap();
     std::fs::write(&web, format!("basic_auth_users:\n  prometheus: '{hash}'\n")).unwrap();
     web
+}
+
+/// A client that ignores proxy variables and gives up after `timeout`; each has its own
+/// connections.
+fn new_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .build()
+        .unwrap()
 }
