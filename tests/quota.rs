@@ -32,7 +32,7 @@ async fn quota_gauges_hold_the_latest_header_values_per_credential() {
         // RFC 3339 in UTC from Unix seconds, without a date crate.
         let t = now - ago;
         let (days, secs) = (t / 86_400, t % 86_400);
-        let (y, m, d) = civil(days as i64);
+        let (y, m, d) = cpa_usage_exporter::time::civil_from_days(days as i64);
         format!(
             "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
             secs / 3600,
@@ -108,19 +108,6 @@ async fn quota_gauges_hold_the_latest_header_values_per_credential() {
     drop(restarted);
     let db = std::fs::read(dir.path().join("q.db")).unwrap();
     assert!(!String::from_utf8_lossy(&db).contains("SECRET-COOKIE"));
-}
-
-/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-fn civil(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 async fn quota_cpa() -> FakeCpa {
