@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod promql;
+pub mod realcpa;
 pub mod stress;
 
 use std::collections::BTreeMap;
