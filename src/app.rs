@@ -77,7 +77,7 @@ fn poll_interval_text(config: &Config) -> String {
     let text = |resp| humantime::format_duration(config.idle_interval(resp)).to_string();
     match config.transport {
         Transport::Http => text(false),
-        Transport::Resp => text(true),
+        Transport::Resp | Transport::Subscribe => text(true),
         Transport::Auto if config.poll_interval.is_some() => text(false),
         Transport::Auto => format!("{} over RESP, {} over HTTP", text(true), text(false)),
     }
@@ -170,11 +170,7 @@ pub async fn run_with_key(
         cpa = %config.cpa_url,
         db = %config.db.display(),
         batch_size = config.batch_size,
-        transport = match config.transport {
-            Transport::Auto => "auto",
-            Transport::Http => "http",
-            Transport::Resp => "resp",
-        },
+        transport = config.transport.name(),
         poll_interval = %poll_interval_text(&config),
         tls = protection.is_tls(),
         auth = protection.requires_auth(),

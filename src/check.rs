@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use crate::config::{Config, Secret};
 use crate::cpa::mgmt::{Credential, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
-use crate::cpa::Transport;
 use crate::cpa::{AuthCause, ClientOptions, HttpClient, PopError};
 use crate::ingest::Batch;
 use crate::store::{State, Store};
@@ -361,7 +360,7 @@ impl Checker<'_> {
     }
 
     fn retention(&mut self, config: &Config, settings: UsageSettings) {
-        let idle = config.idle_interval(config.transport == Transport::Resp);
+        let idle = config.idle_interval(config.transport.is_resp());
         let retention = settings.retention;
         let detail = format!(
             "CPA keeps queued records {}, the idle poll interval is {}",

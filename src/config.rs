@@ -84,12 +84,14 @@ pub struct Flags {
         value_name = "FILE"
     )]
     pub management_key_file: Option<String>,
-    /// How to pop the queue: auto (RESP if CPA speaks it, else HTTP), http or resp.
+    /// How to take usage: auto (subscribe if CPA speaks RESP, else http), http, resp (pop the
+    /// queue over RESP) or subscribe (SUBSCRIBE usage, draining the queue after each
+    /// subscription; counts beside other collectors that subscribe).
     #[arg(
         long,
         env = "CPA_TRANSPORT",
         global = true,
-        value_name = "auto|http|resp",
+        value_name = "auto|http|resp|subscribe",
         default_value = "auto"
     )]
     pub transport: Option<String>,
@@ -724,7 +726,7 @@ impl Config {
         // RESP is a raw TCP protocol: it cannot go through an HTTP proxy, and `auto` would probe
         // it directly, bypassing the proxy. With a proxy, CPA is reached over HTTP only.
         let transport = match (transport, &cpa_proxy) {
-            (Transport::Resp, Some(_)) => {
+            (Transport::Resp | Transport::Subscribe, Some(_)) => {
                 return Err(proxy.fail(
                     "CPA proxy",
                     "RESP cannot go through an HTTP proxy: use --transport http (or auto)",
@@ -1091,7 +1093,10 @@ mod tests {
     fn a_wrong_choice_names_the_choices() {
         for (args, says) in [
             (["--api-version", "V9"], "`v9`: expected auto, v0 or v8"),
-            (["--transport", "XX"], "`xx`: expected auto, http or resp"),
+            (
+                ["--transport", "XX"],
+                "`xx`: expected auto, http, resp or subscribe",
+            ),
             (["--log-format", "Json"], "`Json`: expected text or json"),
         ] {
             let e = resolve(&args).unwrap_err().to_string();

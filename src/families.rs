@@ -124,6 +124,25 @@ pub mod meta {
             "cpa_exporter_requests_forced_closed",
             "Open inbound requests finished as client failures without waiting for their window, by reason (limit: too many open; attempts: too many failed attempts).",
         );
+        pub const SUBSCRIBED: Meta = gauge(
+            "cpa_exporter_subscribed",
+            "Whether the exporter is subscribed to CPA's usage channel (1) or not (0); exported with transport subscribe.",
+        );
+        pub const SUBSCRIPTION_DROPS: Meta = counter(
+            "cpa_exporter_subscription_drops",
+            "Subscriptions to CPA's usage channel that ended without the exporter ending them (CPA dropped a subscriber 256 messages behind, CPA restarted, or the connection broke).",
+        );
+        pub const SUBSCRIPTION_GAP: Meta = with_unit(
+            counter(
+                "cpa_exporter_subscription_gap_seconds",
+                "Seconds from the end of such a subscription to the next one: records CPA published meanwhile went to other subscribers only, or (with none) were queued and drained after.",
+            ),
+            "seconds",
+        );
+        pub const CREDENTIAL_REFRESHES: Meta = counter(
+            "cpa_exporter_credential_refreshes",
+            "Refresh notices on CPA's usage channel (its credentials changed); each one has the credentials listing read again.",
+        );
         pub const EVENT_LOG_LINES: Meta = counter(
             "cpa_exporter_event_log_lines",
             "Lines written to the event log (one per ingested record, after its batch committed).",

@@ -25,12 +25,32 @@ pub enum Transport {
     Auto,
     Http,
     Resp,
+    /// `SUBSCRIBE usage` on one RESP connection, and `LPOP usage` on another after every
+    /// (re)subscription for what was queued while nobody was subscribed.
+    Subscribe,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Http => "http",
+            Transport::Resp => "resp",
+            Transport::Subscribe => "subscribe",
+        }
+    }
+
+    /// Whether this transport talks RESP (and so gets RESP's short idle interval).
+    pub fn is_resp(self) -> bool {
+        matches!(self, Transport::Resp | Transport::Subscribe)
+    }
 }
 
 pub mod mgmt;
 pub mod resp;
 pub mod source;
 pub mod split;
+pub mod subscribe;
 
 /// Largest queue element accepted by default (a record is about 1.5 KB; the response itself is
 /// streamed and has no size limit).
@@ -143,6 +163,8 @@ impl PopError {
 pub enum Via {
     Http(Route),
     Resp,
+    /// Records CPA published to the exporter's subscription.
+    Subscription,
 }
 
 impl Via {
@@ -150,6 +172,7 @@ impl Via {
         match self {
             Via::Http(r) => r.name(),
             Via::Resp => "resp",
+            Via::Subscription => "subscribe",
         }
     }
 }

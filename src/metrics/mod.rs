@@ -27,8 +27,9 @@ pub use labels::LabelOptions;
 use text::{Meta, Writer};
 
 use crate::families::meta::live::{
-    CPA_UP, DRAIN_GAP, DRAIN_GAPS, EVENT_LOG_FAILURES, EVENT_LOG_LINES, OPEN_REQUESTS, POLLS,
-    POLL_DURATION, REQUESTS_FORCED_CLOSED, SERIES_OVERFLOW, SERIES_RETIRED, STORE_ERRORS,
+    CPA_UP, CREDENTIAL_REFRESHES, DRAIN_GAP, DRAIN_GAPS, EVENT_LOG_FAILURES, EVENT_LOG_LINES,
+    OPEN_REQUESTS, POLLS, POLL_DURATION, REQUESTS_FORCED_CLOSED, SERIES_OVERFLOW, SERIES_RETIRED,
+    STORE_ERRORS, SUBSCRIBED, SUBSCRIPTION_DROPS, SUBSCRIPTION_GAP,
 };
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
@@ -56,6 +57,10 @@ pub struct Live {
     pub requests_forced_closed: MetricFamily<OneLabel, Counter>,
     /// The event log's lines, written and not (exported only when the log is on).
     pub event_log: EventLogCounts,
+    /// The usage subscription (exported only with transport subscribe).
+    pub subscription: SubscriptionCounts,
+    /// CPA said its credentials changed: the management poller reads them again.
+    pub credentials_changed: tokio::sync::Notify,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
@@ -72,6 +77,44 @@ pub struct EventLogCounts {
     enabled: AtomicBool,
     lines: Counter,
     failures: MetricFamily<OneLabel, Counter>,
+}
+
+/// The usage subscription's state as the drain loop last read it from its source.
+#[derive(Debug, Default)]
+pub struct SubscriptionCounts {
+    enabled: AtomicBool,
+    status: Mutex<crate::cpa::subscribe::Status>,
+}
+
+impl SubscriptionCounts {
+    /// Take the source's latest status; returns how many refresh notices are new.
+    pub fn update(&self, status: crate::cpa::subscribe::Status) -> u64 {
+        self.enabled.store(true, Ordering::Relaxed);
+        let mut last = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let new_refreshes = status.refreshes.saturating_sub(last.refreshes);
+        *last = status;
+        new_refreshes
+    }
+
+    pub fn get(&self) -> Option<crate::cpa::subscribe::Status> {
+        self.enabled
+            .load(Ordering::Relaxed)
+            .then(|| *self.status.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        let Some(s) = self.get() else {
+            return;
+        };
+        w.declare(&SUBSCRIBED);
+        w.gauge(SUBSCRIBED.name, &[], i64::from(s.subscribed));
+        w.declare(&SUBSCRIPTION_DROPS);
+        w.counter(SUBSCRIPTION_DROPS.name, &[], s.drops);
+        w.declare(&SUBSCRIPTION_GAP);
+        w.counter(SUBSCRIPTION_GAP.name, &[], s.gap_seconds);
+        w.declare(&CREDENTIAL_REFRESHES);
+        w.counter(CREDENTIAL_REFRESHES.name, &[], s.refreshes);
+    }
 }
 
 /// `reason` values of `cpa_exporter_event_log_failures_total`.
@@ -140,6 +183,8 @@ impl Default for Live {
             open_requests: Gauge::default(),
             requests_forced_closed: MetricFamily::default(),
             event_log: EventLogCounts::default(),
+            subscription: SubscriptionCounts::default(),
+            credentials_changed: tokio::sync::Notify::new(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             key_state: std::sync::atomic::AtomicU8::new(0),
@@ -359,4 +404,5 @@ fn encode_live(w: &mut Writer, live: &Live) {
         w.counter(REQUESTS_FORCED_CLOSED.name, &set, n);
     }
     live.event_log.encode(w);
+    live.subscription.encode(w);
 }

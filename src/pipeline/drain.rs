@@ -137,6 +137,12 @@ pub async fn run<S: Source>(
             commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes, log).await;
         }
         drop(batch);
+        if let Some(status) = source.subscription() {
+            if shared.live.subscription.update(status) > 0 {
+                // CPA's credentials changed: the poller reads the listing (debounced).
+                shared.live.credentials_changed.notify_one();
+            }
+        }
         let wait = match popped {
             Ok(popped) => {
                 shared.live.record_poll("success", started.elapsed());
@@ -205,6 +211,17 @@ pub async fn run<S: Source>(
         if sleep_or_shutdown(wait, &mut shutdown).await {
             break;
         }
+    }
+    // A subscription's records are CPA's no more once received: stop receiving, then commit
+    // what arrived (close returns once the reader has ended).
+    source.close();
+    while source.pending() {
+        let (batch, _) = pop_batch(&mut source, opts.batch_size, &store, &opts.pricing).await;
+        if batch.elements == 0 {
+            break;
+        }
+        let log = opts.event_log.as_deref();
+        commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes, log).await;
     }
     if let Err(e) = store.flush_last_pop() {
         warn!("cannot record the time of the last pop: {e}");

@@ -19,6 +19,9 @@ use crate::cpa::ClientOptions;
 use crate::metrics::Shared;
 use crate::pipeline::backoff::{auth_wait, sleep_or_shutdown};
 
+/// After CPA says its credentials changed, the listing is read this much later.
+const REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
+
 /// How often the poller looks again while waiting for the drain loop to vouch for the key.
 const KEY_WAIT: Duration = Duration::from_millis(500);
 
@@ -57,8 +60,15 @@ pub async fn run(
             break;
         }
         let wait = poller.step(&mut client, &shared).await;
-        if sleep_or_shutdown(wait, &mut shutdown).await {
-            break;
+        tokio::select! {
+            stop = sleep_or_shutdown(wait, &mut shutdown) => if stop {
+                break;
+            },
+            () = shared.live.credentials_changed.notified() => {
+                // A burst of changes (auth files rewritten one by one) makes one read.
+                tokio::time::sleep(REFRESH_DEBOUNCE).await;
+                poller.credentials_due_now();
+            }
         }
     }
     debug!("management poller stopped");
@@ -94,6 +104,13 @@ impl Poller {
             auth_failures: 0,
             blocked_until: None,
             said: Said::default(),
+        }
+    }
+
+    /// Read the credentials listing at the next step (CPA said they changed).
+    fn credentials_due_now(&mut self) {
+        if self.next_credentials.is_some() {
+            self.next_credentials = Some(Instant::now());
         }
     }
 

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -26,266 +26,19 @@ use super::{classify_auth_message, AuthCause, PopError, Popped, Via};
 use crate::cpa::split::Sink;
 use crate::secret::Secret;
 
-/// Arrays nested deeper than this are refused. CPA's pop replies are flat (depth 1).
-pub const MAX_DEPTH: usize = 4;
-/// Longest status, error or integer line accepted.
-pub const MAX_LINE: usize = 4096;
+pub mod decode;
+
+pub use decode::{
+    encode_command, parse_reply, Decoder, OwnedReply, Parsed, ProtocolError, ReadError, Reply,
+    Token, MAX_DEPTH, MAX_LINE,
+};
+
 /// Largest reply accepted to `AUTH` (CPA answers `+OK` or a one-line error).
 const AUTH_REPLY_LIMIT: usize = 64 * 1024;
 /// Longest piece of CPA's error text kept in a `LPOP` error.
 const MAX_ERROR_TEXT: usize = 160;
-/// Read buffer kept between polls; a larger one (grown by a large element) is released.
-const KEEP_BUFFER: usize = 1 << 20;
 /// The one queue CPA serves (`LPOP` on any other key: `-ERR unsupported channel`).
 const USAGE_KEY: &[u8] = b"usage";
-
-// ---------------------------------------------------------------------------------------------
-// Reply parser (pure, bounded, total)
-// ---------------------------------------------------------------------------------------------
-
-/// One RESP2 reply, borrowing from the read buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply<'a> {
-    /// `+OK`
-    Simple(&'a [u8]),
-    /// `-ERR ...`, `-NOAUTH ...`
-    Error(&'a [u8]),
-    /// `:42`
-    Integer(i64),
-    /// `$5\r\nhello`; `None` is the nil bulk string `$-1`.
-    Bulk(Option<&'a [u8]>),
-    /// `*2\r\n...`; `None` is the nil array `*-1`.
-    Array(Option<Vec<Reply<'a>>>),
-}
-
-/// One RESP2 reply, owned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OwnedReply {
-    Simple(Vec<u8>),
-    Error(Vec<u8>),
-    Integer(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<OwnedReply>>),
-}
-
-impl Reply<'_> {
-    pub fn to_owned_reply(&self) -> OwnedReply {
-        match self {
-            Reply::Simple(s) => OwnedReply::Simple(s.to_vec()),
-            Reply::Error(s) => OwnedReply::Error(s.to_vec()),
-            Reply::Integer(n) => OwnedReply::Integer(*n),
-            Reply::Bulk(b) => OwnedReply::Bulk(b.map(<[u8]>::to_vec)),
-            Reply::Array(items) => OwnedReply::Array(
-                items
-                    .as_ref()
-                    .map(|items| items.iter().map(Reply::to_owned_reply).collect()),
-            ),
-        }
-    }
-}
-
-/// The result of parsing a buffer that may hold only part of a reply.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Parsed<'a> {
-    /// A whole reply and the number of bytes it took.
-    Complete(Reply<'a>, usize),
-    /// More bytes are needed: parse again once the buffer holds at least this many.
-    Incomplete(usize),
-}
-
-/// Why bytes are not an acceptable RESP2 reply.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProtocolError {
-    #[error("the reply does not start like RESP (first byte {0:#04x})")]
-    NotResp(u8),
-    #[error("unknown RESP type byte {0:#04x}")]
-    UnknownType(u8),
-    #[error("a line is not terminated by CRLF")]
-    BadLineEnd,
-    #[error("a line is longer than {MAX_LINE} bytes")]
-    LineTooLong,
-    #[error("an invalid integer or length")]
-    BadInteger,
-    #[error("a bulk string is not followed by CRLF")]
-    BadBulkEnd,
-    #[error("the reply exceeds {0} bytes")]
-    TooLarge(usize),
-    #[error("arrays nested deeper than {MAX_DEPTH}")]
-    TooDeep,
-    #[error("bytes follow the reply")]
-    TrailingBytes,
-    #[error("an unexpected reply type")]
-    UnexpectedReply,
-}
-
-fn is_type_byte(b: u8) -> bool {
-    matches!(b, b'+' | b'-' | b':' | b'$' | b'*')
-}
-
-/// Parse one reply from the start of `buf`. A reply (or the bytes it needs) larger than
-/// `max_bytes` is an error, so a caller that reads until [`Parsed::Incomplete`] is satisfied
-/// never buffers more than `max_bytes`. Never panics.
-pub fn parse_reply(buf: &[u8], max_bytes: usize) -> Result<Parsed<'_>, ProtocolError> {
-    match buf.first() {
-        None => return Ok(Parsed::Incomplete(1)),
-        Some(&b) if !is_type_byte(b) => return Err(ProtocolError::NotResp(b)),
-        Some(_) => {}
-    }
-    let parser = Parser { buf, max_bytes };
-    Ok(match parser.value(0, 0)? {
-        Step::Done(reply, end) => Parsed::Complete(reply, end),
-        Step::Need(n) => Parsed::Incomplete(n),
-    })
-}
-
-enum Step<'a> {
-    Done(Reply<'a>, usize),
-    Need(usize),
-}
-
-struct Parser<'a> {
-    buf: &'a [u8],
-    max_bytes: usize,
-}
-
-impl<'a> Parser<'a> {
-    fn need(&self, n: usize) -> Result<Step<'a>, ProtocolError> {
-        if n > self.max_bytes {
-            Err(ProtocolError::TooLarge(self.max_bytes))
-        } else {
-            Ok(Step::Need(n))
-        }
-    }
-
-    /// The value starting at `pos`; `depth` counts the arrays around it.
-    fn value(&self, pos: usize, depth: usize) -> Result<Step<'a>, ProtocolError> {
-        let Some(&ty) = self.buf.get(pos) else {
-            return self.need(pos.saturating_add(1));
-        };
-        if !is_type_byte(ty) {
-            return Err(ProtocolError::UnknownType(ty));
-        }
-        let Some((line, next)) = self.line(pos + 1)? else {
-            return self.need(self.buf.len().saturating_add(1));
-        };
-        match ty {
-            b'+' => Ok(Step::Done(Reply::Simple(line), next)),
-            b'-' => Ok(Step::Done(Reply::Error(line), next)),
-            b':' => Ok(Step::Done(Reply::Integer(parse_int(line)?), next)),
-            b'$' => self.bulk(parse_len(line)?, next),
-            _ => self.array(parse_len(line)?, next, depth),
-        }
-    }
-
-    /// The line starting at `start` and the position after its CRLF; `None` while incomplete.
-    fn line(&self, start: usize) -> Result<Option<(&'a [u8], usize)>, ProtocolError> {
-        let rest = self.buf.get(start..).unwrap_or_default();
-        let window = &rest[..rest.len().min(MAX_LINE + 1)];
-        match window.iter().position(|b| *b == b'\r' || *b == b'\n') {
-            Some(i) if window[i] == b'\n' => Err(ProtocolError::BadLineEnd),
-            Some(i) => match rest.get(i + 1) {
-                None => Ok(None),
-                Some(b'\n') => Ok(Some((&rest[..i], start + i + 2))),
-                Some(_) => Err(ProtocolError::BadLineEnd),
-            },
-            None if window.len() > MAX_LINE => Err(ProtocolError::LineTooLong),
-            None => Ok(None),
-        }
-    }
-
-    fn bulk(&self, len: Option<usize>, start: usize) -> Result<Step<'a>, ProtocolError> {
-        let Some(len) = len else {
-            return Ok(Step::Done(Reply::Bulk(None), start));
-        };
-        let too_large = ProtocolError::TooLarge(self.max_bytes);
-        let body_end = start.checked_add(len).ok_or(too_large.clone())?;
-        let end = body_end.checked_add(2).ok_or(too_large)?;
-        if self.buf.len() < end {
-            return self.need(end);
-        }
-        if &self.buf[body_end..end] != b"\r\n" {
-            return Err(ProtocolError::BadBulkEnd);
-        }
-        Ok(Step::Done(
-            Reply::Bulk(Some(&self.buf[start..body_end])),
-            end,
-        ))
-    }
-
-    fn array(
-        &self,
-        len: Option<usize>,
-        start: usize,
-        depth: usize,
-    ) -> Result<Step<'a>, ProtocolError> {
-        let Some(len) = len else {
-            return Ok(Step::Done(Reply::Array(None), start));
-        };
-        if depth >= MAX_DEPTH {
-            return Err(ProtocolError::TooDeep);
-        }
-        // Every element takes at least 3 bytes (`+\r\n`): refuse impossible counts before
-        // allocating anything for them.
-        let least = len
-            .checked_mul(3)
-            .and_then(|n| n.checked_add(start))
-            .ok_or(ProtocolError::TooLarge(self.max_bytes))?;
-        if least > self.max_bytes {
-            return Err(ProtocolError::TooLarge(self.max_bytes));
-        }
-        let mut items = Vec::with_capacity(len.min(1024));
-        let mut pos = start;
-        for _ in 0..len {
-            match self.value(pos, depth + 1)? {
-                Step::Done(item, end) => {
-                    items.push(item);
-                    pos = end;
-                }
-                Step::Need(n) => return Ok(Step::Need(n)),
-            }
-        }
-        Ok(Step::Done(Reply::Array(Some(items)), pos))
-    }
-}
-
-/// `:` integers: an optional `-` and 1 to 19 digits.
-fn parse_int(line: &[u8]) -> Result<i64, ProtocolError> {
-    let digits = line.strip_prefix(b"-").unwrap_or(line);
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(ProtocolError::BadInteger);
-    }
-    std::str::from_utf8(line)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or(ProtocolError::BadInteger)
-}
-
-/// `$` and `*` lengths: `-1` (nil) or 1 to 18 digits.
-fn parse_len(line: &[u8]) -> Result<Option<usize>, ProtocolError> {
-    if line == b"-1" {
-        return Ok(None);
-    }
-    if line.is_empty() || line.len() > 18 || !line.iter().all(u8::is_ascii_digit) {
-        return Err(ProtocolError::BadInteger);
-    }
-    std::str::from_utf8(line)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Some)
-        .ok_or(ProtocolError::BadInteger)
-}
-
-/// A command as CPA reads it: an array of bulk strings.
-pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -409,6 +162,7 @@ fn sanitize(msg: &[u8], key: &Secret) -> String {
 // Client
 // ---------------------------------------------------------------------------------------------
 
+#[derive(Clone)]
 pub struct RespOptions {
     /// CPA base URL (`http://host:port` or `https://host:port`); the path is ignored.
     pub base_url: String,
@@ -440,13 +194,13 @@ struct Tls {
     name: ServerName<'static>,
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
-/// An open, authenticated connection and its read buffer.
-struct Conn {
+/// An open, authenticated connection and its decoder.
+pub(crate) struct Conn {
     io: Box<dyn Io>,
-    buf: Vec<u8>,
+    dec: Decoder,
 }
 
 /// Pops CPA's usage queue over RESP, reconnecting (and re-authenticating) after any failure.
@@ -498,6 +252,15 @@ impl RespClient {
         })
     }
 
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// CPA's error text, printable, bounded and without the key.
+    pub(crate) fn sanitize(&self, msg: &[u8]) -> String {
+        sanitize(msg, &self.key)
+    }
+
     /// Whether a connection is open and authenticated.
     pub fn is_connected(&self) -> bool {
         self.conn.is_some()
@@ -546,8 +309,7 @@ impl RespClient {
             Some(conn) => conn,
             None => self.open().await?,
         };
-        let limit = self.max_reply_bytes;
-        let exchange = conn.lpop(count, limit, &self.key, sink, delivered);
+        let exchange = conn.lpop(count, &self.key, sink, delivered);
         let bytes = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| RespError::Timeout)??;
@@ -561,7 +323,7 @@ impl RespClient {
     }
 
     /// Connect (TCP, then TLS for https) and send AUTH as the very first command.
-    async fn open(&self) -> Result<Conn, RespError> {
+    pub(crate) async fn open(&self) -> Result<Conn, RespError> {
         let connect_timeout = self.timeout.min(Duration::from_secs(10));
         let connect = async {
             match &self.host {
@@ -587,10 +349,7 @@ impl RespClient {
                 )
             }
         };
-        let mut conn = Conn {
-            io,
-            buf: Vec::new(),
-        };
+        let mut conn = Conn::new(io, self.max_reply_bytes);
         conn.auth(&self.key, self.timeout).await?;
         debug!(
             port = self.port,
@@ -601,7 +360,24 @@ impl RespClient {
     }
 }
 
+impl From<ReadError> for RespError {
+    fn from(e: ReadError) -> RespError {
+        match e {
+            ReadError::Io(e) => RespError::io(e),
+            ReadError::Closed => RespError::Closed { during_auth: false },
+            ReadError::Protocol(p) => p.into(),
+        }
+    }
+}
+
 impl Conn {
+    pub(crate) fn new(io: Box<dyn Io>, max_element: usize) -> Conn {
+        Conn {
+            io,
+            dec: Decoder::new(max_element),
+        }
+    }
+
     async fn auth(&mut self, key: &Secret, timeout: Duration) -> Result<(), RespError> {
         let command = encode_command(&[b"AUTH", key.expose().as_bytes()]);
         let reply = self
@@ -618,147 +394,77 @@ impl Conn {
         }
     }
 
+    /// Write one command.
+    pub(crate) async fn send(&mut self, args: &[&[u8]]) -> Result<(), RespError> {
+        self.io
+            .write_all(&encode_command(args))
+            .await
+            .map_err(RespError::io)?;
+        self.io.flush().await.map_err(RespError::io)
+    }
+
     /// `LPOP usage <count>`, handing each element to `sink` as it arrives: only the element
-    /// being read is held, at most `max_element` bytes of it (a larger one is read past and
-    /// reported as oversize). Returns the bytes of the elements. `delivered` counts elements
-    /// handed over, which stay popped whatever happens next.
+    /// being read is held (a larger one than the decoder's limit is read past and reported as
+    /// oversize). Returns the bytes of the elements. `delivered` counts elements handed over,
+    /// which stay popped whatever happens next.
     async fn lpop<K: Sink + Send>(
         &mut self,
         count: usize,
-        max_element: usize,
         key: &Secret,
         sink: &mut K,
         delivered: &mut usize,
     ) -> Result<u64, RespError> {
         let count = count.max(1).to_string();
-        let command = encode_command(&[b"LPOP", USAGE_KEY, count.as_bytes()]);
-        self.io.write_all(&command).await.map_err(RespError::io)?;
-        self.io.flush().await.map_err(RespError::io)?;
-        self.buf.clear();
-        let mut pos = 0usize;
-        let header = self.line(&mut pos).await?;
-        let elements = match header.split_first() {
-            Some((b'*', n)) => parse_len(n)?.unwrap_or_default(),
-            Some((b'$', n)) => match parse_len(n)? {
-                None => 0,
-                Some(len) => {
-                    let bytes = self.bulk(&mut pos, len, max_element, sink).await?;
-                    *delivered += 1;
-                    return self.end_of_reply(pos, bytes as u64);
-                }
-            },
-            Some((b'-', msg)) => return Err(pop_refusal(msg, key)),
-            Some((&b, _)) if !is_type_byte(b) => return Err(ProtocolError::NotResp(b).into()),
-            _ => return Err(ProtocolError::UnexpectedReply.into()),
+        self.send(&[b"LPOP", USAGE_KEY, count.as_bytes()]).await?;
+        self.dec.reset();
+        let elements = match self.dec.next(&mut self.io).await? {
+            Token::Array(n) => n.unwrap_or_default(),
+            Token::Bulk(None) => 0,
+            Token::Bulk(Some(bytes)) => {
+                sink.element(bytes, None);
+                *delivered += 1;
+                let len = bytes.len() as u64;
+                return self.end_of_reply(len);
+            }
+            Token::Oversize(len) => {
+                sink.oversize();
+                *delivered += 1;
+                return self.end_of_reply(len as u64);
+            }
+            Token::Error(msg) => return Err(pop_refusal(msg, key)),
+            Token::Simple(_) | Token::Integer(_) => {
+                return Err(ProtocolError::UnexpectedReply.into())
+            }
         };
         let mut total = 0u64;
         for _ in 0..elements {
-            let line = self.line(&mut pos).await?;
-            let len = match line.split_first() {
-                Some((b'$', n)) => parse_len(n)?,
-                _ => None,
-            };
-            let Some(len) = len else {
-                return Err(ProtocolError::UnexpectedReply.into());
-            };
-            total += self.bulk(&mut pos, len, max_element, sink).await? as u64;
+            match self.dec.next(&mut self.io).await? {
+                Token::Bulk(Some(bytes)) => {
+                    sink.element(bytes, None);
+                    total += bytes.len() as u64;
+                }
+                Token::Oversize(len) => {
+                    sink.oversize();
+                    total += len as u64;
+                }
+                _ => return Err(ProtocolError::UnexpectedReply.into()),
+            }
             *delivered += 1;
         }
-        self.end_of_reply(pos, total)
+        self.end_of_reply(total)
     }
 
     /// One command, one reply: anything after it is not CPA speaking.
-    fn end_of_reply(&mut self, pos: usize, bytes: u64) -> Result<u64, RespError> {
-        if pos != self.buf.len() {
+    fn end_of_reply(&mut self, bytes: u64) -> Result<u64, RespError> {
+        if !self.dec.at_boundary() || self.dec.has_unread() {
             return Err(ProtocolError::TrailingBytes.into());
         }
-        self.buf.clear();
         // A large element grew the buffer: give the memory back between polls.
-        if self.buf.capacity() > KEEP_BUFFER {
-            self.buf = Vec::new();
-        }
+        self.dec.reset();
         Ok(bytes)
     }
 
-    /// Read more bytes into the buffer, first dropping the `pos` bytes already used.
-    async fn read_more(&mut self, pos: &mut usize, want: usize) -> Result<(), RespError> {
-        if *pos > 0 {
-            self.buf.drain(..*pos);
-            *pos = 0;
-        }
-        self.buf.reserve(want.clamp(4096, 1 << 20));
-        let n = self
-            .io
-            .read_buf(&mut self.buf)
-            .await
-            .map_err(RespError::io)?;
-        if n == 0 {
-            return Err(RespError::Closed { during_auth: false });
-        }
-        Ok(())
-    }
-
-    /// The next CRLF-terminated line, without its CRLF.
-    async fn line(&mut self, pos: &mut usize) -> Result<Vec<u8>, RespError> {
-        loop {
-            let rest = &self.buf[*pos..];
-            if let Some(i) = memchr::memchr(b'\n', rest) {
-                if i == 0 || rest[i - 1] != b'\r' || i > MAX_LINE + 1 {
-                    return Err(ProtocolError::BadLineEnd.into());
-                }
-                let line = rest[..i - 1].to_vec();
-                *pos += i + 1;
-                return Ok(line);
-            }
-            if rest.len() > MAX_LINE + 1 {
-                return Err(ProtocolError::LineTooLong.into());
-            }
-            self.read_more(pos, 4096).await?;
-        }
-    }
-
-    /// A bulk string's `len` bytes and CRLF: handed to `sink`, or read past when over the limit.
-    async fn bulk<K: Sink + Send>(
-        &mut self,
-        pos: &mut usize,
-        len: usize,
-        max_element: usize,
-        sink: &mut K,
-    ) -> Result<usize, RespError> {
-        let end = len.checked_add(2).ok_or(ProtocolError::BadInteger)?;
-        if len > max_element {
-            let mut left = len;
-            while left > 0 {
-                if self.buf.len() == *pos {
-                    self.read_more(pos, left).await?;
-                }
-                let have = (self.buf.len() - *pos).min(left);
-                *pos += have;
-                left -= have;
-            }
-            while self.buf.len() - *pos < 2 {
-                self.read_more(pos, 2).await?;
-            }
-            if &self.buf[*pos..*pos + 2] != b"\r\n" {
-                return Err(ProtocolError::BadBulkEnd.into());
-            }
-            *pos += 2;
-            sink.oversize();
-            return Ok(len);
-        }
-        while self.buf.len() - *pos < end {
-            let want = end - (self.buf.len() - *pos);
-            self.read_more(pos, want).await?;
-        }
-        if &self.buf[*pos + len..*pos + end] != b"\r\n" {
-            return Err(ProtocolError::BadBulkEnd.into());
-        }
-        sink.element(&self.buf[*pos..*pos + len], None);
-        *pos += end;
-        Ok(len)
-    }
-
-    /// Write one command and read its reply, both within `timeout`.
+    /// Write one command and read its reply (at most `max_bytes`), both within `timeout`.
     async fn request(
         &mut self,
         command: &[u8],
@@ -768,40 +474,32 @@ impl Conn {
         let exchange = async {
             self.io.write_all(command).await.map_err(RespError::io)?;
             self.io.flush().await.map_err(RespError::io)?;
-            self.read_reply(max_bytes).await
+            self.dec.reset();
+            let reply = self.dec.value(&mut self.io, max_bytes).await?;
+            // One command, one reply: anything after it is not CPA speaking.
+            if self.dec.has_unread() {
+                return Err(ProtocolError::TrailingBytes.into());
+            }
+            Ok(reply)
         };
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| RespError::Timeout)?
     }
 
-    async fn read_reply(&mut self, max_bytes: usize) -> Result<OwnedReply, RespError> {
-        self.buf.clear();
-        let mut needed = 1usize;
-        loop {
-            while self.buf.len() < needed {
-                let want = (needed - self.buf.len()).clamp(4096, 1 << 20);
-                self.buf.reserve(want);
-                let n = self
-                    .io
-                    .read_buf(&mut self.buf)
-                    .await
-                    .map_err(RespError::io)?;
-                if n == 0 {
-                    return Err(RespError::Closed { during_auth: false });
-                }
-            }
-            match parse_reply(&self.buf, max_bytes)? {
-                Parsed::Complete(reply, len) if len == self.buf.len() => {
-                    let owned = reply.to_owned_reply();
-                    self.buf.clear();
-                    return Ok(owned);
-                }
-                // One command, one reply: anything after it is not CPA speaking.
-                Parsed::Complete(..) => return Err(ProtocolError::TrailingBytes.into()),
-                Parsed::Incomplete(n) => needed = n,
-            }
-        }
+    /// The next whole value CPA pushes (subscriptions), of at most `max_bytes`.
+    pub(crate) async fn value(&mut self, max_bytes: usize) -> Result<OwnedReply, RespError> {
+        Ok(self.dec.value(&mut self.io, max_bytes).await?)
+    }
+
+    /// Wait until CPA has sent something. Cancel-safe: nothing is consumed.
+    pub(crate) async fn readable(&mut self) -> Result<(), RespError> {
+        Ok(self.dec.readable(&mut self.io).await?)
+    }
+
+    /// The next token of what CPA pushes.
+    pub(crate) async fn token(&mut self) -> Result<Token<'_>, RespError> {
+        Ok(self.dec.next(&mut self.io).await?)
     }
 }
 
@@ -832,6 +530,7 @@ fn tls_connector() -> Result<TlsConnector, rustls::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     const MAX: usize = 1 << 20;
 
@@ -1140,130 +839,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, RespError::Io(_)), "{e}");
-    }
-
-    /// Any reply, nested up to `MAX_DEPTH + 1` arrays (one level more than is accepted).
-    fn any_reply() -> impl proptest::strategy::Strategy<Value = OwnedReply> {
-        use proptest::prelude::*;
-        let line = "[^\r\n]{0,24}".prop_map(String::into_bytes);
-        let leaf = prop_oneof![
-            line.clone().prop_map(OwnedReply::Simple),
-            line.prop_map(OwnedReply::Error),
-            any::<i64>().prop_map(OwnedReply::Integer),
-            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))
-                .prop_map(OwnedReply::Bulk),
-            Just(OwnedReply::Array(None)),
-        ];
-        leaf.prop_recursive(MAX_DEPTH as u32 + 1, 48, 6, |inner| {
-            proptest::collection::vec(inner, 0..6).prop_map(|v| OwnedReply::Array(Some(v)))
-        })
-    }
-
-    fn encode_reply(reply: &OwnedReply, out: &mut Vec<u8>) {
-        match reply {
-            OwnedReply::Simple(s) => out.extend([b"+", &s[..], b"\r\n"].concat()),
-            OwnedReply::Error(s) => out.extend([b"-", &s[..], b"\r\n"].concat()),
-            OwnedReply::Integer(n) => out.extend(format!(":{n}\r\n").into_bytes()),
-            OwnedReply::Bulk(None) => out.extend(b"$-1\r\n"),
-            OwnedReply::Bulk(Some(b)) => {
-                out.extend(format!("${}\r\n", b.len()).into_bytes());
-                out.extend(b);
-                out.extend(b"\r\n");
-            }
-            OwnedReply::Array(None) => out.extend(b"*-1\r\n"),
-            OwnedReply::Array(Some(items)) => {
-                out.extend(format!("*{}\r\n", items.len()).into_bytes());
-                for item in items {
-                    encode_reply(item, out);
-                }
-            }
-        }
-    }
-
-    /// Arrays nested in `reply` (0 for a scalar or a nil array).
-    fn arrays_deep(reply: &OwnedReply) -> usize {
-        match reply {
-            OwnedReply::Array(Some(items)) => 1 + items.iter().map(arrays_deep).max().unwrap_or(0),
-            _ => 0,
-        }
-    }
-
-    proptest::proptest! {
-        /// Every reply round-trips, at any cut the parser asks for more (never past the end),
-        /// and bytes after a reply are left for the caller to refuse.
-        #[test]
-        fn any_reply_round_trips_or_is_refused_for_depth(
-            reply in any_reply(),
-            cut in proptest::prelude::any::<usize>(),
-            trailing in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
-        ) {
-            let mut wire = Vec::new();
-            encode_reply(&reply, &mut wire);
-            let parsed = parse_reply(&wire, MAX);
-            if arrays_deep(&reply) > MAX_DEPTH {
-                proptest::prop_assert_eq!(parsed, Err(ProtocolError::TooDeep));
-                return Ok(());
-            }
-            match parsed {
-                Ok(Parsed::Complete(r, len)) => {
-                    proptest::prop_assert_eq!(r.to_owned_reply(), reply.clone());
-                    proptest::prop_assert_eq!(len, wire.len());
-                }
-                other => proptest::prop_assert!(false, "{:?}", other),
-            }
-            let cut = cut % wire.len();
-            match parse_reply(&wire[..cut], MAX) {
-                Ok(Parsed::Incomplete(n)) => proptest::prop_assert!(n > cut && n <= wire.len()),
-                other => proptest::prop_assert!(false, "cut {}: {:?}", cut, other),
-            }
-            let mut longer = wire.clone();
-            longer.extend(&trailing);
-            match parse_reply(&longer, MAX) {
-                Ok(Parsed::Complete(_, len)) => proptest::prop_assert_eq!(len, wire.len()),
-                other => proptest::prop_assert!(false, "{:?}", other),
-            }
-        }
-
-        /// A reader that feeds the parser until it stops asking never holds more than the
-        /// limit: the parser refuses instead of asking for more than `max_bytes`.
-        #[test]
-        fn the_parser_never_asks_for_more_than_the_limit(
-            reply in any_reply(),
-            max in 0usize..2048,
-            cut in proptest::prelude::any::<usize>(),
-        ) {
-            let mut wire = Vec::new();
-            encode_reply(&reply, &mut wire);
-            let cut = cut % (wire.len() + 1);
-            match parse_reply(&wire[..cut], max) {
-                Ok(Parsed::Incomplete(n)) => proptest::prop_assert!(n <= max, "asked {} > {}", n, max),
-                Ok(Parsed::Complete(..))
-                | Err(ProtocolError::TooLarge(_))
-                | Err(ProtocolError::TooDeep) => {}
-                Err(e) => proptest::prop_assert!(false, "{}", e),
-            }
-        }
-
-        #[test]
-        fn the_parser_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            let _ = parse_reply(&bytes, 256);
-        }
-
-        #[test]
-        fn arrays_of_bulk_strings_round_trip_at_any_cut(
-            items in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48), 0..12),
-            cut in proptest::prelude::any::<usize>(),
-        ) {
-            let args: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
-            let wire = encode_command(&args);
-            let expected = Reply::Array(Some(items.iter().map(|i| Reply::Bulk(Some(i.as_slice()))).collect()));
-            proptest::prop_assert_eq!(parse_reply(&wire, MAX), Ok(Parsed::Complete(expected, wire.len())));
-            let cut = cut % wire.len();
-            match parse_reply(&wire[..cut], MAX) {
-                Ok(Parsed::Incomplete(n)) => proptest::prop_assert!(n > cut && n <= wire.len()),
-                other => proptest::prop_assert!(false, "{:?}", other),
-            }
-        }
     }
 
     #[tokio::test]
