@@ -622,6 +622,20 @@ impl Traffic {
         }
     }
 
+    /// Send `chats` one at a time, `gap` apart (traffic that goes on while something happens).
+    pub async fn send_paced(&mut self, client: &ChatClient, chats: &[Chat], gap: Duration) {
+        for chat in chats {
+            let tag = format!("r{}", self.sent.len());
+            let status = client.chat(chat, &tag).await;
+            self.sent.push(Sent {
+                tag,
+                client: chat.client,
+                status,
+            });
+            tokio::time::sleep(gap).await;
+        }
+    }
+
     /// The truth: the client's requests joined with the stub's attempts by tag.
     pub fn truth(&self, upstream: &Upstream, auth_index: &BTreeMap<String, String>) -> Truth {
         let mut t = Truth::default();
