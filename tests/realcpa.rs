@@ -426,8 +426,6 @@ async fn credential_errors_counter_moves_within_a_second() {
 }
 
 /// The samples of the usage families (every stored family), for comparing two exporters.
-/// Control payloads are left out: CPA sends one per subscription (`{"support_refresh":true}`),
-/// so their count says how often an exporter subscribed, not what CPA published.
 fn usage_families(m: &Metrics) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
     let names: Vec<String> = Family::ALL
         .iter()
@@ -441,7 +439,6 @@ fn usage_families(m: &Metrics) -> BTreeMap<(String, BTreeMap<String, String>), f
         .collect();
     m.0.iter()
         .filter(|((n, _), _)| names.contains(n))
-        .filter(|((_, l), _)| l.get("outcome").map(String::as_str) != Some("control"))
         .map(|(k, v)| (k.clone(), *v))
         .collect()
 }
@@ -487,7 +484,8 @@ async fn fake_cpa_fed_real_records_gives_identical_usage_families() {
     .await
     .expect("fake CPA");
     let replica = spawn_exporter(&fake.url(), rig.dir.path(), "fake", transport);
-    // Once the replica listens, give its subscription a moment; queued records are drained anyway.
+    subscribed(&replica).await;
+    // Records only: the fake sends its own control payload to each subscriber, as CPA does.
     for r in &records {
         fake.push_raw(r);
     }
