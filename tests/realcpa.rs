@@ -400,8 +400,20 @@ async fn credential_errors_counter_moves_within_a_second() {
         ("credential", credential.as_str()),
         ("status_code", "429"),
     ];
-    // Let the exporter's subscriptions settle before the errors happen (they are never queued).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Error events are never queued: the exporter must be listening before they happen.
+    let listening = eventually(SETTLE, async || {
+        exporter
+            .scrape()
+            .await
+            .get("cpa_exporter_errors_subscribed")
+            == Some(1.0)
+    })
+    .await;
+    assert!(
+        listening,
+        "not subscribed to errors; log:\n{}",
+        exporter.log_text()
+    );
     rig.upstream
         .set_fault(UPSTREAM_KEYS[0], Some(UpstreamFault::Next(429, 3)));
     let mut traffic = Traffic::default();
