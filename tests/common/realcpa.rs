@@ -743,7 +743,7 @@ impl Truth {
                 (&mut t.by_credential, label(&l, "credential")),
             ] {
                 let ok = map.entry((k.clone(), "ok".into())).or_default();
-                *ok -= v as u64;
+                *ok = ok.saturating_sub(v as u64);
                 if *ok == 0 {
                     map.remove(&(k, "ok".into()));
                 }
