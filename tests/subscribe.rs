@@ -275,3 +275,32 @@ async fn a_refresh_notice_has_the_credentials_listing_read_at_once() {
         "control payloads are not invalid records"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_keeps_what_cpa_already_sent_to_the_subscription() {
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&cpa, &dir, "stop", "subscribe");
+    let exporter = Exporter::spawn(&s);
+    subscribed(&exporter).await;
+    let pid = exporter.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    };
+    // Published while the exporter cannot read: in its socket and CPA's buffer when it stops.
+    signal("-STOP");
+    let expected = push_workload_at_once(&cpa, 21, usage_only(), 200);
+    assert_eq!(cpa.stats().subscribers_dropped, 0);
+    signal("-TERM");
+    signal("-CONT");
+    assert!(exporter.wait_exit(Duration::from_secs(20)).success());
+    assert_eq!(cpa.stats().queued, 0, "published, not queued");
+    let exporter = Exporter::spawn(&s);
+    subscribed(&exporter).await;
+    let m = ingested(&exporter, expected.outcomes["ingested"]).await;
+    assert_eq!(Expected::observed(&m).requests, expected.requests);
+}

@@ -56,6 +56,8 @@ pub enum Push<'a> {
     Oversize,
     /// The answer to a keepalive `PING`.
     Pong,
+    /// The answer to `UNSUBSCRIBE`: CPA sends nothing more and closes the connection.
+    Unsubscribed,
 }
 
 /// An authenticated connection subscribed to one channel; CPA accepts only `PING`,
@@ -113,6 +115,14 @@ impl Subscription {
             .map_err(|_| RespError::Timeout)?
     }
 
+    /// Send `UNSUBSCRIBE` (answered by a [`Push::Unsubscribed`] after what CPA had already
+    /// written).
+    pub async fn unsubscribe(&mut self) -> Result<(), RespError> {
+        tokio::time::timeout(self.timeout, self.conn.send(&[b"UNSUBSCRIBE"]))
+            .await
+            .map_err(|_| RespError::Timeout)?
+    }
+
     /// The next push, read whole within the exchange timeout once it has started to arrive.
     pub async fn next(&mut self) -> Result<Push<'_>, RespError> {
         let timeout = self.timeout;
@@ -136,9 +146,19 @@ async fn read_push(conn: &mut Conn, channel: Channel) -> Result<Push<'_>, RespEr
     let kind = match conn.token().await? {
         Token::Bulk(Some(k)) if k.eq_ignore_ascii_case(b"message") => "message",
         Token::Bulk(Some(k)) if k.eq_ignore_ascii_case(b"pong") => "pong",
+        Token::Bulk(Some(k)) if k.eq_ignore_ascii_case(b"unsubscribe") => "unsubscribe",
         _ => return Err(ProtocolError::UnexpectedReply.into()),
     };
     match (kind, items) {
+        ("unsubscribe", 3) => {
+            for _ in 0..2 {
+                match conn.token().await? {
+                    Token::Bulk(_) | Token::Integer(_) => {}
+                    _ => return Err(ProtocolError::UnexpectedReply.into()),
+                }
+            }
+            Ok(Push::Unsubscribed)
+        }
         ("pong", 2) => {
             match conn.token().await? {
                 Token::Bulk(_) | Token::Oversize(_) => {}
@@ -271,22 +291,35 @@ impl Feed {
         }
     }
 
-    /// Buffer a payload, first waiting for room (one payload always fits).
-    async fn push(&self, item: Option<Vec<u8>>) {
-        let size = item.as_ref().map_or(0, Vec::len);
+    /// Wait until a payload of `size` bytes fits (one payload always fits). Cancel-safe.
+    async fn room_for(&self, size: usize) {
         loop {
             let room = self.room.notified();
             {
-                let mut state = self.lock();
+                let state = self.lock();
                 if state.items.is_empty() || state.bytes + size <= self.max_bytes {
-                    state.bytes += size;
-                    state.items.push_back(item);
-                    break;
+                    return;
                 }
             }
             room.await;
         }
+    }
+
+    /// Buffer a payload now, room or not (after [`Feed::room_for`], or while stopping: what
+    /// CPA already sent is kept).
+    fn push_now(&self, item: Option<Vec<u8>>) {
+        {
+            let mut state = self.lock();
+            state.bytes += item.as_ref().map_or(0, Vec::len);
+            state.items.push_back(item);
+        }
         self.arrived.notify_one();
+    }
+
+    #[cfg(test)]
+    async fn push(&self, item: Option<Vec<u8>>) {
+        self.room_for(item.as_ref().map_or(0, Vec::len)).await;
+        self.push_now(item);
     }
 
     /// The key was accepted (a pop succeeded): the reader may log in.
@@ -456,7 +489,7 @@ async fn read(sub: &mut Subscription, feed: &Feed) -> Option<RespError> {
     loop {
         let arrived = tokio::select! {
             r = sub.wait(PING_EVERY) => r,
-            () = feed.until_stopped() => return None,
+            () = feed.until_stopped() => return unsubscribe(sub, feed).await,
         };
         match arrived {
             Err(e) => return Some(e),
@@ -476,6 +509,7 @@ async fn read(sub: &mut Subscription, feed: &Feed) -> Option<RespError> {
                 ping_pending = false;
                 continue;
             }
+            Ok(Push::Unsubscribed) => return Some(ProtocolError::UnexpectedReply.into()),
             Ok(Push::Oversize) => None,
             Ok(Push::Message(payload)) => {
                 if usage && is_refresh(payload) {
@@ -484,11 +518,42 @@ async fn read(sub: &mut Subscription, feed: &Feed) -> Option<RespError> {
                 Some(payload.to_vec())
             }
         };
+        let size = item.as_ref().map_or(0, Vec::len);
         tokio::select! {
-            () = feed.push(item) => {}
-            () = feed.until_stopped() => return None,
+            () = feed.room_for(size) => feed.push_now(item),
+            () = feed.until_stopped() => {
+                feed.push_now(item);
+                return unsubscribe(sub, feed).await;
+            }
         }
     }
+}
+
+/// End a subscription on shutdown without losing what CPA already sent: closing the socket
+/// would drop the messages in flight (CPA neither queues them nor sends them again), so ask CPA
+/// to stop, keep every message that arrives before its answer, then close.
+async fn unsubscribe(sub: &mut Subscription, feed: &Feed) -> Option<RespError> {
+    let usage = sub.channel() == Channel::Usage;
+    let rest = async {
+        sub.unsubscribe().await?;
+        loop {
+            match sub.next().await? {
+                Push::Message(payload) => {
+                    if usage && is_refresh(payload) {
+                        feed.update(|s| s.refreshes += 1);
+                    }
+                    feed.push_now(Some(payload.to_vec()));
+                }
+                Push::Oversize => feed.push_now(None),
+                Push::Pong => {}
+                Push::Unsubscribed => return Ok::<(), RespError>(()),
+            }
+        }
+    };
+    if let Err(e) = rest.await {
+        debug!(channel = sub.channel().name(), "unsubscribing: {e}");
+    }
+    None
 }
 
 #[cfg(test)]

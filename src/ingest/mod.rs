@@ -225,8 +225,12 @@ pub const CHUNK_BYTES: usize = 4 << 20;
 pub struct BatchBuilder<'p, F> {
     pricing: &'p Pricing,
     seen: F,
-    /// When the pop started, Unix seconds: no record time is later than this.
+    /// No record time is later than this, Unix seconds: when the pop started, or (with a
+    /// clock) when the elements were decoded, after they arrived.
     now: f64,
+    /// Read at each decode, so a record CPA published while the pop was under way is not
+    /// clamped to the pop's start (two attempts of one request would then share a start).
+    clock: Option<fn() -> f64>,
     arena: Vec<u8>,
     /// Each gathered element: its range in `arena` and its depth when known.
     spans: Vec<(usize, usize, Option<usize>)>,
@@ -243,12 +247,19 @@ impl<'p, F: Fn(u64) -> bool> BatchBuilder<'p, F> {
             pricing,
             seen,
             now,
+            clock: None,
             arena: Vec::new(),
             spans: Vec::new(),
             batch: Batch::default(),
             ids: HashSet::new(),
             oversize: 0,
         }
+    }
+
+    /// Take the time records are clamped to from `clock` at each decode instead of `now`.
+    pub fn with_clock(mut self, clock: fn() -> f64) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// Elements received so far (decoded or not).
@@ -259,6 +270,9 @@ impl<'p, F: Fn(u64) -> bool> BatchBuilder<'p, F> {
     fn flush(&mut self) {
         if self.spans.is_empty() {
             return;
+        }
+        if let Some(clock) = self.clock {
+            self.now = clock().max(self.now);
         }
         let mut repaired = 0;
         let texts: Vec<Text<'_>> = self

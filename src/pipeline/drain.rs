@@ -37,7 +37,8 @@ pub async fn pop_batch<S: Source>(
     pricing: &Pricing,
 ) -> (Batch, Result<Popped, PopError>) {
     let seen = store.seen_ids();
-    let mut builder = BatchBuilder::new(pricing, unix_now(), |id| seen.contains(&id));
+    let mut builder =
+        BatchBuilder::new(pricing, unix_now(), |id| seen.contains(&id)).with_clock(unix_now);
     let popped = source.pop(count, &mut builder).await;
     (builder.finish(), popped)
 }
