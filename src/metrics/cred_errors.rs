@@ -70,6 +70,11 @@ impl CredentialErrors {
         self.subscribed.load(Ordering::Relaxed)
     }
 
+    /// The series limit.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<Key, u64>> {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
