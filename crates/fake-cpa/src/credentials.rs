@@ -31,12 +31,26 @@ pub struct SimCredential {
     pub unavailable: bool,
     /// RFC 3339, when CPA will try a held-back credential again.
     pub next_retry_after: Option<String>,
+    /// CPA's quota state of the credential; only the `errors` channel shows it.
+    pub quota: Option<SimQuota>,
     /// In-memory attempt counters; the fake CPA bumps them on every pushed record.
     pub success: u64,
     pub failed: u64,
     /// Codex entries carry the account's `id_token` claims (API.md 3): the account id (an
     /// identifier the exporter must not export), the plan and the subscription period.
     pub id_token: Option<Value>,
+}
+
+/// CPA's quota state (`QuotaState`), as the `errors` channel renders it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimQuota {
+    pub exceeded: bool,
+    /// E.g. `quota`; empty is left out.
+    pub reason: String,
+    /// RFC 3339, when CPA expects the quota back.
+    pub next_recover_at: Option<String>,
+    /// 0 is left out.
+    pub backoff_level: u32,
 }
 
 /// The subscription end of codex credentials made by [`SimCredential::new`].
@@ -61,6 +75,7 @@ impl SimCredential {
             disabled: false,
             unavailable: false,
             next_retry_after: None,
+            quota: None,
             success: 0,
             failed: 0,
             id_token: (provider == "codex").then(|| {

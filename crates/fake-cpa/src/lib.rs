@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod credentials;
+pub mod error_events;
+mod pubsub;
 mod rng;
 pub mod server;
 pub mod workload;
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-pub use credentials::SimCredential;
+pub use credentials::{SimCredential, SimQuota};
 use rng::Rng;
 pub use server::{FakeCpa, Fault, Routes, SimConfig, SimStats};
 pub use workload::{Expect, Generated, Truth, Workload, WorkloadMix, CLIENT_API_KEYS};

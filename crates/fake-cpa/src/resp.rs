@@ -4,20 +4,33 @@
 //! ban as HTTP; any other command before AUTH is a failed login answered `-NOAUTH`;
 //! `LPOP`/`RPOP usage [count]` pop the oldest records of the same queue as HTTP.
 //!
+//! `SUBSCRIBE usage` / `SUBSCRIBE errors` (one channel, any case) turn the connection into a
+//! subscription for good, byte for byte as the real v7.2.140: `*3 subscribe <channel> :1`, then
+//! on `usage` at once the control payload `{"support_refresh":true}`, then every message as
+//! `*3 message <channel> <payload>` (the channel named as the client spelled it). While any usage
+//! subscriber exists, records are published instead of queued (`pubsub.rs`); a subscriber whose
+//! 256-message buffer is full is dropped: its connection writes out what was buffered and then
+//! closes (only as fast as the client reads: one that never reads is never closed). On a
+//! subscription only `PING [msg]` (`*2 pong <msg or nil>`), `UNSUBSCRIBE` (`*3 unsubscribe
+//! <channel> :0`, then close, whatever its arguments) and `QUIT` (`+OK`, then close) are known;
+//! anything else, `AUTH`, `LPOP` and a second `SUBSCRIBE` included, is `-ERR unknown command`.
+//! Outside a subscription `PING`, `QUIT` and `UNSUBSCRIBE` are unknown commands too.
+//!
 //! Declared from `server.rs` as its child module (it shares the queue, the ban and the stats).
-//! Not simulated: `SUBSCRIBE` push mode (the exporter never subscribes; it answers as an unknown
-//! command) and CPA's home mode.
+//! Not simulated: CPA's home mode.
 
-use std::borrow::Cow;
 use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
-use super::{go_duration, Attempts, Fault, Shared};
+use super::{go_duration, raw_payload, Attempts, Fault, Shared};
+use crate::pubsub::{Message, SUPPORT_REFRESH};
 
 /// CPA waits this long for the first byte of a connection.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +39,10 @@ const MAX_LINE: u64 = 64 * 1024;
 const MAX_ARGS: i64 = 1024;
 const MAX_BULK: i64 = 1024 * 1024;
 const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+const PROTOCOL_ERROR: &[u8] = b"-ERR protocol error\r\n";
+/// CPA's pub/sub channel names (matched in any case).
+const USAGE: &str = "usage";
+const ERRORS: &str = "errors";
 
 /// What the first byte of a connection says.
 pub(super) enum Sniff {
@@ -77,7 +94,7 @@ async fn session(stream: TcpStream, ip: IpAddr, shared: &Shared) -> io::Result<(
             Ok(args) => args,
             Err(ReadError::Closed) => return Ok(()),
             Err(ReadError::Protocol) => {
-                wr.write_all(b"-ERR protocol error\r\n").await?;
+                wr.write_all(PROTOCOL_ERROR).await?;
                 return Ok(());
             }
         };
@@ -88,6 +105,14 @@ async fn session(stream: TcpStream, ip: IpAddr, shared: &Shared) -> io::Result<(
                 wr.write_all(&bytes).await?;
             }
             Action::Close => return Ok(()),
+            Action::Subscribe(kind, name) => {
+                // Registered before the confirmation is written, as CPA does: nothing published
+                // in between is missed.
+                let sub = Subscription::new(shared, kind);
+                wr.write_all(&pubsub_frame(&[b"subscribe", name.as_bytes()], Some(1)))
+                    .await?;
+                return sub.stream(rd, wr, &name).await;
+            }
         }
     }
 }
@@ -98,6 +123,169 @@ enum Action {
     Delayed(Duration, Vec<u8>),
     /// A `Fault::ResetConnection`: nothing popped, no answer.
     Close,
+    /// `SUBSCRIBE <channel>`, with the channel as the client spelled it (trimmed).
+    Subscribe(Kind, String),
+}
+
+/// Which pub/sub channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Usage,
+    Errors,
+}
+
+/// A registered subscriber; unregisters itself when the connection ends, however it ends.
+struct Subscription<'s> {
+    shared: &'s Shared,
+    kind: Kind,
+    id: u64,
+    rx: mpsc::Receiver<Message>,
+}
+
+impl<'s> Subscription<'s> {
+    fn new(shared: &'s Shared, kind: Kind) -> Subscription<'s> {
+        let mut st = shared.lock();
+        let (id, rx) = match kind {
+            Kind::Usage => st.usage.subscribe(Some(SUPPORT_REFRESH)),
+            Kind::Errors => st.errors.subscribe(None),
+        };
+        Subscription {
+            shared,
+            kind,
+            id,
+            rx,
+        }
+    }
+
+    /// CPA's `streamRedisSubscription`: writes messages as they come and answers commands read
+    /// by a reader of its own; ends when the channel is closed (dropped when full, management
+    /// switched off), on EOF, a protocol error, `UNSUBSCRIBE` or `QUIT`.
+    async fn stream(
+        mut self,
+        rd: BufReader<OwnedReadHalf>,
+        mut wr: OwnedWriteHalf,
+        name: &str,
+    ) -> io::Result<()> {
+        let (tx, mut commands) = mpsc::channel(1);
+        let _reader = AbortOnDrop(tokio::spawn(read_commands(rd, tx)));
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => {
+                    let Some(msg) = msg else { return Ok(()) };
+                    wr.write_all(&pubsub_frame(&[b"message", name.as_bytes(), &msg.bytes], None))
+                        .await?;
+                    if msg.counted {
+                        let mut st = self.shared.lock();
+                        match self.kind {
+                            Kind::Usage => st.stats.written += 1,
+                            Kind::Errors => st.stats.error_written += 1,
+                        }
+                    }
+                }
+                command = commands.recv() => {
+                    let args = match command {
+                        None => return Ok(()),
+                        Some(Err(ReadError::Protocol)) => {
+                            return wr.write_all(PROTOCOL_ERROR).await;
+                        }
+                        Some(Err(ReadError::Closed)) => return Ok(()),
+                        Some(Ok(args)) => args,
+                    };
+                    let (reply, keep_open) = subscribed_command(&args, name);
+                    wr.write_all(&reply).await?;
+                    if !keep_open {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        match self.kind {
+            Kind::Usage => st.usage.unsubscribe(self.id),
+            Kind::Errors => st.errors.unsubscribe(self.id),
+        }
+        // What is still buffered is lost with the connection, as in CPA.
+        let mut left = 0;
+        while let Ok(msg) = self.rx.try_recv() {
+            left += u64::from(msg.counted);
+        }
+        if self.kind == Kind::Usage {
+            st.stats.discarded += left;
+        }
+    }
+}
+
+/// Aborts the reader task when the subscription ends (it holds the read half).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// CPA's `readRedisSubscriptionCommands`: forwards commands until EOF or an error.
+async fn read_commands(
+    mut rd: BufReader<OwnedReadHalf>,
+    tx: mpsc::Sender<Result<Vec<Vec<u8>>, ReadError>>,
+) {
+    loop {
+        let command = read_command(&mut rd).await;
+        let last = command.is_err();
+        if tx.send(command).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// CPA's `handleRedisSubscriptionCommand`: the reply, and whether the connection stays open.
+fn subscribed_command(args: &[Vec<u8>], channel: &str) -> (Vec<u8>, bool) {
+    let Some(first) = args.first() else {
+        return (b"-ERR empty command\r\n".to_vec(), true);
+    };
+    let cmd = String::from_utf8_lossy(first).trim().to_ascii_uppercase();
+    match cmd.as_str() {
+        "PING" => {
+            let payload = args.get(1).map(Vec::as_slice);
+            let frame = match payload {
+                Some(p) => pubsub_frame(&[b"pong", p], None),
+                None => {
+                    let mut out = b"*2\r\n".to_vec();
+                    out.extend_from_slice(&bulk(b"pong"));
+                    out.extend_from_slice(b"$-1\r\n");
+                    out
+                }
+            };
+            (frame, true)
+        }
+        "UNSUBSCRIBE" => (
+            pubsub_frame(&[b"unsubscribe", channel.as_bytes()], Some(0)),
+            false,
+        ),
+        "QUIT" => (b"+OK\r\n".to_vec(), false),
+        other => (
+            format!("-ERR unknown command '{}'\r\n", other.to_ascii_lowercase()).into_bytes(),
+            true,
+        ),
+    }
+}
+
+/// A pub/sub array: the bulk strings, then the subscriber count when there is one.
+fn pubsub_frame(parts: &[&[u8]], count: Option<u32>) -> Vec<u8> {
+    let len = parts.len() + usize::from(count.is_some());
+    let mut out = format!("*{len}\r\n").into_bytes();
+    for part in parts {
+        out.extend_from_slice(&bulk(part));
+    }
+    if let Some(n) = count {
+        out.extend_from_slice(format!(":{n}\r\n").as_bytes());
+    }
+    out
 }
 
 fn error(msg: &str) -> Action {
@@ -141,13 +329,32 @@ impl Shared {
                 }
             }
             "LPOP" | "RPOP" => self.resp_pop(&cmd, args),
+            "SUBSCRIBE" => subscribe(args),
             other => error(&format!(
                 "ERR unknown command '{}'",
                 other.to_ascii_lowercase()
             )),
         }
     }
+}
 
+/// `SUBSCRIBE <channel>`: exactly one channel, `usage` or `errors` in any case.
+fn subscribe(args: &[Vec<u8>]) -> Action {
+    if args.len() != 2 {
+        return error("ERR wrong number of arguments for 'subscribe' command");
+    }
+    let name = String::from_utf8_lossy(&args[1]).trim().to_owned();
+    let kind = if name.eq_ignore_ascii_case(USAGE) {
+        Kind::Usage
+    } else if name.eq_ignore_ascii_case(ERRORS) {
+        Kind::Errors
+    } else {
+        return error(&format!("ERR unsupported channel '{name}'"));
+    };
+    Action::Subscribe(kind, name)
+}
+
+impl Shared {
     /// CPA's management key check (banned, remote, missing, invalid), shared with HTTP. A
     /// success is one bcrypt compare in CPA and is counted in `resp_auths`.
     fn resp_authenticate(&self, ip: IpAddr, key: &str) -> Result<(), String> {
@@ -233,18 +440,6 @@ impl Shared {
             Some(d) => Action::Delayed(d, reply),
             None => Action::Reply(reply),
         }
-    }
-}
-
-/// The bytes CPA publishes, as RESP sends them. The queue holds each element as the JSON text of
-/// the HTTP array, where CPA wraps a payload that is not JSON in a JSON string; over RESP the
-/// payload goes out as published.
-fn raw_payload(element_json: &str) -> Cow<'_, str> {
-    match serde_json::from_str::<String>(element_json) {
-        Ok(inner) if serde_json::from_str::<serde::de::IgnoredAny>(&inner).is_err() => {
-            Cow::Owned(inner)
-        }
-        _ => Cow::Borrowed(element_json),
     }
 }
 

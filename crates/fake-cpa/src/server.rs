@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -20,7 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::credentials::{attempt_of, listing_json, SimCredential};
-use super::workload::CLIENT_API_KEYS;
+use super::error_events;
+use super::pubsub::{raw_payload, Channel, REFRESH};
+use super::workload::{rfc3339_nano, CLIENT_API_KEYS};
 
 // CPA's RESP side of the same port; a child module so it shares the queue, the ban and the stats.
 #[path = "resp.rs"]
@@ -112,6 +114,7 @@ pub enum Fault {
 pub struct SimStats {
     /// Elements currently queued (after expiring old ones).
     pub queued: usize,
+    /// Records CPA emitted: queued, or published while usage subscribers were connected.
     pub pushed: u64,
     /// Elements handed out in 200 responses.
     pub popped: u64,
@@ -132,6 +135,39 @@ pub struct SimStats {
     /// Authenticated RESP pops (`LPOP`/`RPOP usage`, empty ones included): no bcrypt compare.
     /// `queue_requests` counts HTTP pops only.
     pub resp_pops: u64,
+    /// `SUBSCRIBE usage` connections subscribed now.
+    pub usage_subscribers: usize,
+    /// `SUBSCRIBE errors` connections subscribed now.
+    pub error_subscribers: usize,
+    /// Records published to usage subscribers instead of being queued (once each, however many
+    /// subscribers; included in `pushed`).
+    pub published: u64,
+    /// Copies of records accepted into usage subscribers' buffers (2 subscribers: 2 a record).
+    pub delivered: u64,
+    /// Record copies written to usage subscribers' sockets (every delivered copy is written,
+    /// unless its connection ends first: then it counts in `discarded`).
+    pub written: u64,
+    /// Record copies still buffered when their usage subscription ended (client gone, fake
+    /// stopped): lost, as in CPA.
+    pub discarded: u64,
+    /// Usage subscribers dropped because their 256-message buffer was full. Each missed the
+    /// record that found it full (and only that one: it is no longer subscribed afterwards).
+    pub subscribers_dropped: u64,
+    /// Records that reached nobody: published while subscribers existed, all of them full (so
+    /// all dropped). Like CPA v7.2.140, the fake does not queue them either: gone. Every pushed
+    /// record is either queued (then popped, expired or cleared) or published; a published one
+    /// is delivered to at least one subscriber or counted here.
+    pub lost: u64,
+    /// `{"refresh":true}` payloads published to usage subscribers.
+    pub refreshes: u64,
+    /// Events published on `errors` (failed records and `push_error_raw`), subscribers or not.
+    pub error_events: u64,
+    /// Copies of events accepted into errors subscribers' buffers.
+    pub error_delivered: u64,
+    /// Event copies written to errors subscribers' sockets.
+    pub error_written: u64,
+    /// Errors subscribers dropped because their buffer was full.
+    pub error_subscribers_dropped: u64,
 }
 
 /// CPA's in-memory FIFO: items expire lazily, `retention` after they were queued.
@@ -173,9 +209,67 @@ struct State {
     fault: Option<Fault>,
     attempts: HashMap<IpAddr, Attempts>,
     stats: SimStats,
+    /// RESP `SUBSCRIBE usage` subscribers.
+    usage: Channel,
+    /// RESP `SUBSCRIBE errors` subscribers.
+    errors: Channel,
 }
 
 impl State {
+    fn new(cfg: SimConfig) -> State {
+        State {
+            cfg,
+            queue: Queue::default(),
+            fault: None,
+            attempts: HashMap::new(),
+            stats: SimStats::default(),
+            usage: Channel::default(),
+            errors: Channel::default(),
+        }
+    }
+
+    /// CPA's `Enqueue`: to the subscribers while there are any (even if every one of them turns
+    /// out full and is dropped), else to the queue.
+    fn enqueue(&mut self, now: Instant, element_text: String) {
+        self.stats.pushed += 1;
+        if self.usage.is_empty() {
+            self.queue.items.push_back((now, element_text));
+            return;
+        }
+        let sent = self
+            .usage
+            .publish(raw_payload(&element_text).as_bytes(), true);
+        self.stats.published += 1;
+        self.stats.delivered += sent.delivered as u64;
+        self.stats.subscribers_dropped += sent.dropped as u64;
+        if sent.delivered == 0 {
+            self.stats.lost += 1;
+        }
+    }
+
+    /// CPA's `EnqueueError`: to errors subscribers, never queued.
+    fn publish_error(&mut self, event: &str) {
+        let sent = self.errors.publish(event.as_bytes(), true);
+        self.stats.error_events += 1;
+        self.stats.error_delivered += sent.delivered as u64;
+        self.stats.error_subscribers_dropped += sent.dropped as u64;
+    }
+
+    /// The errors event for a failed record, with the state of its credential.
+    fn error_event_for(&self, element_json: &str) -> Option<String> {
+        let record = record_of(element_json)?;
+        let index = record
+            .get("auth_index")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let listed = self
+            .cfg
+            .credentials
+            .iter()
+            .find(|c| !index.is_empty() && c.auth_index == index);
+        error_events::from_record(&record, listed, &now_rfc3339())
+    }
+
     /// CPA's rule on `redis-usage-queue-retention-seconds`: <= 0 means 60, capped at 3600.
     fn retention(&self) -> Duration {
         match self.cfg.retention.as_secs() {
@@ -234,13 +328,7 @@ impl FakeCpa {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
         }
-        let state = State {
-            cfg,
-            queue: Queue::default(),
-            fault: None,
-            attempts: HashMap::new(),
-            stats: SimStats::default(),
-        };
+        let state = State::new(cfg);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
         });
@@ -262,6 +350,8 @@ impl FakeCpa {
 
     /// Enqueues one element, given as the JSON text it must have inside the response array.
     /// Text that is not valid JSON is queued as a JSON string, as CPA does with such payloads.
+    /// While any usage subscriber is connected it is published to them instead (never both); a
+    /// failed record is also an event on `errors`.
     pub fn push_raw(&self, element_json: &str) {
         self.push_raw_all([element_json]);
     }
@@ -298,12 +388,17 @@ impl FakeCpa {
                     }
                 }
             }
-            // CPA publishes only with a management secret and statistics enabled.
-            if st.cfg.management_key.is_empty() || !st.cfg.usage_statistics_enabled {
+            // CPA's queue and channels work only with a management secret.
+            if st.cfg.management_key.is_empty() {
                 continue;
             }
-            st.queue.items.push_back((now, text));
-            st.stats.pushed += 1;
+            // A failed attempt is an errors event whether or not usage statistics are on.
+            if let Some(event) = st.error_event_for(element_json) {
+                st.publish_error(&event);
+            }
+            if st.cfg.usage_statistics_enabled {
+                st.enqueue(now, text);
+            }
         }
     }
 
@@ -312,11 +407,33 @@ impl FakeCpa {
         self.push_raw(&record.to_string());
     }
 
+    /// Publishes a hand-made event on `errors` as is (never queued; dropped without a
+    /// management secret, as CPA's `EnqueueError`).
+    pub fn push_error_raw(&self, event_json: &str) {
+        let mut st = self.inner.shared.lock();
+        if !st.cfg.management_key.is_empty() {
+            st.publish_error(event_json);
+        }
+    }
+
+    /// Publishes `{"refresh":true}` to usage subscribers (CPA's `NotifyUsageRefresh`, sent when
+    /// credentials change); nothing when none is subscribed.
+    pub fn refresh(&self) {
+        let mut st = self.inner.shared.lock();
+        if st.usage.is_empty() {
+            return;
+        }
+        st.usage.publish(REFRESH.as_bytes(), false);
+        st.stats.refreshes += 1;
+    }
+
     pub fn stats(&self) -> SimStats {
         let mut st = self.inner.shared.lock();
         st.expire(Instant::now());
         let mut stats = st.stats.clone();
         stats.queued = st.queue.items.len();
+        stats.usage_subscribers = st.usage.len();
+        stats.error_subscribers = st.errors.len();
         stats
     }
 
@@ -324,18 +441,23 @@ impl FakeCpa {
         self.inner.shared.lock().fault = fault;
     }
 
-    /// Changes the management secret; an empty key disables management and clears the queue.
+    /// Changes the management secret; an empty key disables management, clears the queue and
+    /// ends every subscription (each connection writes out what it had buffered, then closes).
     pub fn set_management_key(&self, key: &str) {
         let mut st = self.inner.shared.lock();
         st.cfg.management_key = key.to_owned();
         if key.is_empty() {
             st.queue.items.clear();
+            st.usage.close_all();
+            st.errors.close_all();
         }
     }
 
-    /// Replaces the credentials listing (a status change, a removal, new counters).
+    /// Replaces the credentials listing (a status change, a removal, new counters). Credentials
+    /// changed: usage subscribers get `{"refresh":true}`, as from CPA.
     pub fn set_credentials(&self, credentials: Vec<SimCredential>) {
         self.inner.shared.lock().cfg.credentials = credentials;
+        self.refresh();
     }
 
     /// The credentials listing, with the counters the pushed records have bumped.
@@ -640,6 +762,22 @@ fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
         .map(|(_, v)| v)
 }
 
+/// A usage record as an object (string-wrapped ones are looked into).
+fn record_of(element_json: &str) -> Option<Value> {
+    match serde_json::from_str::<Value>(element_json).ok()? {
+        Value::String(inner) => serde_json::from_str::<Value>(&inner).ok(),
+        record => Some(record),
+    }
+}
+
+/// The wall clock as Go's RFC 3339 with nanoseconds.
+fn now_rfc3339() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    rfc3339_nano(now)
+}
+
 /// Go's `time.Duration.Round(time.Second).String()` for non-negative durations: `29m41s`.
 fn go_duration(d: Duration) -> String {
     let secs = (d.as_millis() + 500) / 1000;
@@ -745,13 +883,8 @@ mod tests {
         assert_eq!(q.expire(t0 + Duration::from_secs(60), ret), 0);
         assert_eq!(q.expire(t0 + Duration::from_secs(61), ret), 1);
         assert_eq!(q.pop(5), vec!["2".to_owned()]);
-        let mut st = State {
-            cfg: SimConfig::default(),
-            queue: q,
-            fault: None,
-            attempts: HashMap::new(),
-            stats: SimStats::default(),
-        };
+        let mut st = State::new(SimConfig::default());
+        st.queue = q;
         for (cfg, eff) in [(0, 60), (1, 1), (500, 500), (7200, 3600)] {
             st.cfg.retention = Duration::from_millis(cfg * 1000 + 400);
             assert_eq!(st.retention(), Duration::from_secs(eff));
