@@ -301,7 +301,7 @@ pub mod meta {
         );
         pub const ERRORS_SUBSCRIBED: Meta = gauge(
             "cpa_exporter_errors_subscribed",
-            "Whether the exporter is subscribed to CPA's errors channel (1) or not (0); exported with transport subscribe or auto.",
+            "Whether the exporter is subscribed to CPA's errors channel (1) or not (0); exported once the usage channel is subscribed too (transport subscribe, or auto once it chose to).",
         );
         pub const QUOTA_RECOVER: Meta = with_unit(
             gauge(

@@ -155,18 +155,37 @@ async fn failures_count_and_move_the_credential_gauges_within_a_second() {
 
 #[tokio::test]
 async fn over_http_the_errors_channel_is_not_touched() {
-    let cpa = fake_cpa().await;
-    let dir = tempfile::tempdir().unwrap();
-    let exporter =
-        Exporter::spawn(&Setup::in_dir(&cpa, KEY, &dir, "http").with_env("CPA_TRANSPORT", "http"));
-    within(&exporter, Duration::from_secs(10), |m| {
-        status_is(m, "active")
-    })
-    .await;
-    let m = exporter.scrape().await;
-    assert_eq!(m.get("cpa_exporter_errors_subscribed"), None);
-    let stats = cpa.stats();
-    assert_eq!((stats.error_subscribers, stats.resp_connections), (0, 0));
+    // Configured HTTP, and `auto` beside a CPA without RESP (as v7.1.17).
+    for (transport, resp_enabled) in [("http", true), ("auto", false)] {
+        let mut c = SimCredential::new("codex", INDEX, "alice@example.com");
+        c.status = "active".to_owned();
+        let cpa = FakeCpa::start(SimConfig {
+            management_key: KEY.to_owned(),
+            credentials: vec![c],
+            resp_enabled,
+            ..SimConfig::default()
+        })
+        .await
+        .expect("fake CPA");
+        let dir = tempfile::tempdir().unwrap();
+        let exporter = Exporter::spawn(
+            &Setup::in_dir(&cpa, KEY, &dir, transport).with_env("CPA_TRANSPORT", transport),
+        );
+        within(&exporter, Duration::from_secs(10), |m| {
+            status_is(m, "active")
+        })
+        .await;
+        cpa.push(&failed_record(503));
+        within(&exporter, Duration::from_secs(10), |m| {
+            m.sum("cpa_requests_total", &[]) > 0.0
+        })
+        .await;
+        let m = exporter.scrape().await;
+        assert_eq!(m.get("cpa_exporter_errors_subscribed"), None, "{transport}");
+        assert!(m.series("cpa_credential_errors_total").is_empty());
+        let stats = cpa.stats();
+        assert_eq!((stats.error_subscribers, stats.auth_failures), (0, 0));
+    }
 }
 
 /// Authenticated management requests per minute (each a bcrypt compare in CPA), idle, with the

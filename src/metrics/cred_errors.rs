@@ -31,7 +31,7 @@ type Key = (String, String, String);
 
 #[derive(Debug)]
 pub struct CredentialErrors {
-    /// Exported once the errors channel is set up (transport subscribe or auto).
+    /// Exported once the drain loop subscribes (transport subscribe, or auto once it chose to).
     enabled: AtomicBool,
     subscribed: AtomicBool,
     limit: AtomicUsize,
@@ -56,6 +56,9 @@ impl CredentialErrors {
     /// Export the family (and the channel's subscription gauge) from now on, with the series
     /// limit of the other families and their label options.
     pub fn enable(&self, series_limit: usize, labels: &LabelOptions) {
+        if self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
         self.limit.store(series_limit.max(1), Ordering::Relaxed);
         let _ = self.labels.set(labels.clone());
         self.enabled.store(true, Ordering::Relaxed);

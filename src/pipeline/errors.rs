@@ -56,13 +56,9 @@ pub fn start(
         ..opts
     };
     let client = RespClient::new(opts)?;
-    shared
-        .live
-        .credential_errors
-        .enable(series_limit, &shared.view.labels);
     let feed = Arc::new(Feed::new(FEED_BYTES));
     let reader = subscribe::spawn_reader(client, Channel::Errors, feed.clone())?;
-    let consumer = tokio::spawn(consume(feed.clone(), shared));
+    let consumer = tokio::spawn(consume(feed.clone(), shared, series_limit));
     Ok(ErrorsChannel {
         feed,
         reader: Some(reader),
@@ -98,9 +94,12 @@ impl Drop for ErrorsChannel {
 }
 
 /// Vouch for the reader's login, apply events as they arrive; until the feed stops.
-async fn consume(feed: Arc<Feed>, shared: Arc<Shared>) {
+async fn consume(feed: Arc<Feed>, shared: Arc<Shared>, series_limit: usize) {
     let mut apply = Apply::new(shared.clone());
-    let mut vouch = Vouch::default();
+    let mut vouch = Vouch {
+        series_limit,
+        ..Vouch::default()
+    };
     loop {
         vouch.look(&feed, &shared);
         feed.take(TURN, &mut apply);
@@ -123,6 +122,7 @@ async fn consume(feed: Arc<Feed>, shared: Arc<Shared>) {
 /// When the reader may log in.
 #[derive(Default)]
 struct Vouch {
+    series_limit: usize,
     /// The reader's own logins refused in a row, and when it may try again.
     refusals: u32,
     retry_at: Option<Instant>,
@@ -158,6 +158,12 @@ impl Vouch {
         }
         // The drain loop subscribes too: CPA speaks RESP and pub/sub, and the key works.
         let usage_subscribes = live.subscription.get().is_some();
+        if usage_subscribes {
+            // Exported from here on, as the usage subscription's own metrics (`auto` may
+            // settle on HTTP, and then there is no errors channel to speak of).
+            live.credential_errors
+                .enable(self.series_limit, &shared.view.labels);
+        }
         let waited = self.retry_at.is_none_or(|t| Instant::now() >= t);
         if accepted == Some(true) && usage_subscribes && waited {
             if self.retry_at.take().is_some() {
