@@ -1,5 +1,6 @@
 //! Slow management reads beside the drain loop: CPA's usage settings every few minutes and its
-//! credentials listing every 30 s, published through [`crate::metrics::cpa_view::CpaView`].
+//! credentials listing every 30 s (every 5 min while the usage and errors channels both report
+//! changes as they happen), published through [`crate::metrics::cpa_view::CpaView`].
 //!
 //! Ban safety: every call here is a bcrypt-checked login on CPA's side, and 5 failed logins ban
 //! the IP for 30 minutes. So the poller calls nothing until the drain loop has seen the key
