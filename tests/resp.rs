@@ -105,7 +105,7 @@ async fn resp_and_http_produce_identical_counters_for_the_same_workload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_picks_resp_when_cpa_speaks_it_and_http_when_it_does_not() {
+async fn auto_subscribes_when_cpa_speaks_resp_and_uses_http_when_it_does_not() {
     for resp_enabled in [true, false] {
         let name = if resp_enabled { "resp" } else { "no-resp" };
         let cpa = fake_cpa(resp_enabled).await;
@@ -124,9 +124,14 @@ async fn auto_picks_resp_when_cpa_speaks_it_and_http_when_it_does_not() {
         if resp_enabled {
             assert!(log.contains("CPA speaks RESP"), "{log}");
             assert!(log.contains("route=\"resp\""), "{log}");
-            // One login per connection, not per pop: pops, the usage and the errors subscription.
-            assert!(stats.resp_auths <= 3, "{stats:?}");
-            assert_eq!(stats.queue_requests, 0);
+            // One AUTH per connection, none per pop: the connection that drains the queue, the
+            // usage subscription and the errors subscription.
+            assert!(
+                eventually(Duration::from_secs(5), async || cpa.stats().resp_auths == 3).await,
+                "{:?}",
+                cpa.stats()
+            );
+            assert_eq!(cpa.stats().queue_requests, 0);
         } else {
             assert!(log.contains("does not speak RESP"), "{log}");
             assert!(
