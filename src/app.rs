@@ -10,11 +10,13 @@ use tracing::info;
 
 use crate::config::{Config, Secret};
 use crate::cpa::mgmt::MAX_MGMT_BODY_BYTES;
+use crate::cpa::resp::RespOptions;
 use crate::cpa::source::{AnySource, BuildError, SourceOptions};
 use crate::cpa::ClientOptions;
 use crate::cpa::Transport;
 use crate::metrics::Shared;
 use crate::pipeline::drain::{self, DrainOptions};
+use crate::pipeline::errors::{self, ErrorsChannel};
 use crate::pipeline::events::{EventLog, Target as EventLogTarget};
 use crate::pipeline::poller::{self, PollerOptions};
 use crate::store::budget::{Budgets, META_PREFIX};
@@ -41,6 +43,8 @@ pub enum StartError {
     Transport(#[from] BuildError),
     #[error("web config file (--web.config.file / CPA_EXPORTER_WEB_CONFIG)")]
     WebConfig(#[from] crate::http::WebConfigError),
+    #[error(transparent)]
+    Errors(#[from] errors::StartError),
     #[error("event log (--event-log / CPA_EXPORTER_EVENT_LOG): cannot open {path}: {source}")]
     EventLog {
         path: String,
@@ -137,6 +141,7 @@ pub async fn run_with_key(
             source,
         })?;
     let poller_key = key.clone();
+    let errors_key = key.clone();
     let client = AnySource::new(SourceOptions {
         base_url: config.cpa_url.clone(),
         key,
@@ -205,6 +210,7 @@ pub async fn run_with_key(
         shared.clone(),
         stop_rx.clone(),
     )?;
+    let errors = start_errors_channel(&config, errors_key, &shared)?;
     let drain = drain::spawn(
         client,
         store,
@@ -228,7 +234,33 @@ pub async fn run_with_key(
         }
     }
     stop_tx.send_replace(true);
+    if let Some(errors) = errors {
+        errors.stop().await;
+    }
     poller.abort();
     let _ = server.await;
     Ok(())
+}
+
+/// CPA's errors channel, beside a drain loop that subscribes (or, with `auto`, may): its reader
+/// logs in only once the drain loop subscribes with an accepted key.
+fn start_errors_channel(
+    config: &Config,
+    key: Secret,
+    shared: &Arc<Shared>,
+) -> Result<Option<ErrorsChannel>, StartError> {
+    if !matches!(config.transport, Transport::Subscribe | Transport::Auto) {
+        return Ok(None);
+    }
+    let opts = RespOptions {
+        base_url: config.cpa_url.clone(),
+        key,
+        timeout: config.http_timeout,
+        max_reply_bytes: config.max_response_bytes,
+    };
+    Ok(Some(errors::start(
+        opts,
+        shared.clone(),
+        config.limits.series_per_family,
+    )?))
 }

@@ -292,6 +292,26 @@ pub mod meta {
         );
     }
 
+    /// CPA's errors channel: failed upstream attempts and the credential state they carry.
+    pub mod errors {
+        use super::*;
+        pub const CREDENTIAL_ERRORS: Meta = counter(
+            "cpa_credential_errors",
+            "Failed upstream attempts per credential and upstream status, from CPA's errors channel as they happen (live: starts from zero when the exporter restarts).",
+        );
+        pub const ERRORS_SUBSCRIBED: Meta = gauge(
+            "cpa_exporter_errors_subscribed",
+            "Whether the exporter is subscribed to CPA's errors channel (1) or not (0); exported once the usage channel is subscribed too (transport subscribe, or auto once it chose to).",
+        );
+        pub const QUOTA_RECOVER: Meta = with_unit(
+            gauge(
+                "cpa_credential_quota_recover_timestamp_seconds",
+                "When CPA expects a credential's exceeded quota back, Unix seconds, from its errors channel (absent when no quota is exceeded or the time has passed)",
+            ),
+            "seconds",
+        );
+    }
+
     /// The process metrics, under client_golang's names and help texts.
     pub mod process {
         use super::*;

@@ -22,7 +22,8 @@ const UIDS: [&str; 4] = [
 
 /// Labels, besides job and instance, that a dashboard variable filters on, per metric. A panel
 /// reading one of these metrics on a dashboard that has the variable must apply it.
-const FILTERED: [(&str, &[&str]); 23] = [
+const FILTERED: [(&str, &[&str]); 24] = [
+    ("cpa_credential_errors_total", &["provider", "credential"]),
     (
         "cpa_requests_total",
         &["provider", "model", "credential", "api_key"],

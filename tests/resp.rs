@@ -124,9 +124,10 @@ async fn auto_subscribes_when_cpa_speaks_resp_and_uses_http_when_it_does_not() {
         if resp_enabled {
             assert!(log.contains("CPA speaks RESP"), "{log}");
             assert!(log.contains("route=\"resp\""), "{log}");
-            // One AUTH for the connection that drains the queue, one for the subscription.
+            // One AUTH per connection, none per pop: the connection that drains the queue, the
+            // usage subscription and the errors subscription.
             assert!(
-                eventually(Duration::from_secs(5), async || cpa.stats().resp_auths == 2).await,
+                eventually(Duration::from_secs(5), async || cpa.stats().resp_auths == 3).await,
                 "{:?}",
                 cpa.stats()
             );

@@ -93,7 +93,9 @@ where
 }
 
 /// A string, borrowed when it has no escapes; any other JSON value is skipped and reads as `None`.
-fn lenient_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+pub(crate) fn lenient_str<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'de, str>>, D::Error> {
     struct StrVisitor;
     impl<'de> Visitor<'de> for StrVisitor {
         type Value = Option<Cow<'de, str>>;

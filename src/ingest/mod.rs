@@ -5,6 +5,7 @@
 //! element is counted with a reason and never spoils the rest of its batch.
 
 pub mod attempt;
+pub mod cred_errors;
 pub mod decode;
 #[cfg(test)]
 mod props;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::text::{gauge, Meta, Writer};
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
+use crate::ingest::cred_errors::CredentialState;
 use crate::labels::sanitize;
 use crate::metrics::LabelOptions;
 
@@ -12,6 +13,7 @@ use crate::families::meta::cpa::{
     CPA_INFO, CREDENTIAL_DISABLED, CREDENTIAL_INFO, CREDENTIAL_NEXT_RETRY, CREDENTIAL_STATUS,
     CREDENTIAL_UNAVAILABLE, QUEUE_RETENTION, STATISTICS_ENABLED, SUBSCRIPTION_END,
 };
+use crate::families::meta::errors::QUOTA_RECOVER;
 
 /// What is known about CPA right now. Each part is absent until first read.
 #[derive(Debug, Default)]
@@ -20,6 +22,8 @@ pub struct CpaView {
     identity: Option<(String, String)>,
     settings: Option<UsageSettings>,
     credentials: Option<Vec<Credential>>,
+    /// From the errors channel: `auth_index` -> when its exceeded quota is expected back.
+    quota_recover: BTreeMap<String, f64>,
 }
 
 impl CpaView {
@@ -40,6 +44,7 @@ impl CpaView {
     /// Replace the listing: credentials no longer listed disappear from the next scrape.
     pub fn set_credentials(&mut self, credentials: Vec<Credential>) {
         self.credentials = Some(credentials);
+        self.forget_recovered_quotas();
     }
 
     pub fn settings(&self) -> Option<UsageSettings> {
@@ -59,6 +64,7 @@ pub fn encode(w: &mut Writer, view: &CpaView, opts: &LabelOptions) {
     }
     if let Some(credentials) = &view.credentials {
         encode_credentials(w, credentials, opts);
+        encode_quota_recover(w, view, credentials, opts);
     }
 }
 
@@ -286,5 +292,177 @@ mod tests {
             text.contains(r#"name="codex-alice@example.com.json""#),
             "{text}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credential states as CPA's errors channel reports them, between two listing reads
+// ---------------------------------------------------------------------------------------------
+
+impl CpaView {
+    /// Apply the state an error event carries to the listed credential, so its gauges move as
+    /// the failure happens; the next listing read replaces them again. Returns `false` when the
+    /// credential is not in the listing (or none was read): nothing is shown for it then.
+    pub fn apply_error_state(&mut self, auth_index: &str, state: &CredentialState) -> bool {
+        let Some(c) = self
+            .credentials
+            .as_mut()
+            .and_then(|list| list.iter_mut().find(|c| c.auth_index == auth_index))
+        else {
+            return false;
+        };
+        if let Some(status) = state.status {
+            c.status = status;
+        }
+        if let Some(disabled) = state.disabled {
+            c.disabled = disabled;
+        }
+        if let Some(unavailable) = state.unavailable {
+            c.unavailable = unavailable;
+            // The time belongs to the state it came with: an available credential has none.
+            c.next_retry_after = state.next_retry_after.filter(|_| unavailable);
+        }
+        match (state.quota_exceeded, state.quota_recover_at) {
+            (Some(true), Some(t)) => {
+                self.quota_recover.insert(auth_index.to_owned(), t);
+            }
+            (Some(false), _) => {
+                self.quota_recover.remove(auth_index);
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// A listing read: credentials gone, or available again, have no exceeded quota.
+    fn forget_recovered_quotas(&mut self) {
+        let listed = self.credentials.as_deref().unwrap_or_default();
+        self.quota_recover.retain(|index, _| {
+            listed
+                .iter()
+                .any(|c| &c.auth_index == index && c.unavailable)
+        });
+    }
+}
+
+/// Only listed credentials whose quota recovery is still ahead: a past time says nothing.
+fn encode_quota_recover(
+    w: &mut Writer,
+    view: &CpaView,
+    credentials: &[Credential],
+    opts: &LabelOptions,
+) {
+    w.declare(&QUOTA_RECOVER);
+    if view.quota_recover.is_empty() {
+        return;
+    }
+    let now = crate::time::unix_now();
+    for s in shown(credentials, opts) {
+        if let Some(&t) = view
+            .quota_recover
+            .get(&s.c.auth_index)
+            .filter(|t| **t > now)
+        {
+            let labels = [
+                ("credential", s.credential.as_str()),
+                ("provider", s.provider.as_str()),
+            ];
+            w.gauge(QUOTA_RECOVER.name, &labels, t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod error_state_tests {
+    use super::*;
+    use crate::cpa::mgmt::Name;
+    use crate::metrics::text::Format;
+
+    fn listed(index: &str) -> Credential {
+        Credential {
+            auth_index: index.to_owned(),
+            provider: "codex".to_owned(),
+            name: Name::default(),
+            status: Status::Active,
+            disabled: false,
+            unavailable: false,
+            next_retry_after: None,
+            success: 0,
+            failed: 0,
+            subscription: None,
+        }
+    }
+
+    fn scrape(view: &CpaView) -> String {
+        let mut out = Vec::new();
+        encode(
+            &mut Writer {
+                out: &mut out,
+                format: Format::Text004,
+            },
+            view,
+            &LabelOptions::default(),
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    fn cooling(until: f64) -> CredentialState {
+        CredentialState {
+            status: Some(Status::Error),
+            disabled: Some(false),
+            unavailable: Some(true),
+            next_retry_after: Some(until),
+            quota_exceeded: Some(true),
+            quota_recover_at: Some(until),
+        }
+    }
+
+    #[test]
+    fn an_error_event_moves_the_gauges_until_the_next_listing() {
+        // Whole seconds: the writer and `{}` may spell a fraction differently.
+        let until = (crate::time::unix_now() + 60.0).floor();
+        let mut view = CpaView::default();
+        view.set_credentials(vec![listed("aa11")]);
+        assert!(view.apply_error_state("aa11", &cooling(until)));
+        let text = scrape(&view);
+        for line in [
+            r#"cpa_credential_status{credential="aa11",provider="codex",status="error"} 1"#
+                .to_owned(),
+            r#"cpa_credential_unavailable{credential="aa11",provider="codex"} 1"#.to_owned(),
+            format!(
+                r#"cpa_credential_next_retry_timestamp_seconds{{credential="aa11",provider="codex"}} {until}"#
+            ),
+            format!(
+                r#"cpa_credential_quota_recover_timestamp_seconds{{credential="aa11",provider="codex"}} {until}"#
+            ),
+        ] {
+            assert!(text.contains(&line), "{line} missing in\n{text}");
+        }
+        // The listing is the authority again once read.
+        view.set_credentials(vec![listed("aa11")]);
+        let text = scrape(&view);
+        assert!(text.contains(r#"status="active"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"cpa_credential_unavailable{credential="aa11",provider="codex"} 0"#)
+        );
+        assert!(
+            !text.contains("cpa_credential_quota_recover_timestamp_seconds{"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unlisted_credentials_and_past_recoveries_show_nothing() {
+        let mut view = CpaView::default();
+        assert!(!view.apply_error_state("aa11", &cooling(1.0)));
+        view.set_credentials(vec![listed("aa11")]);
+        assert!(!view.apply_error_state("zz99", &cooling(1.0)));
+        assert!(view.apply_error_state("aa11", &cooling(1.0)));
+        let text = scrape(&view);
+        assert!(
+            !text.contains("cpa_credential_quota_recover_timestamp_seconds{"),
+            "{text}"
+        );
+        assert!(!text.contains("zz99"));
     }
 }

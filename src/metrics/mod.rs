@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod cpa_view;
+pub mod cred_errors;
 mod labels;
 mod process;
 mod quota;
@@ -59,6 +60,8 @@ pub struct Live {
     pub event_log: EventLogCounts,
     /// The usage subscription (exported only with transport subscribe).
     pub subscription: SubscriptionCounts,
+    /// CPA's errors channel: failed attempts per credential (exported with subscribe or auto).
+    pub credential_errors: cred_errors::CredentialErrors,
     /// CPA said its credentials changed: the management poller reads them again.
     pub credentials_changed: tokio::sync::Notify,
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
@@ -184,6 +187,7 @@ impl Default for Live {
             requests_forced_closed: MetricFamily::default(),
             event_log: EventLogCounts::default(),
             subscription: SubscriptionCounts::default(),
+            credential_errors: cred_errors::CredentialErrors::default(),
             credentials_changed: tokio::sync::Notify::new(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
@@ -203,11 +207,18 @@ impl Default for Live {
                 .series_retired
                 .get_or_create(&[("family", family.id())]);
         }
-        for family in crate::ingest::quota::FAMILIES {
+        for family in other_capped() {
             let _ = live.series_overflow.get_or_create(&[("family", family)]);
         }
         live
     }
+}
+
+/// Capped families outside [`Family`]: quota gauges and the credential errors counter.
+fn other_capped() -> impl Iterator<Item = &'static str> {
+    crate::ingest::quota::FAMILIES
+        .into_iter()
+        .chain([cred_errors::FAMILY])
 }
 
 /// `cpa_exporter_poll_duration_seconds`.
@@ -382,12 +393,8 @@ fn encode_live(w: &mut Writer, live: &Live) {
             w.counter(meta.name, &set, counters.get_or_create(&set).get());
         }
     };
-    per_family(
-        w,
-        &SERIES_OVERFLOW,
-        &live.series_overflow,
-        &crate::ingest::quota::FAMILIES,
-    );
+    let others: Vec<&'static str> = other_capped().collect();
+    per_family(w, &SERIES_OVERFLOW, &live.series_overflow, &others);
     w.declare(&STORE_ERRORS);
     w.counter(STORE_ERRORS.name, &[], live.store_errors.get());
     per_family(w, &SERIES_RETIRED, &live.series_retired, &[]);
@@ -405,4 +412,5 @@ fn encode_live(w: &mut Writer, live: &Live) {
     }
     live.event_log.encode(w);
     live.subscription.encode(w);
+    live.credential_errors.encode(w);
 }

@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod drain;
+pub mod errors;
 pub mod events;
 pub mod gap;
 pub mod poller;

@@ -1,5 +1,6 @@
 //! Slow management reads beside the drain loop: CPA's usage settings every few minutes and its
-//! credentials listing every 30 s, published through [`crate::metrics::cpa_view::CpaView`].
+//! credentials listing every 30 s (every 5 min while the usage and errors channels both report
+//! changes as they happen), published through [`crate::metrics::cpa_view::CpaView`].
 //!
 //! Ban safety: every call here is a bcrypt-checked login on CPA's side, and 5 failed logins ban
 //! the IP for 30 minutes. So the poller calls nothing until the drain loop has seen the key
@@ -21,6 +22,11 @@ use crate::pipeline::backoff::{auth_wait, sleep_or_shutdown};
 
 /// After CPA says its credentials changed, the listing is read this much later.
 const REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// With both of CPA's channels subscribed, refresh notices and error events report credential
+/// changes as they happen: the listing is then read this often only, as a safety net (each read
+/// is a bcrypt check in CPA).
+pub const SUBSCRIBED_CREDENTIALS_INTERVAL: Duration = Duration::from_secs(300);
 
 /// How often the poller looks again while waiting for the drain loop to vouch for the key.
 const KEY_WAIT: Duration = Duration::from_millis(500);
@@ -89,6 +95,9 @@ struct Poller {
     opts: PollerOptions,
     next_settings: Instant,
     next_credentials: Option<Instant>,
+    /// The next listing read while both channels are subscribed (see
+    /// [`SUBSCRIBED_CREDENTIALS_INTERVAL`]); `next_credentials` still wakes the poller to look.
+    next_credentials_subscribed: Instant,
     auth_failures: u32,
     blocked_until: Option<Instant>,
     said: Said,
@@ -101,6 +110,7 @@ impl Poller {
             opts,
             next_settings: now,
             next_credentials: opts.credentials_interval.map(|_| now),
+            next_credentials_subscribed: now,
             auth_failures: 0,
             blocked_until: None,
             said: Said::default(),
@@ -111,6 +121,7 @@ impl Poller {
     fn credentials_due_now(&mut self) {
         if self.next_credentials.is_some() {
             self.next_credentials = Some(Instant::now());
+            self.next_credentials_subscribed = Instant::now();
         }
     }
 
@@ -133,8 +144,15 @@ impl Poller {
             }
         }
         if let (Some(next), Some(every)) = (self.next_credentials, self.opts.credentials_interval) {
-            if Instant::now() >= next && !self.is_blocked() {
+            let slowed =
+                channels_subscribed(shared) && Instant::now() < self.next_credentials_subscribed;
+            if Instant::now() >= next && slowed {
+                // Look again in `every`: the channels may be down by then.
                 self.next_credentials = Some(Instant::now() + every);
+            } else if Instant::now() >= next && !self.is_blocked() {
+                self.next_credentials = Some(Instant::now() + every);
+                self.next_credentials_subscribed =
+                    Instant::now() + every.max(SUBSCRIBED_CREDENTIALS_INTERVAL);
                 let result = client.credentials().await;
                 publish_identity(client, shared);
                 if let Some(list) = self.settled(Call::Credentials, result) {
@@ -257,6 +275,12 @@ impl Poller {
             "the idle poll interval is longer than a quarter of CPA's queue retention: records can expire before they are popped; raise redis-usage-queue-retention-seconds in CPA or lower --poll-interval"
         );
     }
+}
+
+/// Both the usage and the errors channel are subscribed now.
+fn channels_subscribed(shared: &Shared) -> bool {
+    let live = &shared.live;
+    live.credential_errors.subscribed() && live.subscription.get().is_some_and(|s| s.subscribed)
 }
 
 fn publish_identity(client: &MgmtClient, shared: &Shared) {
