@@ -751,3 +751,111 @@ async fn a_pause_or_downtime_longer_than_the_retention_is_counted_and_said() {
     assert!(counted, "{}", exporter.log_text());
     says(&exporter, "longer than CPA's queue retention").await;
 }
+
+/// Lines of the event log at `path` after its first `skip` (a filler written before the start),
+/// each with its newline: a line without one was cut.
+fn event_lines(path: &std::path::Path, skip: usize) -> Vec<String> {
+    let text = std::fs::read(path).unwrap();
+    let text = String::from_utf8(text).expect("the event log is UTF-8");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "the event log ends in a cut line: {:?}",
+        &text[text.len().saturating_sub(200)..]
+    );
+    text.lines().skip(skip).map(str::to_owned).collect()
+}
+
+/// The event log's disk fills up in the middle of a batch, then gets room again. No line is
+/// left cut (one would run into the next, and a log store would drop both), and the counts are
+/// exact: every line offered is either in the file or counted as failed, never both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_event_log_cuts_no_line_and_counts_exactly() {
+    if !have("prlimit") {
+        return;
+    }
+    // The files may not grow past LIMIT (RLIMIT_FSIZE: EFBIG, as ENOSPC on a full disk). The
+    // database and its write-ahead log stay far below it; the event log starts just under it.
+    const LIMIT: u64 = 8 * 1024 * 1024;
+    const ROOM: u64 = 40_000;
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.log");
+    let filler = format!("{{\"filler\":\"{}\"}}\n", "x".repeat(85));
+    let filler_lines = ((LIMIT - ROOM) / filler.len() as u64) as usize;
+    std::fs::write(&events, filler.repeat(filler_lines)).unwrap();
+    let events_env = events.display().to_string();
+    let s = setup(
+        cpa.url(),
+        &dir,
+        &[
+            ("CPA_EXPORTER_BATCH_SIZE", "50"),
+            ("CPA_EXPORTER_EVENT_LOG", &events_env),
+            ("CPA_EXPORTER_EVENT_LOG_MAX_SIZE", "1GiB"),
+        ],
+    );
+    let exporter = spawn_ignoring_sigxfsz(&s);
+    let pid = exporter.child.id().to_string();
+    let set = |value: &str| {
+        let status = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--fsize={value}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    set(&format!("{LIMIT}:unlimited"));
+    let offered = |m: &Metrics| m.sum("cpa_requests_total", &[]);
+    let lines = |m: &Metrics| m.get("cpa_exporter_event_log_lines_total").unwrap_or(0.0);
+    let failed = |m: &Metrics| m.sum("cpa_exporter_event_log_failures_total", &[]);
+    // Until every element is accounted for and the writer has settled its lines (one per
+    // attempt; the mix has a few invalid elements and duplicates, which have none).
+    let settled = async |elements: f64| {
+        eventually(Duration::from_secs(30), async || {
+            let m = exporter.scrape().await;
+            accounted(&m) == elements && lines(&m) + failed(&m) == offered(&m)
+        })
+        .await
+    };
+    push_workload(&cpa, 31, WorkloadMix::default(), 550);
+    let full = settled(550.0).await;
+    let m = exporter.scrape().await;
+    assert!(full, "{:?}\n{}", m.0, exporter.log_text());
+    let (written, dropped) = (lines(&m), failed(&m));
+    assert!(
+        written > 0.0 && dropped > 0.0,
+        "the disk filled mid-way: {written} written, {dropped} dropped"
+    );
+    assert_eq!(
+        m.sum(
+            "cpa_exporter_event_log_failures_total",
+            &[("reason", "write")]
+        ),
+        dropped
+    );
+    says(&exporter, "cannot write the event log").await;
+    assert_eq!(event_lines(&events, filler_lines).len() as f64, written);
+
+    // Room again: the next lines start on a line of their own.
+    set("unlimited");
+    push_workload(&cpa, 32, WorkloadMix::default(), 100);
+    assert!(settled(650.0).await, "{}", exporter.log_text());
+    let m = exporter.scrape().await;
+    let in_file = event_lines(&events, filler_lines);
+    for line in &in_file {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "a cut line: {line}");
+    }
+    assert_eq!(in_file.len() as f64, lines(&m));
+    assert_eq!(
+        failed(&m),
+        dropped,
+        "every line after the room came back is written"
+    );
+    assert_eq!(lines(&m) + failed(&m), offered(&m));
+    eprintln!(
+        "full disk: {written} lines written and {dropped} dropped while full, then {} in all \
+         of {} offered; the file holds {} lines after its filler",
+        lines(&m),
+        offered(&m),
+        in_file.len()
+    );
+}
