@@ -859,3 +859,131 @@ async fn a_full_disk_under_the_event_log_cuts_no_line_and_counts_exactly() {
         in_file.len()
     );
 }
+
+/// A second exporter on a database another one is using is refused at start, before it pops
+/// anything: its batches could never commit (`UNIQUE constraint failed`) and would be lost.
+/// `check` commits what it pops, so it is refused beside a running exporter too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_exporter_on_the_same_database_is_refused_at_start() {
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(cpa.url(), &dir, &[]);
+    let first = Exporter::spawn(&s);
+    push_workload(&cpa, 41, WorkloadMix::default(), 200);
+    drained(&first, &cpa, 200.0).await;
+    let popped = cpa.stats().popped;
+    let db = s.db.display().to_string();
+
+    let second_log = dir.path().join("second.log");
+    let mut second = Command::new(BIN)
+        .env_clear()
+        .env("CPA_URL", cpa.url())
+        .env("CPA_MANAGEMENT_KEY", KEY)
+        .env("CPA_EXPORTER_DB", s.db)
+        .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .stderr(std::fs::File::create(&second_log).unwrap())
+        .spawn()
+        .unwrap();
+    let exited = eventually(Duration::from_secs(20), async || {
+        second.try_wait().unwrap().is_some()
+    })
+    .await;
+    let _ = second.kill();
+    let status = second.wait().unwrap();
+    let stderr = std::fs::read_to_string(&second_log).unwrap();
+    assert!(
+        exited,
+        "the second exporter runs beside the first:\n{stderr}"
+    );
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&db), "{stderr}");
+    assert!(stderr.contains("another cpa-usage-exporter"), "{stderr}");
+
+    let check = Command::new(BIN)
+        .args(["check", "--consumer-window", "1s"])
+        .env_clear()
+        .env("CPA_URL", cpa.url())
+        .env("CPA_MANAGEMENT_KEY", KEY)
+        .env("CPA_EXPORTER_DB", s.db)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success(), "{stdout}");
+    let database = stdout
+        .lines()
+        .find(|l| l.contains("database"))
+        .unwrap_or_default();
+    assert!(database.starts_with("FAIL"), "{stdout}");
+    assert!(database.contains("another cpa-usage-exporter"), "{stdout}");
+    assert!(database.contains("stop the exporter"), "{stdout}");
+    assert_eq!(
+        cpa.stats().popped,
+        popped,
+        "nothing popped beside the first"
+    );
+
+    // The first one carries on; once it stops, the database is free again.
+    push_workload(&cpa, 42, WorkloadMix::default(), 100);
+    drained(&first, &cpa, 300.0).await;
+    first.sigterm();
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    let next = Exporter::spawn(&s);
+    drained(&next, &cpa, 300.0).await;
+}
+
+/// The state database is deleted, or replaced by another file, under a running exporter: its
+/// commits go to a file nobody will open again, and a restart would start from zero. It is
+/// noticed: `/readyz` fails naming the file, the log says so once, and
+/// `cpa_exporter_store_healthy` drops to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_database_deleted_or_replaced_under_the_exporter_is_noticed() {
+    let cpa = fake_cpa().await;
+    for replace in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = setup(cpa.url(), &dir, &[]);
+        let exporter = Exporter::spawn(&s);
+        push_workload(&cpa, 51, WorkloadMix::default(), 100);
+        drained(&exporter, &cpa, 100.0).await;
+        let ready = eventually(Duration::from_secs(15), async || {
+            ready_status(&exporter).await.0 == 200
+        })
+        .await;
+        assert!(ready, "{}", exporter.log_text());
+        assert_eq!(
+            exporter.scrape().await.get("cpa_exporter_store_healthy"),
+            Some(1.0)
+        );
+        if replace {
+            let other = dir.path().join("restored.db");
+            std::fs::write(&other, b"").unwrap();
+            std::fs::rename(&other, s.db).unwrap();
+        } else {
+            std::fs::remove_file(s.db).unwrap();
+        }
+        let noticed = eventually(Duration::from_secs(20), async || {
+            ready_status(&exporter).await.0 == 503
+        })
+        .await;
+        assert!(noticed, "{}", exporter.log_text());
+        let (_, body) = ready_status(&exporter).await;
+        let db = s.db.display().to_string();
+        assert!(body.contains(&db), "{body}");
+        let what = if replace { "replaced" } else { "deleted" };
+        assert!(body.contains(what), "{body}");
+        assert_eq!(
+            exporter.scrape().await.get("cpa_exporter_store_healthy"),
+            Some(0.0)
+        );
+        // More batches commit meanwhile; the log says it once.
+        push_workload(&cpa, 52, WorkloadMix::default(), 50);
+        drained(&exporter, &cpa, 150.0).await;
+        let log = exporter.log_text();
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(what) && l.contains(&db))
+            .collect();
+        assert_eq!(said.len(), 1, "{log}");
+        assert!(said[0].contains("ERROR"), "{log}");
+        assert_eq!(ready_status(&exporter).await.0, 503);
+    }
+}
