@@ -767,22 +767,67 @@ fn event_lines(path: &std::path::Path, skip: usize) -> Vec<String> {
 
 /// The event log's disk fills up in the middle of a batch, then gets room again. No line is
 /// left cut (one would run into the next, and a log store would drop both), and the counts are
-/// exact: every line offered is either in the file or counted as failed, never both.
+/// exact: every line offered is either in the file or counted as failed, never both. Here the
+/// files may not grow past a size (RLIMIT_FSIZE: EFBIG, as ENOSPC on a full disk), which needs
+/// no privilege.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_the_event_log_cuts_no_line_and_counts_exactly() {
-    if !have("prlimit") {
-        return;
+    if have("prlimit") {
+        full_event_log_disk(FullDisk::FileSizeLimit).await;
     }
-    // The files may not grow past LIMIT (RLIMIT_FSIZE: EFBIG, as ENOSPC on a full disk). The
-    // database and its write-ahead log stay far below it; the event log starts just under it.
+}
+
+/// The same on a real full file system (ENOSPC): a 64 KiB tmpfs, grown to 4 MiB for the room.
+/// Mounting needs root (CAP_SYS_ADMIN), which CI's container lacks: skipped without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tmpfs_under_the_event_log_cuts_no_line_and_counts_exactly() {
+    full_event_log_disk(FullDisk::Tmpfs).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FullDisk {
+    FileSizeLimit,
+    Tmpfs,
+}
+
+/// Unmounts its tmpfs when dropped (after the exporter using it).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+async fn full_event_log_disk(how: FullDisk) {
+    // FileSizeLimit: the database and its write-ahead log stay far below LIMIT; the event log
+    // starts ROOM bytes under it.
     const LIMIT: u64 = 8 * 1024 * 1024;
     const ROOM: u64 = 40_000;
     let cpa = fake_cpa().await;
     let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.log");
-    let filler = format!("{{\"filler\":\"{}\"}}\n", "x".repeat(85));
-    let filler_lines = ((LIMIT - ROOM) / filler.len() as u64) as usize;
-    std::fs::write(&events, filler.repeat(filler_lines)).unwrap();
+    let (events, filler_lines, _mounted) = match how {
+        FullDisk::FileSizeLimit => {
+            let events = dir.path().join("events.log");
+            let filler = format!("{{\"filler\":\"{}\"}}\n", "x".repeat(85));
+            let filler_lines = ((LIMIT - ROOM) / filler.len() as u64) as usize;
+            std::fs::write(&events, filler.repeat(filler_lines)).unwrap();
+            (events, filler_lines, None)
+        }
+        FullDisk::Tmpfs => {
+            let disk = dir.path().join("disk");
+            std::fs::create_dir(&disk).unwrap();
+            let mounted = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(&disk)
+                .output();
+            if !mounted.is_ok_and(|o| o.status.success()) {
+                eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+                return;
+            }
+            (disk.join("events.log"), 0, Some(Mounted(disk)))
+        }
+    };
     let events_env = events.display().to_string();
     let s = setup(
         cpa.url(),
@@ -796,13 +841,20 @@ async fn a_full_disk_under_the_event_log_cuts_no_line_and_counts_exactly() {
     let exporter = spawn_ignoring_sigxfsz(&s);
     let pid = exporter.child.id().to_string();
     let set = |value: &str| {
-        let status = Command::new("prlimit")
-            .args(["--pid", &pid, &format!("--fsize={value}")])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let status = match how {
+            FullDisk::FileSizeLimit => Command::new("prlimit")
+                .args(["--pid", &pid, &format!("--fsize={value}")])
+                .status(),
+            FullDisk::Tmpfs => Command::new("mount")
+                .args(["-o", &format!("remount,size={value}")])
+                .arg(events.parent().unwrap())
+                .status(),
+        };
+        assert!(status.unwrap().success());
     };
-    set(&format!("{LIMIT}:unlimited"));
+    if how == FullDisk::FileSizeLimit {
+        set(&format!("{LIMIT}:unlimited"));
+    }
     let offered = |m: &Metrics| m.sum("cpa_requests_total", &[]);
     let lines = |m: &Metrics| m.get("cpa_exporter_event_log_lines_total").unwrap_or(0.0);
     let failed = |m: &Metrics| m.sum("cpa_exporter_event_log_failures_total", &[]);
@@ -835,7 +887,10 @@ async fn a_full_disk_under_the_event_log_cuts_no_line_and_counts_exactly() {
     assert_eq!(event_lines(&events, filler_lines).len() as f64, written);
 
     // Room again: the next lines start on a line of their own.
-    set("unlimited");
+    set(match how {
+        FullDisk::FileSizeLimit => "unlimited",
+        FullDisk::Tmpfs => "4m",
+    });
     push_workload(&cpa, 32, WorkloadMix::default(), 100);
     assert!(settled(650.0).await, "{}", exporter.log_text());
     let m = exporter.scrape().await;
@@ -852,12 +907,13 @@ async fn a_full_disk_under_the_event_log_cuts_no_line_and_counts_exactly() {
     );
     assert_eq!(lines(&m) + failed(&m), offered(&m));
     eprintln!(
-        "full disk: {written} lines written and {dropped} dropped while full, then {} in all \
-         of {} offered; the file holds {} lines after its filler",
+        "full disk ({how:?}): {written} lines written and {dropped} dropped while full, then \
+         {} in all of {} offered; the file holds {} lines after its filler",
         lines(&m),
         offered(&m),
         in_file.len()
     );
+    drop(exporter);
 }
 
 /// A second exporter on a database another one is using is refused at start, before it pops
