@@ -183,6 +183,11 @@ pub async fn run_with_key(
         "cpa-usage-exporter {} started",
         env!("CARGO_PKG_VERSION")
     );
+    let store_shared = shared.clone();
+    tokio::spawn(store.file_watch().run(stop_rx.clone(), move |why| {
+        tracing::error!("{why}");
+        store_shared.live.set_store_lost(why);
+    }));
     let server = tokio::spawn(crate::http::serve(
         listener,
         shared.clone(),

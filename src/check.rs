@@ -230,6 +230,11 @@ impl Checker<'_> {
         let (mut store, state) = match crate::app::open_store(config) {
             Ok(opened) => opened,
             Err(e) => {
+                // Beside a running exporter: `check` commits what it pops, so it must not run.
+                let fix = match e {
+                    crate::store::StoreError::InUse { .. } => "stop the exporter using this database first (check commits what it pops), or point --db / CPA_EXPORTER_DB at another file",
+                    _ => fix,
+                };
                 self.say(failed("database", format!("{path}: {e}"), fix));
                 return None;
             }

@@ -101,6 +101,10 @@ pub mod meta {
             "cpa_exporter_store_errors",
             "Failed commits to the state database (the batch is kept and retried).",
         );
+        pub const STORE_HEALTHY: Meta = gauge(
+            "cpa_exporter_store_healthy",
+            "1 while the state database commits and is still the file at --db; 0 when a commit failed or the file was deleted or replaced (see /readyz).",
+        );
         pub const SERIES_RETIRED: Meta = counter(
             "cpa_exporter_series_retired",
             "Series deleted because no record updated them within series-retirement (a returning series restarts at zero).",

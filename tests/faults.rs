@@ -751,3 +751,295 @@ async fn a_pause_or_downtime_longer_than_the_retention_is_counted_and_said() {
     assert!(counted, "{}", exporter.log_text());
     says(&exporter, "longer than CPA's queue retention").await;
 }
+
+/// Lines of the event log at `path` after its first `skip` (a filler written before the start),
+/// each with its newline: a line without one was cut.
+fn event_lines(path: &std::path::Path, skip: usize) -> Vec<String> {
+    let text = std::fs::read(path).unwrap();
+    let text = String::from_utf8(text).expect("the event log is UTF-8");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "the event log ends in a cut line: {:?}",
+        &text[text.len().saturating_sub(200)..]
+    );
+    text.lines().skip(skip).map(str::to_owned).collect()
+}
+
+/// The event log's disk fills up in the middle of a batch, then gets room again. No line is
+/// left cut (one would run into the next, and a log store would drop both), and the counts are
+/// exact: every line offered is either in the file or counted as failed, never both. Here the
+/// files may not grow past a size (RLIMIT_FSIZE: EFBIG, as ENOSPC on a full disk), which needs
+/// no privilege.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_event_log_cuts_no_line_and_counts_exactly() {
+    if have("prlimit") {
+        full_event_log_disk(FullDisk::FileSizeLimit).await;
+    }
+}
+
+/// The same on a real full file system (ENOSPC): a 64 KiB tmpfs, grown to 4 MiB for the room.
+/// Mounting needs root (CAP_SYS_ADMIN), which CI's container lacks: skipped without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tmpfs_under_the_event_log_cuts_no_line_and_counts_exactly() {
+    full_event_log_disk(FullDisk::Tmpfs).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FullDisk {
+    FileSizeLimit,
+    Tmpfs,
+}
+
+/// Unmounts its tmpfs when dropped (after the exporter using it).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+async fn full_event_log_disk(how: FullDisk) {
+    // FileSizeLimit: the database and its write-ahead log stay far below LIMIT; the event log
+    // starts ROOM bytes under it.
+    const LIMIT: u64 = 8 * 1024 * 1024;
+    const ROOM: u64 = 40_000;
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (events, filler_lines, _mounted) = match how {
+        FullDisk::FileSizeLimit => {
+            let events = dir.path().join("events.log");
+            let filler = format!("{{\"filler\":\"{}\"}}\n", "x".repeat(85));
+            let filler_lines = ((LIMIT - ROOM) / filler.len() as u64) as usize;
+            std::fs::write(&events, filler.repeat(filler_lines)).unwrap();
+            (events, filler_lines, None)
+        }
+        FullDisk::Tmpfs => {
+            let disk = dir.path().join("disk");
+            std::fs::create_dir(&disk).unwrap();
+            let mounted = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(&disk)
+                .output();
+            if !mounted.is_ok_and(|o| o.status.success()) {
+                eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+                return;
+            }
+            (disk.join("events.log"), 0, Some(Mounted(disk)))
+        }
+    };
+    let events_env = events.display().to_string();
+    let s = setup(
+        cpa.url(),
+        &dir,
+        &[
+            ("CPA_EXPORTER_BATCH_SIZE", "50"),
+            ("CPA_EXPORTER_EVENT_LOG", &events_env),
+            ("CPA_EXPORTER_EVENT_LOG_MAX_SIZE", "1GiB"),
+        ],
+    );
+    let exporter = spawn_ignoring_sigxfsz(&s);
+    let pid = exporter.child.id().to_string();
+    let set = |value: &str| {
+        let status = match how {
+            FullDisk::FileSizeLimit => Command::new("prlimit")
+                .args(["--pid", &pid, &format!("--fsize={value}")])
+                .status(),
+            FullDisk::Tmpfs => Command::new("mount")
+                .args(["-o", &format!("remount,size={value}")])
+                .arg(events.parent().unwrap())
+                .status(),
+        };
+        assert!(status.unwrap().success());
+    };
+    if how == FullDisk::FileSizeLimit {
+        set(&format!("{LIMIT}:unlimited"));
+    }
+    let offered = |m: &Metrics| m.sum("cpa_requests_total", &[]);
+    let lines = |m: &Metrics| m.get("cpa_exporter_event_log_lines_total").unwrap_or(0.0);
+    let failed = |m: &Metrics| m.sum("cpa_exporter_event_log_failures_total", &[]);
+    // Until every element is accounted for and the writer has settled its lines (one per
+    // attempt; the mix has a few invalid elements and duplicates, which have none).
+    let settled = async |elements: f64| {
+        eventually(Duration::from_secs(30), async || {
+            let m = exporter.scrape().await;
+            accounted(&m) == elements && lines(&m) + failed(&m) == offered(&m)
+        })
+        .await
+    };
+    push_workload(&cpa, 31, WorkloadMix::default(), 550);
+    let full = settled(550.0).await;
+    let m = exporter.scrape().await;
+    assert!(full, "{:?}\n{}", m.0, exporter.log_text());
+    let (written, dropped) = (lines(&m), failed(&m));
+    assert!(
+        written > 0.0 && dropped > 0.0,
+        "the disk filled mid-way: {written} written, {dropped} dropped"
+    );
+    assert_eq!(
+        m.sum(
+            "cpa_exporter_event_log_failures_total",
+            &[("reason", "write")]
+        ),
+        dropped
+    );
+    says(&exporter, "cannot write the event log").await;
+    assert_eq!(event_lines(&events, filler_lines).len() as f64, written);
+
+    // Room again: the next lines start on a line of their own.
+    set(match how {
+        FullDisk::FileSizeLimit => "unlimited",
+        FullDisk::Tmpfs => "4m",
+    });
+    push_workload(&cpa, 32, WorkloadMix::default(), 100);
+    assert!(settled(650.0).await, "{}", exporter.log_text());
+    let m = exporter.scrape().await;
+    let in_file = event_lines(&events, filler_lines);
+    for line in &in_file {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "a cut line: {line}");
+    }
+    assert_eq!(in_file.len() as f64, lines(&m));
+    assert_eq!(
+        failed(&m),
+        dropped,
+        "every line after the room came back is written"
+    );
+    assert_eq!(lines(&m) + failed(&m), offered(&m));
+    eprintln!(
+        "full disk ({how:?}): {written} lines written and {dropped} dropped while full, then \
+         {} in all of {} offered; the file holds {} lines after its filler",
+        lines(&m),
+        offered(&m),
+        in_file.len()
+    );
+    drop(exporter);
+}
+
+/// A second exporter on a database another one is using is refused at start, before it pops
+/// anything: its batches could never commit (`UNIQUE constraint failed`) and would be lost.
+/// `check` commits what it pops, so it is refused beside a running exporter too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_exporter_on_the_same_database_is_refused_at_start() {
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(cpa.url(), &dir, &[]);
+    let first = Exporter::spawn(&s);
+    push_workload(&cpa, 41, WorkloadMix::default(), 200);
+    drained(&first, &cpa, 200.0).await;
+    let popped = cpa.stats().popped;
+    let db = s.db.display().to_string();
+
+    let second_log = dir.path().join("second.log");
+    let mut second = Command::new(BIN)
+        .env_clear()
+        .env("CPA_URL", cpa.url())
+        .env("CPA_MANAGEMENT_KEY", KEY)
+        .env("CPA_EXPORTER_DB", s.db)
+        .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .stderr(std::fs::File::create(&second_log).unwrap())
+        .spawn()
+        .unwrap();
+    let exited = eventually(Duration::from_secs(20), async || {
+        second.try_wait().unwrap().is_some()
+    })
+    .await;
+    let _ = second.kill();
+    let status = second.wait().unwrap();
+    let stderr = std::fs::read_to_string(&second_log).unwrap();
+    assert!(
+        exited,
+        "the second exporter runs beside the first:\n{stderr}"
+    );
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&db), "{stderr}");
+    assert!(stderr.contains("another cpa-usage-exporter"), "{stderr}");
+
+    let check = Command::new(BIN)
+        .args(["check", "--consumer-window", "1s"])
+        .env_clear()
+        .env("CPA_URL", cpa.url())
+        .env("CPA_MANAGEMENT_KEY", KEY)
+        .env("CPA_EXPORTER_DB", s.db)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success(), "{stdout}");
+    let database = stdout
+        .lines()
+        .find(|l| l.contains("database"))
+        .unwrap_or_default();
+    assert!(database.starts_with("FAIL"), "{stdout}");
+    assert!(database.contains("another cpa-usage-exporter"), "{stdout}");
+    assert!(database.contains("stop the exporter"), "{stdout}");
+    assert_eq!(
+        cpa.stats().popped,
+        popped,
+        "nothing popped beside the first"
+    );
+
+    // The first one carries on; once it stops, the database is free again.
+    push_workload(&cpa, 42, WorkloadMix::default(), 100);
+    drained(&first, &cpa, 300.0).await;
+    first.sigterm();
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    let next = Exporter::spawn(&s);
+    drained(&next, &cpa, 300.0).await;
+}
+
+/// The state database is deleted, or replaced by another file, under a running exporter: its
+/// commits go to a file nobody will open again, and a restart would start from zero. It is
+/// noticed: `/readyz` fails naming the file, the log says so once, and
+/// `cpa_exporter_store_healthy` drops to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_database_deleted_or_replaced_under_the_exporter_is_noticed() {
+    let cpa = fake_cpa().await;
+    for replace in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = setup(cpa.url(), &dir, &[]);
+        let exporter = Exporter::spawn(&s);
+        push_workload(&cpa, 51, WorkloadMix::default(), 100);
+        drained(&exporter, &cpa, 100.0).await;
+        let ready = eventually(Duration::from_secs(15), async || {
+            ready_status(&exporter).await.0 == 200
+        })
+        .await;
+        assert!(ready, "{}", exporter.log_text());
+        assert_eq!(
+            exporter.scrape().await.get("cpa_exporter_store_healthy"),
+            Some(1.0)
+        );
+        if replace {
+            let other = dir.path().join("restored.db");
+            std::fs::write(&other, b"").unwrap();
+            std::fs::rename(&other, s.db).unwrap();
+        } else {
+            std::fs::remove_file(s.db).unwrap();
+        }
+        let noticed = eventually(Duration::from_secs(20), async || {
+            ready_status(&exporter).await.0 == 503
+        })
+        .await;
+        assert!(noticed, "{}", exporter.log_text());
+        let (_, body) = ready_status(&exporter).await;
+        let db = s.db.display().to_string();
+        assert!(body.contains(&db), "{body}");
+        let what = if replace { "replaced" } else { "deleted" };
+        assert!(body.contains(what), "{body}");
+        assert_eq!(
+            exporter.scrape().await.get("cpa_exporter_store_healthy"),
+            Some(0.0)
+        );
+        // More batches commit meanwhile; the log says it once.
+        push_workload(&cpa, 52, WorkloadMix::default(), 50);
+        drained(&exporter, &cpa, 150.0).await;
+        let log = exporter.log_text();
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(what) && l.contains(&db))
+            .collect();
+        assert_eq!(said.len(), 1, "{log}");
+        assert!(said[0].contains("ERROR"), "{log}");
+        assert_eq!(ready_status(&exporter).await.0, 503);
+    }
+}

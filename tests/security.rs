@@ -905,3 +905,75 @@ async fn a_password_flood_does_not_lock_out_the_right_password() {
     let f = stress::password_flood(&exporter).await;
     eprintln!("200 clients flooding a wrong password: {f:?}");
 }
+
+/// The event log carries request ids, so it is a private file of its own: a symbolic link
+/// planted at its path is refused at start (its target left untouched), something that is not
+/// a regular file too, and an existing file readable by others is made private.
+#[test]
+fn the_event_log_follows_no_link_and_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |events: &Path| {
+        Command::new(BIN)
+            .env_clear()
+            .env("CPA_URL", format!("http://127.0.0.1:{}", free_port()))
+            .env("CPA_MANAGEMENT_KEY", KEY)
+            .env("CPA_EXPORTER_DB", dir.path().join("events.db"))
+            .env("CPA_EXPORTER_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("CPA_EXPORTER_EVENT_LOG", events)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // Refused: the process ends by itself at start. Returns whether it did, and its stderr.
+    let refused = |mut child: std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ended = child.try_wait().unwrap().is_some_and(|s| !s.success());
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        (ended, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let target = dir.path().join("elsewhere.log");
+    std::fs::write(&target, "kept\n").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let link = dir.path().join("link.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let (ended, stderr) = refused(start(&link));
+    assert!(ended, "started through a link: {stderr}");
+    assert!(stderr.contains("--event-log"), "{stderr}");
+    assert!(stderr.contains(&link.display().to_string()), "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "kept\n");
+    assert_eq!(mode(&target), 0o644, "the link's target is not touched");
+
+    let (ended, stderr) = refused(start(dir.path()));
+    assert!(ended, "started on a directory: {stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+
+    let existing = dir.path().join("existing.log");
+    std::fs::write(&existing, "{}\n").unwrap();
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = start(&existing);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mode(&existing) != 0o600 && Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        mode(&existing),
+        0o600,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&existing).unwrap(), "{}\n");
+}

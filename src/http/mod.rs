@@ -450,6 +450,9 @@ async fn handle(ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
 
 fn not_ready_reason(ctx: &Ctx) -> Option<String> {
     let live = &ctx.shared.live;
+    if let Some(why) = live.store_lost() {
+        return Some(why);
+    }
     if !live.store_healthy() {
         return Some("the state database cannot commit".into());
     }

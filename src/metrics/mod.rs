@@ -30,7 +30,7 @@ use text::{Meta, Writer};
 use crate::families::meta::live::{
     CPA_UP, CREDENTIAL_REFRESHES, DRAIN_GAP, DRAIN_GAPS, EVENT_LOG_FAILURES, EVENT_LOG_LINES,
     OPEN_REQUESTS, POLLS, POLL_DURATION, REQUESTS_FORCED_CLOSED, SERIES_OVERFLOW, SERIES_RETIRED,
-    STORE_ERRORS, SUBSCRIBED, SUBSCRIPTION_DROPS, SUBSCRIPTION_GAP,
+    STORE_ERRORS, STORE_HEALTHY, SUBSCRIBED, SUBSCRIPTION_DROPS, SUBSCRIPTION_GAP,
 };
 
 /// Buckets of `cpa_exporter_poll_duration_seconds`.
@@ -67,6 +67,9 @@ pub struct Live {
     /// Last successful poll, Unix seconds as f64 bits; 0 = never.
     last_success_bits: AtomicU64,
     store_healthy: AtomicBool,
+    /// Why the state database's path no longer names the file opened (deleted or replaced):
+    /// set once, for the process's life.
+    store_lost: Mutex<Option<String>>,
     /// What the drain loop last learned about the management key: 0 unknown, 1 accepted,
     /// 2 refused. Other management calls wait for 1, so a wrong key is not tried twice.
     key_state: std::sync::atomic::AtomicU8,
@@ -191,6 +194,7 @@ impl Default for Live {
             credentials_changed: tokio::sync::Notify::new(),
             last_success_bits: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
+            store_lost: Mutex::new(None),
             key_state: std::sync::atomic::AtomicU8::new(0),
             idle_ms: AtomicU64::new(0),
         };
@@ -264,6 +268,19 @@ impl Live {
 
     pub fn store_healthy(&self) -> bool {
         self.store_healthy.load(Ordering::Relaxed)
+    }
+
+    /// The state database's file was deleted or replaced: `why` names it.
+    pub fn set_store_lost(&self, why: String) {
+        *self.store_lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Why the state database's path no longer names the file opened, if it does not.
+    pub fn store_lost(&self) -> Option<String> {
+        self.store_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Called by the drain loop: `true` after a successful pop, `false` after a 401/403.
@@ -397,6 +414,9 @@ fn encode_live(w: &mut Writer, live: &Live) {
     per_family(w, &SERIES_OVERFLOW, &live.series_overflow, &others);
     w.declare(&STORE_ERRORS);
     w.counter(STORE_ERRORS.name, &[], live.store_errors.get());
+    w.declare(&STORE_HEALTHY);
+    let healthy = live.store_healthy() && live.store_lost().is_none();
+    w.gauge(STORE_HEALTHY.name, &[], i64::from(healthy));
     per_family(w, &SERIES_RETIRED, &live.series_retired, &[]);
     w.declare(&DRAIN_GAPS);
     w.counter(DRAIN_GAPS.name, &[], live.drain_gaps.get());

@@ -6,6 +6,10 @@
 //! never stops the drain loop. Lines that cannot be written are counted by reason
 //! (`cpa_exporter_event_log_failures_total`), never silently lost.
 //!
+//! A line is written whole or not at all: after a short write (a full disk) the file is cut
+//! back to its last whole line, so a cut line never runs into the next one. Each line offered
+//! is counted once, as written or as failed, never both.
+//!
 //! A line carries label values as the metrics show them (the client key as its hash or alias,
 //! the credential as its display name) and the `request_id`, never the client key, `source`,
 //! `fail.body`, the client's address, user agent or other headers: those never reach
@@ -72,8 +76,8 @@ impl EventLog {
     /// Open the output (a file that cannot be opened fails here, at start) and start the
     /// writer thread.
     pub fn start(target: Target, shared: Arc<Shared>) -> io::Result<EventLog> {
-        let out: Box<dyn Write + Send> = match &target {
-            Target::Stdout => Box::new(io::stdout()),
+        let out: Box<dyn LineSink + Send> = match &target {
+            Target::Stdout => Box::new(Stream::stdout()?),
             Target::File {
                 path,
                 max_bytes,
@@ -116,7 +120,7 @@ impl EventLog {
 
 fn write_loop(
     rx: Receiver<Job>,
-    mut out: Box<dyn Write + Send>,
+    mut out: Box<dyn LineSink + Send>,
     labels: &LabelOptions,
     shared: &Shared,
 ) {
@@ -125,19 +129,101 @@ fn write_loop(
     for job in rx {
         buf.clear();
         write_lines(&mut buf, &job.attempts, &job.failover, labels);
-        let n = job.attempts.len() as u64;
-        match out.write_all(&buf).and_then(|()| out.flush()) {
-            Ok(()) => shared.live.event_log.written(n),
-            Err(e) => {
-                shared.live.event_log.failed(reason::WRITE, n);
-                if !std::mem::replace(&mut said, true) {
-                    warn!(
-                        lines = n,
-                        "cannot write the event log, its lines are dropped (counted in cpa_exporter_event_log_failures_total): {e}"
-                    );
-                }
+        let offered = job.attempts.len() as u64;
+        let (kept, error) = match out.write_lines(&buf) {
+            Ok(()) => (buf.len(), None),
+            Err(Partial { kept, error }) => (kept, Some(error)),
+        };
+        // Only whole lines are ever kept, so counting newlines counts lines.
+        let written = (memchr::memchr_iter(b'\n', &buf[..kept]).count() as u64).min(offered);
+        shared.live.event_log.written(written);
+        if written < offered {
+            shared
+                .live
+                .event_log
+                .failed(reason::WRITE, offered - written);
+        }
+        if let Some(e) = error {
+            if !std::mem::replace(&mut said, true) {
+                warn!(
+                    lines = offered - written,
+                    "cannot write the event log, its lines are dropped (counted in cpa_exporter_event_log_failures_total): {e}"
+                );
             }
         }
+    }
+}
+
+/// A write that failed part way: `kept` bytes at the start of the buffer (whole lines) are in
+/// the output, the rest is not.
+#[derive(Debug)]
+struct Partial {
+    kept: usize,
+    error: io::Error,
+}
+
+impl From<io::Error> for Partial {
+    fn from(error: io::Error) -> Partial {
+        Partial { kept: 0, error }
+    }
+}
+
+/// An output that takes whole lines only.
+trait LineSink {
+    /// Write `buf` (whole lines). On an error, the lines before it may be kept, never part of
+    /// one.
+    fn write_lines(&mut self, buf: &[u8]) -> Result<(), Partial>;
+}
+
+/// Write all of `buf`; on an error, say how many bytes went out before it.
+fn write_counted(out: &mut impl Write, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < buf.len() {
+        match out.write(&buf[done..]) {
+            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the whole lines in `bytes`.
+fn whole_lines(bytes: &[u8]) -> usize {
+    memchr::memrchr(b'\n', bytes).map_or(0, |i| i + 1)
+}
+
+/// Standard output, unbuffered (a copy of its descriptor): a stream cannot be cut back, so a
+/// cut line is ended by a newline before the next batch and counted as failed, never joined
+/// to the next line.
+struct Stream {
+    out: File,
+    cut: bool,
+}
+
+impl Stream {
+    fn stdout() -> io::Result<Stream> {
+        use std::os::fd::AsFd;
+        let fd = io::stdout().as_fd().try_clone_to_owned()?;
+        Ok(Stream {
+            out: File::from(fd),
+            cut: false,
+        })
+    }
+}
+
+impl LineSink for Stream {
+    fn write_lines(&mut self, buf: &[u8]) -> Result<(), Partial> {
+        if self.cut {
+            write_counted(&mut self.out, b"\n").map_err(|(_, e)| Partial::from(e))?;
+            self.cut = false;
+        }
+        write_counted(&mut self.out, buf).map_err(|(done, error)| {
+            let kept = whole_lines(&buf[..done]);
+            self.cut = kept < done;
+            Partial { kept, error }
+        })
     }
 }
 
@@ -301,13 +387,8 @@ impl Rotating {
     }
 }
 
-impl Write for Rotating {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+impl LineSink for Rotating {
+    fn write_lines(&mut self, buf: &[u8]) -> Result<(), Partial> {
         if self.size > 0 && self.size + buf.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
@@ -315,32 +396,95 @@ impl Write for Rotating {
             // A failed rotation or write left no file: try again with this batch.
             self.reopen()?;
         }
-        let file = self.file.as_mut().ok_or(io::ErrorKind::NotFound)?;
-        match file.write_all(buf) {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        // The real end, not `size`: the file is the truth to cut back to.
+        let start = file.metadata()?.len();
+        match write_counted(file, buf) {
             Ok(()) => {
-                self.size += buf.len() as u64;
+                self.size = start + buf.len() as u64;
                 Ok(())
             }
-            Err(e) => {
-                // Part of the batch may be in the file; start over from its real size.
-                self.file = None;
-                Err(e)
+            Err((done, error)) => {
+                let kept = whole_lines(&buf[..done]);
+                self.size = start + kept as u64;
+                if kept < done && file.set_len(self.size).is_err() {
+                    // Cut back when it is opened again.
+                    self.file = None;
+                }
+                Err(Partial { kept, error })
             }
         }
     }
+}
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.as_mut().map_or(Ok(()), Write::flush)
+#[cfg(test)]
+impl Rotating {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.write_lines(buf).map_err(|p| p.error)
     }
 }
 
-/// Open for appending, readable by the owner only: lines carry request ids.
+/// Open for appending, readable by the owner only (lines carry request ids): never through a
+/// symbolic link, only a regular file, made private if it was not. A line cut by a crash or a
+/// failed write is cut back, so the next one starts on its own.
 fn open_private(path: &Path) -> io::Result<File> {
-    let mut options = OpenOptions::new();
-    options.create(true).append(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let refused = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} {why}", path.display()),
+        )
+    };
+    let odd = |e: io::Error| match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            refused("is a symbolic link; the event log follows none: point it at the file itself")
+        }
+        Ok(m) if !m.file_type().is_file() => refused("is not a regular file"),
+        _ => e,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        // A FIFO planted at the path must not block the start.
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+        .map_err(odd)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(refused("is not a regular file"));
+    }
+    if meta.permissions().mode() & 0o777 != 0o600 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    cut_back_to_last_line(&mut file, meta.len())?;
+    Ok(file)
+}
+
+/// Cut a file that does not end with a newline back to its last one (to nothing without one).
+fn cut_back_to_last_line(file: &mut File, len: u64) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    const CHUNK: u64 = 4096;
+    let mut end = len;
+    let mut chunk = Vec::new();
+    while end > 0 {
+        let from = end.saturating_sub(CHUNK);
+        chunk.resize((end - from) as usize, 0);
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        if end == len && chunk.last() == Some(&b'\n') {
+            return Ok(());
+        }
+        if let Some(i) = memchr::memrchr(b'\n', &chunk) {
+            return file.set_len(from + i as u64 + 1);
+        }
+        end = from;
+    }
+    file.set_len(0)
 }
 
 #[cfg(test)]
@@ -389,5 +533,76 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod file_rules {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Every open (at start, after a rotation, after a failed write) goes through
+    /// `open_private`, so these hold for rotated files too.
+    #[test]
+    fn links_and_odd_files_are_refused_and_a_file_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "kept\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = open_private(&link).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(
+            (mode(&target), std::fs::read(&target).unwrap()),
+            (0o644, b"kept\n".to_vec())
+        );
+
+        let e = open_private(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "a\n").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(open_private(&plain).unwrap());
+        assert_eq!(mode(&plain), 0o600);
+    }
+
+    /// A rotation replaces the link planted at `PATH` while the exporter wrote (a rename moves
+    /// the link, never its target), and the new `PATH` is a private regular file.
+    #[test]
+    fn a_rotation_moves_links_and_starts_a_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let target = dir.path().join("target");
+        std::fs::write(&target, "kept\n").unwrap();
+        let mut r = Rotating::open(path.clone(), 25, 2).unwrap();
+        r.write_all(b"a1\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        r.write_all(&[b'b'; 29]).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"kept\n");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    /// A cut line from an earlier run (a crash mid-write) is cut back at open, so the next line
+    /// starts on its own.
+    #[test]
+    fn a_cut_line_left_in_the_file_is_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        std::fs::write(&path, "{\"a\":1}\n{\"b\":").unwrap();
+        let mut r = Rotating::open(path.clone(), 1 << 20, 1).unwrap();
+        r.write_all(b"{\"c\":3}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"c\":3}\n"
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod chains;
+pub mod file;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -88,6 +89,10 @@ pub enum StoreError {
         "{path} is not a cpa-usage-exporter state database ({why}); it was left untouched: point --db / CPA_EXPORTER_DB at another file (a new or empty one is initialised)"
     )]
     Foreign { path: PathBuf, why: String },
+    #[error(
+        "the state database {path} is in use by another cpa-usage-exporter (an exporter or `check`), which holds its lock: two on one database pop batches only one can commit; stop the other one, or give this one its own --db / CPA_EXPORTER_DB"
+    )]
+    InUse { path: PathBuf },
     #[error("the state database holds a corrupt row ({0})")]
     Corrupt(String),
     #[error("SQLite: {0}")]
@@ -285,6 +290,8 @@ pub struct Plan {
 
 pub struct Store {
     conn: Connection,
+    /// The file's lock, held for the store's life (one exporter per database).
+    lock: file::Lock,
     path: PathBuf,
     limits: Limits,
     dedup: Dedup,
@@ -301,7 +308,9 @@ impl Store {
             path: path.to_owned(),
             source,
         };
-        create_private(path).map_err(|e| open_err(e.into()))?;
+        let file = create_private(path).map_err(|e| open_err(e.into()))?;
+        // Before anything is read or popped: a second exporter stops here.
+        let lock = file::Lock::take(file, path)?;
         let conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Nothing is written before the file is known to be ours (or empty).
@@ -312,6 +321,7 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         let mut store = Store {
             conn,
+            lock,
             path: path.to_owned(),
             limits,
             dedup: Dedup::default(),
@@ -431,6 +441,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells whether the database's path still names the file opened.
+    pub fn file_watch(&self) -> file::FileWatch {
+        self.lock.watch()
     }
 
     /// Bytes on disk: the database file plus its write-ahead log.
@@ -989,13 +1004,14 @@ fn claim(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Create the database file with mode 0600 before SQLite does (it would use the umask).
-fn create_private(path: &Path) -> std::io::Result<()> {
+/// Create the database file with mode 0600 before SQLite does (it would use the umask); the
+/// handle carries the file's lock.
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     let mut opts = std::fs::OpenOptions::new();
     opts.create(true).append(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    opts.open(path).map(drop)
+    opts.open(path)
 }
 
 fn zero(family: Family) -> Value {
