@@ -78,7 +78,9 @@ fn status_is(m: &Metrics, status: &str) -> bool {
     ) == 1.0
 }
 
-#[tokio::test]
+// Two workers: the fake CPA must answer the exporter's UNSUBSCRIBE while this thread waits
+// for the exporter to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_count_and_move_the_credential_gauges_within_a_second() {
     let cpa = fake_cpa().await;
     let dir = tempfile::tempdir().unwrap();

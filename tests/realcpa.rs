@@ -415,7 +415,6 @@ async fn errors_channel_carries_one_event_per_failed_attempt() {
 /// After upstream 429s, `cpa_credential_errors_total` (from the errors channel) moves within a
 /// second.
 #[tokio::test]
-#[ignore = "cpa_credential_errors_total is not on main yet (another session adds it)"]
 async fn credential_errors_counter_moves_within_a_second() {
     let Some(rig) = Rig::start(CpaConfig::default()).await else {
         return;

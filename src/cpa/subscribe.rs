@@ -29,6 +29,10 @@ pub const PING_EVERY: Duration = Duration::from_secs(30);
 /// again this often; meanwhile the queue is popped as over RESP.
 const REFUSED_RETRY: Duration = Duration::from_secs(300);
 
+/// How long a stopping reader waits for CPA's answer to `UNSUBSCRIBE` (CPA answers at once;
+/// shutdown must not wait for a CPA that does not).
+const UNSUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
 /// A pub/sub channel of CPA's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
@@ -373,17 +377,53 @@ impl Feed {
     }
 }
 
-/// Whether a usage payload is CPA's `{"refresh":true}` (credentials changed). Control payloads
-/// are a few bytes; records are hundreds, so the check costs nothing on the record path.
-pub fn is_refresh(payload: &[u8]) -> bool {
+/// A control payload on the usage channel: not a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// `{"support_refresh":true}`, sent at every subscription.
+    SupportRefresh,
+    /// `{"refresh":true}`: CPA's credentials changed.
+    Refresh,
+}
+
+/// Whether a usage payload is one of CPA's control payloads. They are a few bytes; records are
+/// hundreds, so the check costs nothing on the record path.
+pub fn control(payload: &[u8]) -> Option<Control> {
     #[derive(serde::Deserialize)]
-    struct Control {
+    struct Payload {
         #[serde(default)]
         refresh: bool,
+        #[serde(default)]
+        support_refresh: bool,
+        timestamp: Option<serde::de::IgnoredAny>,
     }
-    payload.len() <= 64
-        && serde_json::from_slice::<Control>(payload).is_ok_and(|c| c.refresh)
-        && !payload.windows(11).any(|w| w == b"\"timestamp\"")
+    if payload.len() > 64 {
+        return None;
+    }
+    match serde_json::from_slice::<Payload>(payload).ok()? {
+        Payload {
+            timestamp: Some(_), ..
+        } => None,
+        Payload { refresh: true, .. } => Some(Control::Refresh),
+        Payload {
+            support_refresh: true,
+            ..
+        } => Some(Control::SupportRefresh),
+        _ => None,
+    }
+}
+
+/// Hand a pushed payload on: usage records go to the feed; the usage channel's control payloads
+/// are the subscription's own business (a refresh is counted), never records.
+fn accept(feed: &Feed, usage: bool, payload: &[u8]) -> Option<Vec<u8>> {
+    match usage.then(|| control(payload)).flatten() {
+        Some(Control::Refresh) => {
+            feed.update(|s| s.refreshes += 1);
+            None
+        }
+        Some(Control::SupportRefresh) => None,
+        None => Some(payload.to_vec()),
+    }
 }
 
 /// Start the reader of `channel` on a thread and runtime of its own: the consumer's runtime
@@ -511,12 +551,10 @@ async fn read(sub: &mut Subscription, feed: &Feed) -> Option<RespError> {
             }
             Ok(Push::Unsubscribed) => return Some(ProtocolError::UnexpectedReply.into()),
             Ok(Push::Oversize) => None,
-            Ok(Push::Message(payload)) => {
-                if usage && is_refresh(payload) {
-                    feed.update(|s| s.refreshes += 1);
-                }
-                Some(payload.to_vec())
-            }
+            Ok(Push::Message(payload)) => match accept(feed, usage, payload) {
+                Some(record) => Some(record),
+                None => continue,
+            },
         };
         let size = item.as_ref().map_or(0, Vec::len);
         tokio::select! {
@@ -539,10 +577,9 @@ async fn unsubscribe(sub: &mut Subscription, feed: &Feed) -> Option<RespError> {
         loop {
             match sub.next().await? {
                 Push::Message(payload) => {
-                    if usage && is_refresh(payload) {
-                        feed.update(|s| s.refreshes += 1);
+                    if let Some(record) = accept(feed, usage, payload) {
+                        feed.push_now(Some(record));
                     }
-                    feed.push_now(Some(payload.to_vec()));
                 }
                 Push::Oversize => feed.push_now(None),
                 Push::Pong => {}
@@ -550,8 +587,13 @@ async fn unsubscribe(sub: &mut Subscription, feed: &Feed) -> Option<RespError> {
             }
         }
     };
-    if let Err(e) = rest.await {
-        debug!(channel = sub.channel().name(), "unsubscribing: {e}");
+    match tokio::time::timeout(UNSUBSCRIBE_WAIT, rest).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(channel = sub.channel().name(), "unsubscribing: {e}"),
+        Err(_) => debug!(
+            channel = sub.channel().name(),
+            "CPA did not answer UNSUBSCRIBE in time; closing"
+        ),
     }
     None
 }
@@ -561,13 +603,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refresh_payloads_are_told_from_records() {
-        assert!(is_refresh(br#"{"refresh":true}"#));
-        assert!(is_refresh(br#" { "refresh" : true } "#));
-        assert!(!is_refresh(br#"{"support_refresh":true}"#));
-        assert!(!is_refresh(br#"{"refresh":false}"#));
-        assert!(!is_refresh(br#"{"timestamp":"x","refresh":true}"#));
-        assert!(!is_refresh(b"not json"));
+    fn control_payloads_are_told_from_records() {
+        assert_eq!(control(br#"{"refresh":true}"#), Some(Control::Refresh));
+        assert_eq!(
+            control(br#" { "refresh" : true } "#),
+            Some(Control::Refresh)
+        );
+        assert_eq!(
+            control(br#"{"support_refresh":true}"#),
+            Some(Control::SupportRefresh)
+        );
+        assert_eq!(control(br#"{"refresh":false}"#), None);
+        assert_eq!(control(br#"{"timestamp":"x","refresh":true}"#), None);
+        assert_eq!(control(b"not json"), None);
+        assert_eq!(control(b"{}"), None);
     }
 
     #[derive(Default)]
@@ -601,5 +650,35 @@ mod tests {
             [Some(b"123456".to_vec()), None, Some(b"abcdef".to_vec())]
         );
         assert!(feed.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+
+    #[test]
+    fn stop_wakes_a_reader_on_another_runtime() {
+        let feed = Arc::new(Feed::new(10));
+        let f = feed.clone();
+        let t = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    loop {
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                            () = f.until_stopped() => return,
+                        }
+                    }
+                })
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        feed.stop();
+        t.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
