@@ -1,5 +1,6 @@
-//! CPA's own state as gauges: its build, its usage settings and its credentials. Rendered from a
-//! snapshot ([`CpaView`]) that the settings/credentials poller and the drain loop update.
+//! CPA's own state as gauges: its build, its usage settings, its credentials and its attempt
+//! counts beside the exporter's. Rendered from a snapshot ([`CpaView`]) that the
+//! settings/credentials poller and the drain loop update.
 
 use std::collections::BTreeMap;
 
@@ -7,11 +8,13 @@ use super::text::{gauge, Meta, Writer};
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
 use crate::labels::sanitize;
 use crate::metrics::LabelOptions;
+use crate::pipeline::reconcile::Reconciled;
 
 use crate::families::meta::cpa::{
     CPA_INFO, CREDENTIAL_DISABLED, CREDENTIAL_INFO, CREDENTIAL_NEXT_RETRY, CREDENTIAL_STATUS,
     CREDENTIAL_UNAVAILABLE, QUEUE_RETENTION, STATISTICS_ENABLED, SUBSCRIPTION_END,
 };
+use crate::families::meta::reconcile::{CREDENTIAL_ATTEMPTS, UNACCOUNTED};
 
 /// What is known about CPA right now. Each part is absent until first read.
 #[derive(Debug, Default)]
@@ -20,6 +23,8 @@ pub struct CpaView {
     identity: Option<(String, String)>,
     settings: Option<UsageSettings>,
     credentials: Option<Vec<Credential>>,
+    /// CPA's attempt counts per credential, compared with the exporter's.
+    reconciled: Option<Vec<Reconciled>>,
 }
 
 impl CpaView {
@@ -42,6 +47,11 @@ impl CpaView {
         self.credentials = Some(credentials);
     }
 
+    /// Replace the comparison with CPA's counts (credentials no longer counted disappear).
+    pub fn set_reconciled(&mut self, reconciled: Vec<Reconciled>) {
+        self.reconciled = Some(reconciled);
+    }
+
     pub fn settings(&self) -> Option<UsageSettings> {
         self.settings
     }
@@ -59,6 +69,45 @@ pub fn encode(w: &mut Writer, view: &CpaView, opts: &LabelOptions) {
     }
     if let Some(credentials) = &view.credentials {
         encode_credentials(w, credentials, opts);
+    }
+    if let Some(reconciled) = &view.reconciled {
+        encode_reconciled(w, reconciled, opts);
+    }
+}
+
+/// CPA's counts by outcome, and the unaccounted records of the credentials that join.
+fn encode_reconciled(w: &mut Writer, reconciled: &[Reconciled], opts: &LabelOptions) {
+    let shown: Vec<(String, String, &Reconciled)> = reconciled
+        .iter()
+        .map(|r| {
+            let provider = if r.cpa.provider.is_empty() {
+                "unknown".to_owned()
+            } else {
+                sanitize(&r.cpa.provider).into_owned()
+            };
+            (credential_label(&r.cpa.credential, opts), provider, r)
+        })
+        .collect();
+    w.declare(&CREDENTIAL_ATTEMPTS);
+    for (credential, provider, r) in &shown {
+        for (outcome, n) in [("success", r.cpa.success), ("failed", r.cpa.failed)] {
+            let labels = [
+                ("credential", credential.as_str()),
+                ("provider", provider.as_str()),
+                ("outcome", outcome),
+            ];
+            w.counter(CREDENTIAL_ATTEMPTS.name, &labels, n);
+        }
+    }
+    w.declare(&UNACCOUNTED);
+    for (credential, provider, r) in &shown {
+        if let Some(n) = r.unaccounted {
+            let labels = [
+                ("credential", credential.as_str()),
+                ("provider", provider.as_str()),
+            ];
+            w.gauge(UNACCOUNTED.name, &labels, n);
+        }
     }
 }
 
