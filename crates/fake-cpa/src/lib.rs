@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api_keys;
 pub mod credentials;
 mod rng;
 pub mod server;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+pub use api_keys::SimApiKey;
 pub use credentials::SimCredential;
 use rng::Rng;
 pub use server::{FakeCpa, Fault, Routes, SimConfig, SimStats};
