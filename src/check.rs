@@ -16,7 +16,7 @@ use crate::cpa::mgmt::{Credential, MgmtClient, MgmtError, UsageSettings, MAX_MGM
 use crate::cpa::Transport;
 use crate::cpa::{AuthCause, ClientOptions, HttpClient, PopError};
 use crate::ingest::Batch;
-use crate::pipeline::reconcile::{attempts_by_credential, cpa_counts};
+use crate::metrics::reconcile::{attempts_by_credential, cpa_counts};
 use crate::store::{State, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use super::text::{gauge, Meta, Writer};
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
 use crate::labels::sanitize;
+use crate::metrics::reconcile::Reconciled;
 use crate::metrics::LabelOptions;
-use crate::pipeline::reconcile::Reconciled;
 
 use crate::families::meta::cpa::{
     CPA_INFO, CREDENTIAL_DISABLED, CREDENTIAL_INFO, CREDENTIAL_NEXT_RETRY, CREDENTIAL_STATUS,
@@ -320,6 +320,43 @@ mod tests {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
         assert!(!text.contains("alice"));
+    }
+
+    #[test]
+    fn cpas_counts_render_by_outcome_and_unaccounted_only_where_joined() {
+        use crate::metrics::reconcile::{CpaCount, Reconciled};
+        let mut opts = LabelOptions::default();
+        opts.credential_names
+            .insert("bb22".to_owned(), "team-b".to_owned());
+        let counted = |credential: &str, provider: &str, unaccounted: Option<u64>| Reconciled {
+            cpa: CpaCount {
+                credential: credential.to_owned(),
+                provider: provider.to_owned(),
+                success: 12,
+                failed: 3,
+                joined: unaccounted.is_some(),
+            },
+            unaccounted,
+        };
+        let text = scrape(opts, |v| {
+            v.set_reconciled(vec![
+                counted("aa11", "codex", Some(0)),
+                counted("bb22", "", Some(7)),
+                counted("cc33", "fakeup", None),
+            ])
+        });
+        for line in [
+            r#"cpa_credential_attempts_total{credential="aa11",provider="codex",outcome="success"} 12"#,
+            r#"cpa_credential_attempts_total{credential="aa11",provider="codex",outcome="failed"} 3"#,
+            r#"cpa_credential_attempts_total{credential="cc33",provider="fakeup",outcome="success"} 12"#,
+            r#"cpa_exporter_unaccounted_records{credential="aa11",provider="codex"} 0"#,
+            r#"cpa_exporter_unaccounted_records{credential="team-b",provider="unknown"} 7"#,
+            "# TYPE cpa_credential_attempts_total counter",
+            "# TYPE cpa_exporter_unaccounted_records gauge",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(!text.contains(r#"cpa_exporter_unaccounted_records{credential="cc33""#));
     }
 
     #[test]

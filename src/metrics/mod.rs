@@ -6,6 +6,7 @@ pub mod cpa_view;
 mod labels;
 mod process;
 mod quota;
+pub mod reconcile;
 pub mod render;
 pub mod sink;
 pub mod text;

@@ -1,6 +1,6 @@
 //! Slow management reads beside the drain loop: CPA's usage settings every few minutes, and its
 //! credentials listing and API-key usage every 30 s, compared with the exporter's own counts
-//! ([`crate::pipeline::reconcile`]) and published through [`crate::metrics::cpa_view::CpaView`].
+//! ([`crate::metrics::reconcile`]) and published through [`crate::metrics::cpa_view::CpaView`].
 //!
 //! Ban safety: every call here is a bcrypt-checked login on CPA's side, and 5 failed logins ban
 //! the IP for 30 minutes. So the poller calls nothing until the drain loop has seen the key
@@ -17,9 +17,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::cpa::mgmt::{Call, Credential, KeyUsage, MgmtClient, MgmtError, UsageSettings};
 use crate::cpa::ClientOptions;
+use crate::metrics::reconcile::{attempts_by_credential, cpa_counts, Reconciler};
 use crate::metrics::Shared;
 use crate::pipeline::backoff::{auth_wait, sleep_or_shutdown};
-use crate::pipeline::reconcile::{attempts_by_credential, cpa_counts, Reconciler};
 
 /// How often the poller looks again while waiting for the drain loop to vouch for the key.
 const KEY_WAIT: Duration = Duration::from_millis(500);
