@@ -126,7 +126,12 @@ async fn records_counted_by_cpa_but_never_delivered_show_as_unaccounted() {
         )),
         "{text}"
     );
-    for place in [&text, &exporter.log_text()] {
+    let log = exporter.log_text();
+    assert!(
+        log.contains("never reached the exporter"),
+        "the loss is logged: {log}"
+    );
+    for place in [&text, &log] {
         assert!(!place.contains(UPSTREAM_KEY), "the upstream key leaked");
         assert!(!place.contains("alice@"), "an e-mail leaked");
     }

@@ -76,6 +76,8 @@ struct Said {
     /// succeeds.
     failing: [Option<&'static str>; 3],
     credentials_read: bool,
+    /// Unaccounted records last warned about: the next warning waits until they double.
+    unaccounted: u64,
 }
 
 struct Poller {
@@ -182,7 +184,25 @@ impl Poller {
             credentials = reconciled.len(),
             unaccounted, "compared with CPA's counts"
         );
+        self.say_unaccounted(unaccounted);
         shared.observed.get().set_reconciled(reconciled);
+    }
+
+    /// Warn when records go missing, then each time their number doubles (a steady loss logs
+    /// a handful of lines, not one per read); say so once when none are missing again.
+    fn say_unaccounted(&mut self, unaccounted: u64) {
+        let before = self.said.unaccounted;
+        if unaccounted == 0 && before > 0 {
+            info!("no records are missing against CPA's counts any more (a restart of CPA or the exporter starts the comparison anew)");
+        } else if unaccounted <= before.saturating_mul(2) {
+            return;
+        } else {
+            warn!(
+                unaccounted,
+                "CPA counted attempts whose usage records never reached the exporter: another consumer of CPA's queue (or subscriber) takes them, or they expired; see cpa_exporter_unaccounted_records"
+            );
+        }
+        self.said.unaccounted = unaccounted;
     }
 
     fn is_blocked(&self) -> bool {
