@@ -366,7 +366,7 @@ pub fn decode_credentials(body: &[u8]) -> Result<Vec<Credential>, MgmtError> {
     #[derive(Deserialize)]
     struct Listing {
         #[serde(default)]
-        files: Vec<Value>,
+        files: Files,
     }
     let bad = || MgmtError::BadResponse {
         what: Call::Credentials.name(),
@@ -375,15 +375,39 @@ pub fn decode_credentials(body: &[u8]) -> Result<Vec<Credential>, MgmtError> {
         return Err(bad());
     }
     let listing: Listing = serde_json::from_slice(body).map_err(|_| bad())?;
-    let mut out: Vec<Credential> = Vec::with_capacity(listing.files.len());
-    for entry in listing.files.iter().filter_map(Value::as_object) {
-        if let Some(c) = decode_entry(entry) {
-            if !out.iter().any(|o| o.auth_index == c.auth_index) {
-                out.push(c);
+    Ok(listing.files.0)
+}
+
+/// The `files` array, decoded one entry at a time: only the entry being read is held as JSON
+/// (a listing of 1 000 credentials with their request histories is megabytes).
+#[derive(Default)]
+struct Files(Vec<Credential>);
+
+impl<'de> Deserialize<'de> for Files {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Files, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Files;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of credentials")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Files, A::Error> {
+                let mut out = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                while let Some(entry) = seq.next_element::<Value>()? {
+                    let decoded = entry.as_object().and_then(decode_entry);
+                    if let Some(c) = decoded.filter(|c| seen.insert(c.auth_index.clone())) {
+                        out.push(c);
+                    }
+                }
+                Ok(Files(out))
             }
         }
+        d.deserialize_seq(V)
     }
-    Ok(out)
 }
 
 fn decode_entry(e: &Map<String, Value>) -> Option<Credential> {
