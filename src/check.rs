@@ -2,8 +2,9 @@
 //!
 //! Ban safety: the key is tried exactly once (the settings read); when CPA refuses it, nothing
 //! else authenticated is attempted. With the key accepted, the consumer check adds three calls
-//! (two credentials reads and one pop), so a full run costs CPA four bcrypt compares. Records
-//! the pop takes are committed to the state database, as the exporter would.
+//! (two credentials reads and one pop) and the reconciliation one (the API-key usage), so a
+//! full run costs CPA five bcrypt compares. Records the pop takes are committed to the state
+//! database, as the exporter would.
 
 use std::fmt;
 use std::io::Write;
@@ -14,6 +15,7 @@ use crate::config::{Config, Secret};
 use crate::cpa::mgmt::{Credential, MgmtClient, MgmtError, UsageSettings, MAX_MGMT_BODY_BYTES};
 use crate::cpa::{AuthCause, ClientOptions, HttpClient, PopError};
 use crate::ingest::Batch;
+use crate::metrics::reconcile::{attempts_by_credential, cpa_counts};
 use crate::store::{State, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,13 +120,14 @@ struct Checker<'o> {
 }
 
 /// Checks that need CPA and the key, skipped with one reason when an earlier check failed.
-const CPA_CHECKS: [&str; 6] = [
+const CPA_CHECKS: [&str; 7] = [
     "version",
     "routes",
     "key",
     "statistics",
     "retention",
     "consumers",
+    "reconcile",
 ];
 
 impl Checker<'_> {
@@ -178,36 +181,117 @@ impl Checker<'_> {
         self.statistics(settings);
         self.retention(config, settings);
         if settings.statistics_enabled == Some(false) {
-            return self.say(finding(
-                Level::Skip,
+            return self.skip_rest(
                 "consumers",
                 "statistics are off, so nothing is queued to compare",
-            ));
+            );
         }
-        let Some((store, state)) = store else {
+        let Some((mut store, mut state)) = store else {
             let why = "the state database cannot be opened, so no records are popped";
-            return self.say(finding(Level::Skip, "consumers", why));
+            return self.skip_rest("consumers", why);
         };
         let window = opts.consumer_window.min(settings.retention / 2);
+        let mut listing = None;
         if window.is_zero() {
-            return self.say(finding(
+            self.say(finding(
                 Level::Skip,
                 "consumers",
                 "turned off (--consumer-window 0s)",
             ));
-        }
-        let pop = HttpClient::new(client_opts(key, config.max_response_bytes));
-        match pop {
-            Ok(pop) => {
-                self.consumers(config, &mut mgmt, pop, (store, state), window)
-                    .await
+        } else {
+            match HttpClient::new(client_opts(key, config.max_response_bytes)) {
+                Ok(pop) => {
+                    listing = self
+                        .consumers(config, &mut mgmt, pop, (&mut store, &mut state), window)
+                        .await;
+                }
+                Err(e) => self.say(finding(
+                    Level::Skip,
+                    "consumers",
+                    format!("no HTTP client: {e}"),
+                )),
             }
-            Err(e) => self.say(finding(
-                Level::Skip,
-                "consumers",
-                format!("no HTTP client: {e}"),
-            )),
         }
+        self.reconcile(&mut mgmt, &state, listing).await;
+    }
+
+    /// CPA's attempt counts per credential since it started against what the state database
+    /// ever counted for them: CPA counting more means records that never reached it.
+    async fn reconcile(
+        &mut self,
+        mgmt: &mut MgmtClient,
+        state: &State,
+        listing: Option<Vec<Credential>>,
+    ) {
+        let listing = match listing {
+            Some(l) => l,
+            None => {
+                self.authenticated += 1;
+                match mgmt.credentials().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let why = format!("cannot read CPA's credentials listing: {e}");
+                        return self.say(finding(Level::Skip, "reconcile", why));
+                    }
+                }
+            }
+        };
+        self.authenticated += 1;
+        let keys = match mgmt.api_key_usage().await {
+            Ok(keys) => keys,
+            Err(MgmtError::RouteNotFound { .. }) => Vec::new(),
+            Err(e) => {
+                let why = format!("cannot read CPA's API-key usage: {e}");
+                return self.say(finding(Level::Skip, "reconcile", why));
+            }
+        };
+        let ours = attempts_by_credential(state);
+        let counts = cpa_counts(&listing, &keys, &ours);
+        let (mut cpa_total, mut missing, mut short) = (0u64, 0u64, 0usize);
+        let joined: Vec<_> = counts.iter().filter(|c| c.joined).collect();
+        for c in &joined {
+            let ours = ours.get(&c.credential).copied().unwrap_or(0);
+            cpa_total += c.attempts();
+            if c.attempts() > ours {
+                missing += c.attempts() - ours;
+                short += 1;
+            }
+        }
+        let unjoined = counts.len() - joined.len();
+        let detail = format!(
+            "CPA counted {cpa_total} attempts on {} credentials since it started{}",
+            joined.len(),
+            if unjoined > 0 {
+                format!(" ({unjoined} API keys without records here not compared)")
+            } else {
+                String::new()
+            }
+        );
+        // Records the exporter could not decode have no credential here, yet CPA counted them.
+        let invalid = invalid_records(state);
+        let f = if missing == 0 {
+            finding(
+                Level::Ok,
+                "reconcile",
+                format!("{detail}: the state database counted at least as many for each"),
+            )
+        } else if missing <= invalid {
+            finding(
+                Level::Ok,
+                "reconcile",
+                format!("{detail}: {missing} of them are not in the state database as usage, no more than the {invalid} invalid records it counted"),
+            )
+        } else {
+            Finding {
+                fix: Some("if another collector pops CPA's queue, run this exporter with --transport subscribe or stop the other one; records still queued count here too (run the exporter and compare cpa_exporter_unaccounted_records)".to_owned()),
+                ..finding(
+                    Level::Warn,
+                    "reconcile",
+                    format!("{detail}: {missing} of them on {short} credentials never reached the state database (popped by another consumer, expired in the queue, or still queued)"),
+                )
+            }
+        };
+        self.say(f);
     }
 
     fn key_present(&mut self, config: &Config) -> Option<Secret> {
@@ -402,32 +486,36 @@ impl Checker<'_> {
         config: &Config,
         mgmt: &mut MgmtClient,
         mut pop: HttpClient,
-        (mut store, mut state): (Store, State),
+        (store, state): (&mut Store, &mut State),
         window: Duration,
-    ) {
+    ) -> Option<Vec<Credential>> {
         self.authenticated += 1;
         let before = match mgmt.credentials().await {
             Ok(list) => attempts(&list),
             Err(e) => {
                 let why = format!("cannot read CPA's credentials listing: {e}");
-                return self.say(finding(Level::Skip, "consumers", why));
+                self.say(finding(Level::Skip, "consumers", why));
+                return None;
             }
         };
         tokio::time::sleep(window).await;
         self.authenticated += 1;
-        let after = match mgmt.credentials().await {
-            Ok(list) => attempts(&list),
+        let listing = match mgmt.credentials().await {
+            Ok(list) => list,
             Err(e) => {
                 let why = format!("cannot read CPA's credentials listing: {e}");
-                return self.say(finding(Level::Skip, "consumers", why));
+                self.say(finding(Level::Skip, "consumers", why));
+                return None;
             }
         };
+        let after = attempts(&listing);
         let Some(counted) = after.checked_sub(before).filter(|n| *n > 0) else {
             let why = format!(
                 "CPA counted no upstream attempts in {}: cannot tell",
                 humantime::format_duration(window)
             );
-            return self.say(finding(Level::Skip, "consumers", why));
+            self.say(finding(Level::Skip, "consumers", why));
+            return Some(listing);
         };
         self.authenticated += 1;
         // Priced as the drain loop prices them: --prices-file and model-aliases apply.
@@ -436,25 +524,17 @@ impl Checker<'_> {
             Err(e) => {
                 let why =
                     format!("the price table cannot be loaded, so no records are popped: {e}");
-                return self.say(finding(Level::Skip, "consumers", why));
+                self.say(finding(Level::Skip, "consumers", why));
+                return Some(listing);
             }
         };
-        let popped = pop_and_commit(
-            &mut pop,
-            config.batch_size,
-            &pricing,
-            &mut store,
-            &mut state,
-        )
-        .await;
+        let popped = pop_and_commit(&mut pop, config.batch_size, &pricing, store, state).await;
         let queued = match popped {
             Ok(n) => n,
             Err(e) => {
-                return self.say(finding(
-                    Level::Skip,
-                    "consumers",
-                    format!("the pop failed: {e}"),
-                ))
+                let why = format!("the pop failed: {e}");
+                self.say(finding(Level::Skip, "consumers", why));
+                return Some(listing);
             }
         };
         let detail = format!(
@@ -474,6 +554,7 @@ impl Checker<'_> {
             )
         };
         self.say(f);
+        Some(listing)
     }
 }
 
@@ -520,6 +601,19 @@ fn auth_failure(cause: &AuthCause) -> Finding {
         ),
     };
     failed("key", detail, fix)
+}
+
+/// Queue elements the state database counted as invalid (`cpa_exporter_records_total`).
+fn invalid_records(state: &State) -> u64 {
+    use crate::families::{outcome, Family};
+    state.families[Family::Records as usize]
+        .iter()
+        .filter(|(labels, _)| labels.first().is_some_and(|o| &**o == outcome::INVALID))
+        .map(|(_, stored)| match stored.value {
+            crate::series::Value::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Attempts CPA counted on listed credentials since it started.

@@ -276,6 +276,19 @@ pub mod meta {
         );
     }
 
+    /// CPA's own attempt counts per credential, and what the exporter did not see of them.
+    pub mod reconcile {
+        use super::*;
+        pub const CREDENTIAL_ATTEMPTS: Meta = counter(
+            "cpa_credential_attempts",
+            "Upstream attempts CPA itself counted on the credential, by outcome (success, failed): CPA's in-memory counters, which restart from 0 when CPA restarts",
+        );
+        pub const UNACCOUNTED: Meta = gauge(
+            "cpa_exporter_unaccounted_records",
+            "Attempts CPA counted on the credential (one credentials read ago, since the later of CPA's and the exporter's start) that the exporter never counted: records taken by another consumer, expired or dropped",
+        );
+    }
+
     /// Per-key budgets and their spend.
     pub mod budget {
         use super::*;

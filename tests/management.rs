@@ -499,7 +499,7 @@ async fn cpa_with_workload_credentials(seed: u64) -> FakeCpa {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_passes_a_good_setup_with_four_authenticated_calls() {
+async fn check_passes_a_good_setup_with_five_authenticated_calls() {
     let seed = 5;
     let cpa = cpa_with_workload_credentials(seed).await;
     let dir = tempfile::tempdir().unwrap();
@@ -517,14 +517,15 @@ async fn check_passes_a_good_setup_with_four_authenticated_calls() {
         "statistics",
         "retention",
         "consumers",
+        "reconcile",
     ] {
         assert!(line(&stdout, check).starts_with("ok"), "{check}: {stdout}");
     }
     assert!(line(&stdout, "version").contains("v8.0.3"));
     assert!(line(&stdout, "routes").contains("v8"));
-    assert!(stdout.contains("made 4 authenticated requests"), "{stdout}");
+    assert!(stdout.contains("made 5 authenticated requests"), "{stdout}");
     let stats = cpa.stats();
-    assert_eq!((stats.authorized_requests, stats.auth_failures), (4, 0));
+    assert_eq!((stats.authorized_requests, stats.auth_failures), (5, 0));
     // What the pop took is in the state database, not lost.
     let (_, state) = cpa_usage_exporter::store::Store::open(
         &dir.path().join("check.db"),

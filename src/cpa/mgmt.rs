@@ -1,5 +1,5 @@
-//! CPA management reads besides the queue: the usage settings and the credentials listing.
-//! No metrics here.
+//! CPA management reads besides the queue: the usage settings, the credentials listing and the
+//! per-key counts of config API-key credentials. No metrics here.
 //!
 //! Same HTTP conventions as [`super::Client`]: the key only goes to the configured origin, bodies
 //! are read with a size limit, and errors carry a classification, never a body. Every call here
@@ -7,13 +7,17 @@
 //!
 //! Personal data and secrets: the v0 config body holds client API keys in plaintext, and the
 //! credentials listing holds e-mail addresses. Only the fields named below are kept; the e-mail
-//! fields are used once, to mask the file name, and then dropped.
+//! fields are used once, to mask the file name, and then dropped. The API-key usage is keyed by
+//! upstream keys in plaintext: each is hashed into its `auth_index` while decoding and dropped.
 
+use std::fmt;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use super::{classify_auth, header_str, http_client, read_limited, transport_error};
 use super::{AuthCause, ClientOptions, PopError, Route};
@@ -33,6 +37,7 @@ const MAX_RETENTION_SECS: u64 = 3600;
 pub enum Call {
     Settings,
     Credentials,
+    ApiKeyUsage,
 }
 
 impl Call {
@@ -42,6 +47,8 @@ impl Call {
             (Call::Settings, Route::V0) => "/v0/management/config",
             (Call::Credentials, Route::V8) => "/v8/management/credentials",
             (Call::Credentials, Route::V0) => "/v0/management/auth-files",
+            (Call::ApiKeyUsage, Route::V8) => "/v8/management/observability/usage/api-keys",
+            (Call::ApiKeyUsage, Route::V0) => "/v0/management/api-key-usage",
         }
     }
 
@@ -49,6 +56,7 @@ impl Call {
         match self {
             Call::Settings => "usage settings",
             Call::Credentials => "credentials listing",
+            Call::ApiKeyUsage => "API-key usage",
         }
     }
 }
@@ -247,6 +255,12 @@ impl MgmtClient {
         decode_credentials(&body)
     }
 
+    /// CPA's counts of its config API-key credentials, one authenticated request.
+    pub async fn api_key_usage(&mut self) -> Result<Vec<KeyUsage>, MgmtError> {
+        let body = self.get(Call::ApiKeyUsage).await?;
+        decode_api_key_usage(&body)
+    }
+
     fn candidates(&self) -> &'static [Route] {
         match (self.resolved, self.api_version) {
             (Some(Route::V0), _) | (None, ApiVersion::V0) => &[Route::V0],
@@ -352,7 +366,7 @@ pub fn decode_credentials(body: &[u8]) -> Result<Vec<Credential>, MgmtError> {
     #[derive(Deserialize)]
     struct Listing {
         #[serde(default)]
-        files: Vec<Value>,
+        files: Files,
     }
     let bad = || MgmtError::BadResponse {
         what: Call::Credentials.name(),
@@ -361,15 +375,39 @@ pub fn decode_credentials(body: &[u8]) -> Result<Vec<Credential>, MgmtError> {
         return Err(bad());
     }
     let listing: Listing = serde_json::from_slice(body).map_err(|_| bad())?;
-    let mut out: Vec<Credential> = Vec::with_capacity(listing.files.len());
-    for entry in listing.files.iter().filter_map(Value::as_object) {
-        if let Some(c) = decode_entry(entry) {
-            if !out.iter().any(|o| o.auth_index == c.auth_index) {
-                out.push(c);
+    Ok(listing.files.0)
+}
+
+/// The `files` array, decoded one entry at a time: only the entry being read is held as JSON
+/// (a listing of 1 000 credentials with their request histories is megabytes).
+#[derive(Default)]
+struct Files(Vec<Credential>);
+
+impl<'de> Deserialize<'de> for Files {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Files, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Files;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of credentials")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Files, A::Error> {
+                let mut out = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                while let Some(entry) = seq.next_element::<Value>()? {
+                    let decoded = entry.as_object().and_then(decode_entry);
+                    if let Some(c) = decoded.filter(|c| seen.insert(c.auth_index.clone())) {
+                        out.push(c);
+                    }
+                }
+                Ok(Files(out))
             }
         }
+        d.deserialize_seq(V)
     }
-    Ok(out)
 }
 
 fn decode_entry(e: &Map<String, Value>) -> Option<Credential> {
@@ -426,6 +464,226 @@ fn subscription(token: &Map<String, Value>) -> Option<Subscription> {
         active_until,
         plan_type: text(token, &["plan_type"]).to_ascii_lowercase(),
     })
+}
+
+/// Most API-key entries decoded from one answer; more are ignored (CPA has one per configured
+/// upstream key, so real configs stay far below).
+pub const MAX_API_KEY_ENTRIES: usize = 10_000;
+
+/// One config API-key credential in CPA's `api-key-usage` answer, without its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// CPA's group: the provider (`gemini`, `codex`, `claude`...) or the name of an
+    /// openai-compatibility entry.
+    pub provider: String,
+    /// The `auth_index` CPA derives from the key, by the formula of CPA v7 (checked against
+    /// v7.2.140), then by the older one; the records' `auth_index` is one of them.
+    pub auth_index: [String; 2],
+    /// CPA's in-memory attempt counters (reset when CPA restarts).
+    pub success: u64,
+    pub failed: u64,
+}
+
+/// CPA's `auth_index` of a config API-key credential: the first 16 hex digits of the SHA-256 of
+/// a seed naming the key. CPA v7: `<kind>:<base_url>+<key>` (`kind` is `gemini-api-key`,
+/// `codex-api-key`, `claude-api-key`, else `openai-compatibility`); before: `api_key:<key>`.
+/// The key itself is only hashed, never kept.
+pub fn api_key_auth_index(provider: &str, base_url: &str, key: &str) -> [String; 2] {
+    let kind = match provider {
+        "gemini" => "gemini-api-key",
+        "codex" => "codex-api-key",
+        "claude" => "claude-api-key",
+        _ => "openai-compatibility",
+    };
+    let v7 = format!("{kind}:{}+{}", base_url.trim(), key.trim());
+    let older = format!("api_key:{}", key.trim());
+    [auth_index_of(&v7), auth_index_of(&older)]
+}
+
+/// CPA's `stableAuthIndex`: hex of the first 8 bytes of the seed's SHA-256.
+fn auth_index_of(seed: &str) -> String {
+    use std::fmt::Write;
+    let digest = Sha256::digest(seed.trim().as_bytes());
+    let mut out = String::with_capacity(16);
+    for b in &digest[..8] {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Decode `{"<provider>": {"<base_url>|<key>": {"success": n, "failed": n, ...}}}` as it
+/// streams: nothing but the two counters is kept, `recent_requests` is skipped unread, keys are
+/// hashed at once. Leniently: a group or entry that is not an object, or a counter that is not
+/// a non-negative integer, counts as empty or 0; an entry without `|` has no base URL.
+pub fn decode_api_key_usage(body: &[u8]) -> Result<Vec<KeyUsage>, MgmtError> {
+    let bad = || MgmtError::BadResponse {
+        what: Call::ApiKeyUsage.name(),
+    };
+    if !is_object(body) {
+        return Err(bad());
+    }
+    let Groups(out) = serde_json::from_slice(body).map_err(|_| bad())?;
+    Ok(out)
+}
+
+/// Visitor methods taking every JSON value but integers and objects as `$empty`, consumed unread.
+macro_rules! non_integers_are {
+    ($ty:ty, $empty:expr) => {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($empty)
+        }
+        fn visit_unit<E>(self) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<$ty, E> {
+            Ok($empty)
+        }
+    };
+}
+
+/// Visitor methods taking every JSON value but an object as `$empty`, consumed unread.
+macro_rules! any_other_value_is {
+    ($ty:ty, $empty:expr) => {
+        non_integers_are!($ty, $empty);
+        fn visit_i64<E>(self, _: i64) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<$ty, E> {
+            Ok($empty)
+        }
+    };
+}
+
+/// The whole answer, flattened.
+struct Groups(Vec<KeyUsage>);
+
+impl<'de> Deserialize<'de> for Groups {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Groups, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Groups;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of providers")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Groups, A::Error> {
+                let mut out = Vec::new();
+                while let Some(provider) = map.next_key::<String>()? {
+                    let Group(entries) = map.next_value()?;
+                    let provider = provider.trim().to_ascii_lowercase();
+                    for (base_url, key, c) in entries {
+                        if out.len() >= MAX_API_KEY_ENTRIES {
+                            break;
+                        }
+                        out.push(KeyUsage {
+                            auth_index: api_key_auth_index(&provider, &base_url, &key),
+                            provider: provider.clone(),
+                            success: c.success,
+                            failed: c.failed,
+                        });
+                    }
+                }
+                Ok(Groups(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One provider's entries: (base URL, key, counts). Anything but an object is an empty group.
+struct Group(Vec<(String, String, Counts)>);
+
+impl<'de> Deserialize<'de> for Group {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Group;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of API keys")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Group, A::Error> {
+                let mut out = Vec::new();
+                while let Some(composite) = map.next_key::<String>()? {
+                    let counts: Counts = map.next_value()?;
+                    if out.len() >= MAX_API_KEY_ENTRIES {
+                        continue;
+                    }
+                    let (base_url, key) = composite.split_once('|').unwrap_or(("", &composite));
+                    out.push((base_url.to_owned(), key.to_owned(), counts));
+                }
+                Ok(Group(out))
+            }
+            any_other_value_is!(Group, Group(Vec::new()));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An entry's two counters; anything else in it (or an entry that is not an object) is skipped.
+#[derive(Default)]
+struct Counts {
+    success: u64,
+    failed: u64,
+}
+
+impl<'de> Deserialize<'de> for Counts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Counts, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Counts;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of counters")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Counts, A::Error> {
+                let mut c = Counts::default();
+                while let Some(field) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*field {
+                        "success" => c.success = map.next_value::<Count>()?.0,
+                        "failed" => c.failed = map.next_value::<Count>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(c)
+            }
+            any_other_value_is!(Counts, Counts::default());
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A counter: a non-negative integer, else 0 (whatever the JSON value is, it is consumed).
+struct Count(u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a count")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(v).unwrap_or(0)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(0))
+            }
+            non_integers_are!(Count, Count(0));
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The first non-empty string among `keys`, or "".
@@ -572,6 +830,76 @@ mod tests {
         );
         assert!(c[1..].iter().all(|c| c.subscription.is_none()));
         assert!(!format!("{c:?}").contains("acct-secret"));
+    }
+
+    /// The shape of `GET /v0/management/api-key-usage` as CPA v7.2.140 answered it (two
+    /// openai-compatibility keys; `recent_requests` cut to two buckets).
+    const REAL_API_KEY_USAGE: &[u8] = br#"{"fakeup":{"http://127.0.0.1:18081/v1|sk-upstream-a":{"success":3,"failed":0,"recent_requests":[{"time":"21:00-21:10","success":0,"failed":0},{"time":"21:10-21:20","success":3,"failed":0}]},"http://127.0.0.1:18081/v1|sk-upstream-b":{"success":0,"failed":2,"recent_requests":[{"time":"21:00-21:10","success":0,"failed":0},{"time":"21:10-21:20","success":0,"failed":2}]}}}"#;
+
+    #[test]
+    fn api_key_usage_joins_the_records_auth_index_and_keeps_no_key() {
+        let usage = decode_api_key_usage(REAL_API_KEY_USAGE).unwrap();
+        assert_eq!(usage.len(), 2);
+        let a = usage.iter().find(|u| u.success == 3).unwrap();
+        // The records of sk-upstream-a carried this auth_index (CPA v7.2.140).
+        assert_eq!(a.auth_index[0], "c535ecab553e1911");
+        assert_eq!(a.provider, "fakeup");
+        let b = usage.iter().find(|u| u.failed == 2).unwrap();
+        assert_eq!(b.auth_index[0], "e7fe62a13b979057");
+        assert!(!format!("{usage:?}").contains("sk-upstream"));
+    }
+
+    #[test]
+    fn api_key_index_follows_cpas_formula_per_provider() {
+        let [v7, older] = api_key_auth_index("gemini", "", "AIza-key");
+        assert_eq!(v7, auth_index_of("gemini-api-key:+AIza-key"));
+        assert_eq!(older, auth_index_of("api_key:AIza-key"));
+        assert_eq!(v7.len(), 16);
+        assert!(v7.bytes().all(|b| b.is_ascii_hexdigit()));
+        let [claude, _] = api_key_auth_index("claude", "https://x", "k");
+        assert_eq!(claude, auth_index_of("claude-api-key:https://x+k"));
+        let [compat, _] = api_key_auth_index("openrouter", "https://x", "k");
+        assert_eq!(compat, auth_index_of("openai-compatibility:https://x+k"));
+    }
+
+    #[test]
+    fn api_key_usage_decodes_leniently() {
+        let body = br#"{
+            "Codex": {"|sk-1": {"success": 5, "failed": "x", "extra": {"deep": [1, {"a": 2}]}},
+                      "no-pipe-key": {"success": -3, "failed": 1.5},
+                      "|sk-2": [1, 2], "|sk-3": null},
+            "broken": 7,
+            "empty": {},
+            "list": [{"x": 1}]
+        }"#;
+        let u = decode_api_key_usage(body).unwrap();
+        assert_eq!(u.len(), 4);
+        assert_eq!(u[0].provider, "codex");
+        assert_eq!((u[0].success, u[0].failed), (5, 0));
+        assert_eq!(u[0].auth_index, api_key_auth_index("codex", "", "sk-1"));
+        assert_eq!(
+            u[1].auth_index,
+            api_key_auth_index("codex", "", "no-pipe-key")
+        );
+        assert_eq!((u[1].success, u[1].failed), (0, 0));
+        assert_eq!((u[2].success, u[3].success), (0, 0));
+        assert!(decode_api_key_usage(b"{}").unwrap().is_empty());
+        assert!(decode_api_key_usage(b"[]").is_err());
+        assert!(decode_api_key_usage(b"{\"a\":").is_err());
+    }
+
+    #[test]
+    fn api_key_usage_is_bounded() {
+        let mut body = String::from("{\"p\":{");
+        for i in 0..MAX_API_KEY_ENTRIES + 5 {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(&format!("\"|k{i}\":{{\"success\":1}}"));
+        }
+        body.push_str("},\"q\":{\"|z\":{\"success\":1}}}");
+        let u = decode_api_key_usage(body.as_bytes()).unwrap();
+        assert_eq!(u.len(), MAX_API_KEY_ENTRIES);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! CPA's own state as gauges: its build, its usage settings and its credentials. Rendered from a
-//! snapshot ([`CpaView`]) that the settings/credentials poller and the drain loop update.
+//! CPA's own state as gauges: its build, its usage settings, its credentials and its attempt
+//! counts beside the exporter's. Rendered from a snapshot ([`CpaView`]) that the
+//! settings/credentials poller and the drain loop update.
 
 use std::collections::BTreeMap;
 
@@ -7,6 +8,7 @@ use super::text::{gauge, Meta, Writer};
 use crate::cpa::mgmt::{Credential, Status, UsageSettings};
 use crate::ingest::cred_errors::CredentialState;
 use crate::labels::sanitize;
+use crate::metrics::reconcile::Reconciled;
 use crate::metrics::LabelOptions;
 
 use crate::families::meta::cpa::{
@@ -14,6 +16,7 @@ use crate::families::meta::cpa::{
     CREDENTIAL_UNAVAILABLE, QUEUE_RETENTION, STATISTICS_ENABLED, SUBSCRIPTION_END,
 };
 use crate::families::meta::errors::QUOTA_RECOVER;
+use crate::families::meta::reconcile::{CREDENTIAL_ATTEMPTS, UNACCOUNTED};
 
 /// What is known about CPA right now. Each part is absent until first read.
 #[derive(Debug, Default)]
@@ -24,6 +27,8 @@ pub struct CpaView {
     credentials: Option<Vec<Credential>>,
     /// From the errors channel: `auth_index` -> when its exceeded quota is expected back.
     quota_recover: BTreeMap<String, f64>,
+    /// CPA's attempt counts per credential, compared with the exporter's.
+    reconciled: Option<Vec<Reconciled>>,
 }
 
 impl CpaView {
@@ -47,6 +52,11 @@ impl CpaView {
         self.forget_recovered_quotas();
     }
 
+    /// Replace the comparison with CPA's counts (credentials no longer counted disappear).
+    pub fn set_reconciled(&mut self, reconciled: Vec<Reconciled>) {
+        self.reconciled = Some(reconciled);
+    }
+
     pub fn settings(&self) -> Option<UsageSettings> {
         self.settings
     }
@@ -65,6 +75,45 @@ pub fn encode(w: &mut Writer, view: &CpaView, opts: &LabelOptions) {
     if let Some(credentials) = &view.credentials {
         encode_credentials(w, credentials, opts);
         encode_quota_recover(w, view, credentials, opts);
+    }
+    if let Some(reconciled) = &view.reconciled {
+        encode_reconciled(w, reconciled, opts);
+    }
+}
+
+/// CPA's counts by outcome, and the unaccounted records of the credentials that join.
+fn encode_reconciled(w: &mut Writer, reconciled: &[Reconciled], opts: &LabelOptions) {
+    let shown: Vec<(String, String, &Reconciled)> = reconciled
+        .iter()
+        .map(|r| {
+            let provider = if r.cpa.provider.is_empty() {
+                "unknown".to_owned()
+            } else {
+                sanitize(&r.cpa.provider).into_owned()
+            };
+            (credential_label(&r.cpa.credential, opts), provider, r)
+        })
+        .collect();
+    w.declare(&CREDENTIAL_ATTEMPTS);
+    for (credential, provider, r) in &shown {
+        for (outcome, n) in [("success", r.cpa.success), ("failed", r.cpa.failed)] {
+            let labels = [
+                ("credential", credential.as_str()),
+                ("provider", provider.as_str()),
+                ("outcome", outcome),
+            ];
+            w.counter(CREDENTIAL_ATTEMPTS.name, &labels, n);
+        }
+    }
+    w.declare(&UNACCOUNTED);
+    for (credential, provider, r) in &shown {
+        if let Some(n) = r.unaccounted {
+            let labels = [
+                ("credential", credential.as_str()),
+                ("provider", provider.as_str()),
+            ];
+            w.gauge(UNACCOUNTED.name, &labels, n);
+        }
     }
 }
 
@@ -277,6 +326,43 @@ mod tests {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
         assert!(!text.contains("alice"));
+    }
+
+    #[test]
+    fn cpas_counts_render_by_outcome_and_unaccounted_only_where_joined() {
+        use crate::metrics::reconcile::{CpaCount, Reconciled};
+        let mut opts = LabelOptions::default();
+        opts.credential_names
+            .insert("bb22".to_owned(), "team-b".to_owned());
+        let counted = |credential: &str, provider: &str, unaccounted: Option<u64>| Reconciled {
+            cpa: CpaCount {
+                credential: credential.to_owned(),
+                provider: provider.to_owned(),
+                success: 12,
+                failed: 3,
+                joined: unaccounted.is_some(),
+            },
+            unaccounted,
+        };
+        let text = scrape(opts, |v| {
+            v.set_reconciled(vec![
+                counted("aa11", "codex", Some(0)),
+                counted("bb22", "", Some(7)),
+                counted("cc33", "fakeup", None),
+            ])
+        });
+        for line in [
+            r#"cpa_credential_attempts_total{credential="aa11",provider="codex",outcome="success"} 12"#,
+            r#"cpa_credential_attempts_total{credential="aa11",provider="codex",outcome="failed"} 3"#,
+            r#"cpa_credential_attempts_total{credential="cc33",provider="fakeup",outcome="success"} 12"#,
+            r#"cpa_exporter_unaccounted_records{credential="aa11",provider="codex"} 0"#,
+            r#"cpa_exporter_unaccounted_records{credential="team-b",provider="unknown"} 7"#,
+            "# TYPE cpa_credential_attempts_total counter",
+            "# TYPE cpa_exporter_unaccounted_records gauge",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(!text.contains(r#"cpa_exporter_unaccounted_records{credential="cc33""#));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cred_errors;
 mod labels;
 mod process;
 mod quota;
+pub mod reconcile;
 pub mod render;
 pub mod sink;
 pub mod text;

@@ -1,6 +1,7 @@
-//! Slow management reads beside the drain loop: CPA's usage settings every few minutes and its
-//! credentials listing every 30 s (every 5 min while the usage and errors channels both report
-//! changes as they happen), published through [`crate::metrics::cpa_view::CpaView`].
+//! Slow management reads beside the drain loop: CPA's usage settings every few minutes, and its
+//! credentials listing and API-key usage every 30 s (the listing every 5 min while the usage and
+//! errors channels both report changes as they happen), compared with the exporter's own counts
+//! ([`crate::metrics::reconcile`]) and published through [`crate::metrics::cpa_view::CpaView`].
 //!
 //! Ban safety: every call here is a bcrypt-checked login on CPA's side, and 5 failed logins ban
 //! the IP for 30 minutes. So the poller calls nothing until the drain loop has seen the key
@@ -15,8 +16,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::cpa::mgmt::{Call, MgmtClient, MgmtError, UsageSettings};
+use crate::cpa::mgmt::{Call, Credential, KeyUsage, MgmtClient, MgmtError, UsageSettings};
 use crate::cpa::ClientOptions;
+use crate::metrics::reconcile::{attempts_by_credential, cpa_counts, Reconciler};
 use crate::metrics::Shared;
 use crate::pipeline::backoff::{auth_wait, sleep_or_shutdown};
 
@@ -86,9 +88,12 @@ struct Said {
     statistics_enabled: Option<bool>,
     /// (retention, idle interval) the "poll interval too long" warning was given for.
     short_retention: Option<(Duration, Duration)>,
-    /// Last failure kind per call (settings, credentials); `None` while it succeeds.
-    failing: [Option<&'static str>; 2],
+    /// Last failure kind per call (settings, credentials, API-key usage); `None` while it
+    /// succeeds.
+    failing: [Option<&'static str>; 3],
     credentials_read: bool,
+    /// Unaccounted records last warned about: the next warning waits until they double.
+    unaccounted: u64,
 }
 
 struct Poller {
@@ -101,6 +106,9 @@ struct Poller {
     auth_failures: u32,
     blocked_until: Option<Instant>,
     said: Said,
+    reconciler: Reconciler,
+    /// When to ask for the API-key usage again after CPA said it has no such route.
+    api_keys_missing_until: Option<Instant>,
 }
 
 impl Poller {
@@ -114,6 +122,8 @@ impl Poller {
             auth_failures: 0,
             blocked_until: None,
             said: Said::default(),
+            reconciler: Reconciler::default(),
+            api_keys_missing_until: None,
         }
     }
 
@@ -157,11 +167,77 @@ impl Poller {
                 publish_identity(client, shared);
                 if let Some(list) = self.settled(Call::Credentials, result) {
                     self.note_credentials(list.len(), client);
+                    if let Some(keys) = self.api_key_usage(client, shared).await {
+                        self.reconcile(&list, &keys, shared);
+                    }
                     shared.observed.get().set_credentials(list);
                 }
             }
         }
         self.until_next()
+    }
+
+    /// CPA's API-key usage; empty when CPA has no such route (asked again a settings interval
+    /// later), `None` when the read failed (the last comparison stays).
+    async fn api_key_usage(
+        &mut self,
+        client: &mut MgmtClient,
+        shared: &Shared,
+    ) -> Option<Vec<KeyUsage>> {
+        if self.is_blocked() {
+            return None;
+        }
+        if self
+            .api_keys_missing_until
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return Some(Vec::new());
+        }
+        let result = client.api_key_usage().await;
+        publish_identity(client, shared);
+        if let Err(MgmtError::RouteNotFound { .. }) = &result {
+            self.api_keys_missing_until = Some(Instant::now() + self.opts.settings_interval);
+            if self.said.failing[Call::ApiKeyUsage as usize]
+                .replace("route_not_found")
+                .is_none()
+            {
+                info!("CPA has no API-key usage route: only the credentials listing is compared with the exporter's counts");
+            }
+            return Some(Vec::new());
+        }
+        self.api_keys_missing_until = None;
+        self.settled(Call::ApiKeyUsage, result)
+    }
+
+    /// Compare CPA's counts with the exporter's committed ones, read right after CPA's.
+    fn reconcile(&mut self, listing: &[Credential], keys: &[KeyUsage], shared: &Shared) {
+        let ours = attempts_by_credential(&shared.committed.read());
+        let counts = cpa_counts(listing, keys, &ours);
+        let reconciled = self.reconciler.observe(counts, &ours);
+        let unaccounted: u64 = reconciled.iter().filter_map(|r| r.unaccounted).sum();
+        debug!(
+            credentials = reconciled.len(),
+            unaccounted, "compared with CPA's counts"
+        );
+        self.say_unaccounted(unaccounted);
+        shared.observed.get().set_reconciled(reconciled);
+    }
+
+    /// Warn when records go missing, then each time their number doubles (a steady loss logs
+    /// a handful of lines, not one per read); say so once when none are missing again.
+    fn say_unaccounted(&mut self, unaccounted: u64) {
+        let before = self.said.unaccounted;
+        if unaccounted == 0 && before > 0 {
+            info!("no records are missing against CPA's counts any more (a restart of CPA or the exporter starts the comparison anew)");
+        } else if unaccounted <= before.saturating_mul(2) {
+            return;
+        } else {
+            warn!(
+                unaccounted,
+                "CPA counted attempts whose usage records never reached the exporter: another consumer of CPA's queue (or subscriber) takes them, or they expired; see cpa_exporter_unaccounted_records"
+            );
+        }
+        self.said.unaccounted = unaccounted;
     }
 
     fn is_blocked(&self) -> bool {

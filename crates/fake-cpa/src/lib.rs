@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api_keys;
 pub mod credentials;
 pub mod error_events;
 mod pubsub;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+pub use api_keys::SimApiKey;
 pub use credentials::{SimCredential, SimQuota};
 use rng::Rng;
 pub use server::{FakeCpa, Fault, Routes, SimConfig, SimStats};

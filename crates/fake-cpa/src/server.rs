@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::api_keys::{usage_json, SimApiKey};
 use super::credentials::{attempt_of, listing_json, SimCredential};
 use super::error_events;
 use super::pubsub::{raw_payload, Channel, REFRESH};
@@ -79,6 +80,8 @@ pub struct SimConfig {
     /// Whether the API port also speaks RESP (false: as v7.1.17, whose port answers RESP bytes
     /// like a malformed HTTP request, with a 400).
     pub resp_enabled: bool,
+    /// The config API keys and their counts (`api-key-usage`).
+    pub api_keys: Vec<SimApiKey>,
 }
 
 impl Default for SimConfig {
@@ -93,6 +96,7 @@ impl Default for SimConfig {
             version: "v8.0.3".to_owned(),
             credentials: Vec::new(),
             resp_enabled: true,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -465,6 +469,11 @@ impl FakeCpa {
         self.inner.shared.lock().cfg.credentials.clone()
     }
 
+    /// Replaces the config API keys and their counts.
+    pub fn set_api_keys(&self, keys: Vec<SimApiKey>) {
+        self.inner.shared.lock().cfg.api_keys = keys;
+    }
+
     /// Toggles `usage-statistics-enabled` at runtime (as an admin would).
     pub fn set_usage_statistics_enabled(&self, enabled: bool) {
         self.inner.shared.lock().cfg.usage_statistics_enabled = enabled;
@@ -525,6 +534,7 @@ enum Mgmt {
     StatsEnabled,
     ConfigPath(Vec<String>),
     Credentials,
+    ApiKeyUsage,
 }
 
 #[derive(Debug)]
@@ -548,6 +558,8 @@ fn route(method: &Method, path: &str, routes: Routes) -> Route {
         "/v8/management/config" if routes.v8() => Mgmt::Config { v8: true },
         "/v0/management/auth-files" if routes.v0() => Mgmt::Credentials,
         "/v8/management/credentials" if routes.v8() => Mgmt::Credentials,
+        "/v0/management/api-key-usage" if routes.v0() => Mgmt::ApiKeyUsage,
+        "/v8/management/observability/usage/api-keys" if routes.v8() => Mgmt::ApiKeyUsage,
         _ if routes.v8() => match path.strip_prefix("/v8/management/config/") {
             Some(rest) => Mgmt::ConfigPath(
                 rest.split('/')
@@ -635,6 +647,7 @@ impl Shared {
             Mgmt::Queue => return self.serve_queue(query).await,
             Mgmt::Config { v8 } => config_json(&cfg, v8),
             Mgmt::Credentials => listing_json(&cfg.credentials),
+            Mgmt::ApiKeyUsage => usage_json(&cfg.api_keys),
             Mgmt::StatsEnabled => {
                 json!({ "usage-statistics-enabled": cfg.usage_statistics_enabled })
             }
@@ -838,6 +851,27 @@ mod tests {
 
     async fn start(cfg: SimConfig) -> FakeCpa {
         FakeCpa::start(cfg).await.expect("start")
+    }
+
+    #[tokio::test]
+    async fn api_key_usage_on_both_route_families() {
+        let mut key = SimApiKey::new("fakeup", "http://up/v1", "sk-up");
+        key.success = 2;
+        let cpa = start(SimConfig {
+            api_keys: vec![key],
+            ..SimConfig::default()
+        })
+        .await;
+        for path in [
+            "/v0/management/api-key-usage",
+            "/v8/management/observability/usage/api-keys",
+        ] {
+            let (s, _, body) = get(&cpa, path, Some(KEY)).await;
+            assert_eq!(s, 200, "{path}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["fakeup"]["http://up/v1|sk-up"]["success"], 2);
+        }
+        assert_eq!(cpa.stats().authorized_requests, 2);
     }
 
     #[tokio::test]
