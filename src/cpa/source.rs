@@ -92,7 +92,7 @@ pub enum BuildError {
 
 /// Bytes of published records buffered between the subscription reader and the drain loop
 /// before the reader stops reading (CPA then holds 256 more before it drops the subscriber).
-pub const SUBSCRIPTION_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+pub const SUBSCRIPTION_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// Takes records by `SUBSCRIBE usage`, draining the queue with `LPOP` after every confirmed
 /// subscription (records are published or queued, never both), and popping it on every poll

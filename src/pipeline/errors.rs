@@ -29,7 +29,7 @@ use crate::pipeline::backoff;
 
 /// Bytes of events buffered between the reader and the consumer. Events are applied in
 /// microseconds, so this only absorbs a burst while the runtime is busy.
-const FEED_BYTES: usize = 4 * 1024 * 1024;
+const FEED_BYTES: usize = 2 * 1024 * 1024;
 
 /// Events applied per turn, so a burst does not hold the runtime.
 const TURN: usize = 256;

@@ -459,9 +459,18 @@ impl FakeCpa {
 
     /// Replaces the credentials listing (a status change, a removal, new counters). Credentials
     /// changed: usage subscribers get `{"refresh":true}`, as from CPA.
+    /// Replaces the listing; as CPA, a change (and only a change) is announced to usage
+    /// subscribers with `{"refresh":true}`.
     pub fn set_credentials(&self, credentials: Vec<SimCredential>) {
-        self.inner.shared.lock().cfg.credentials = credentials;
-        self.refresh();
+        let changed = {
+            let mut st = self.inner.shared.lock();
+            let changed = st.cfg.credentials != credentials;
+            st.cfg.credentials = credentials;
+            changed
+        };
+        if changed {
+            self.refresh();
+        }
     }
 
     /// The credentials listing, with the counters the pushed records have bumped.
