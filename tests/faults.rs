@@ -25,13 +25,20 @@ async fn fake_cpa() -> FakeCpa {
     .expect("fake CPA")
 }
 
+/// These tests are about popped batches (held, retried, committed), so they pop: RESP unless a
+/// test names its transport. The subscription has its own tests (tests/subscribe.rs).
 fn setup<'a>(url: String, dir: &'a tempfile::TempDir, extra: &[(&'a str, &str)]) -> Setup<'a> {
+    let mut extra: Vec<(&'a str, String)> =
+        extra.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    if !extra.iter().any(|(k, _)| *k == "CPA_TRANSPORT") {
+        extra.push(("CPA_TRANSPORT", "resp".to_owned()));
+    }
     Setup {
         cpa_url: url,
         key: KEY,
         db: Box::leak(dir.path().join("state.db").into_boxed_path()),
         log: dir.path().join("exporter.log"),
-        extra: extra.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        extra,
     }
 }
 

@@ -94,7 +94,10 @@ async fn records_counted_by_cpa_but_never_delivered_show_as_unaccounted() {
     }
     cpa.set_api_keys(vec![api_key(4, 0)]);
     let dir = tempfile::tempdir().unwrap();
+    // Popping: with both channels subscribed the listing (and CPA's counts) are read every
+    // 5 minutes instead of every interval, longer than this test waits.
     let setup = Setup::in_dir(&cpa, KEY, &dir, "reconcile")
+        .with_env("CPA_TRANSPORT", "resp")
         .with_env("CPA_EXPORTER_CREDENTIALS_INTERVAL", "5s");
     let exporter = Exporter::spawn(&setup);
     drained(&exporter, &cpa, 9.0).await;
