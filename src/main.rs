@@ -202,7 +202,12 @@ async fn run_demo(mut config: Config, rate: f64) -> Result<(), app::StartError> 
         source,
     })?;
     config.cpa_url = cpa.url();
-    tracing::info!(cpa = %cpa.url(), rate, "demo: simulated CPA with generated traffic");
+    tracing::info!(
+        cpa = %cpa.url(),
+        rate,
+        "demo: simulated CPA with generated traffic{}",
+        hold_note(config.limits.new_series_hold)
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let traffic = tokio::spawn(fake_cpa::run_traffic(
         cpa.clone(),
@@ -215,6 +220,20 @@ async fn run_demo(mut config: Config, rate: f64) -> Result<(), app::StartError> 
     let _ = traffic.await;
     cpa.shutdown();
     result
+}
+
+/// Why the demo's counters stay at 0 at first: every new series is held at 0 for the hold (so
+/// Prometheus sees its first increase), and in the demo every series is new. The hold is kept:
+/// the demo is meant to be scraped, and a shorter one would lose increases there.
+fn hold_note(hold: Duration) -> String {
+    if hold.is_zero() {
+        return String::new();
+    }
+    format!(
+        "; new series read 0 for their first {}s (new-series-hold, so that Prometheus sees every increase): \
+         expect zeros until then, or start with --new-series-hold 0 to see values at once",
+        hold.as_secs()
+    )
 }
 
 /// A seed that differs between runs; quality does not matter for simulated traffic.

@@ -15,10 +15,16 @@ use fake_cpa::{FakeCpa, SimConfig, SimCredential};
 const KEY: &str = "budget-test-key";
 
 /// A priced record of `round-gpt` for client key `api_key`: 800 input, 200 cache read, 200
-/// output and 100 reasoning tokens = 0.0047 USD at the prices below.
+/// output and 100 reasoning tokens = 0.0047 USD at the prices below. Timed a second ago: spend
+/// belongs to the period in which the request started.
 fn record(api_key: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let at = fake_cpa::workload::rfc3339_nano(now - 1.0);
     format!(
-        r#"{{"timestamp":"2026-11-24T10:00:00Z","provider":"codex","model":"round-gpt",
+        r#"{{"timestamp":"{at}","provider":"codex","model":"round-gpt",
             "auth_index":"feedfacefeedface","api_key":"{api_key}","failed":false,
             "tokens":{{"input_tokens":1000,"cached_tokens":200,"cache_read_tokens":200,
             "output_tokens":300,"reasoning_tokens":100,"total_tokens":1300}}}}"#

@@ -139,3 +139,53 @@ fn an_error_says_where_the_value_came_from() {
     let e = with_env(&["--config", file], None);
     assert!(e.contains("db: expected a single value"), "{e}");
 }
+
+/// The demo's start-up line, read from its stderr (`None` if it exits or stays silent).
+fn demo_start_line(hold: Option<&str>) -> Option<String> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(common::BIN);
+    cmd.args(["demo", "--rate", "1"])
+        .env_clear()
+        .env(
+            "CPA_EXPORTER_LISTEN",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .env("CPA_EXPORTER_DB", dir.path().join("demo.db"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(hold) = hold {
+        cmd.env("CPA_EXPORTER_NEW_SERIES_HOLD", hold);
+    }
+    let mut child = cmd.spawn().expect("spawn demo");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("demo:") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let line = rx.recv_timeout(std::time::Duration::from_secs(20)).ok();
+    child.kill().expect("kill demo");
+    child.wait().expect("wait demo");
+    line
+}
+
+#[test]
+fn demo_says_its_counters_read_zero_during_the_new_series_hold() {
+    let line = demo_start_line(None).expect("the demo's start-up line");
+    assert!(
+        line.contains("new series read 0 for their first 60s")
+            && line.contains("--new-series-hold 0"),
+        "{line}"
+    );
+    // Without a hold there is nothing to wait for, and nothing is said.
+    let line = demo_start_line(Some("0")).expect("the demo's start-up line");
+    assert!(!line.contains("read 0"), "{line}");
+}

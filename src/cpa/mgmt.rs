@@ -437,7 +437,7 @@ fn decode_entry(e: &Map<String, Value>) -> Option<Credential> {
         provider: text(e, &["provider", "type"]).to_owned(),
         name: Name {
             raw: raw.to_owned(),
-            masked: mask_emails(raw, &emails),
+            masked: mask_keys(&mask_emails(raw, &emails)),
         },
         status: Status::parse(text(e, &["status"])),
         disabled: flag(e, "disabled"),
@@ -715,6 +715,75 @@ pub fn mask_emails(text: &str, known: &[&str]) -> String {
     mask_local_parts(&s)
 }
 
+/// Replace every key-like word of `text` by `***`. A credential's `label` is free text, and an
+/// operator may have pasted a key into it; unlike an e-mail, a key is never shown, not even with
+/// `unmask-credential-names`. A word is a run of `A-Za-z0-9` and `-_+/=` (the characters of
+/// keys, tokens and base64); [`looks_like_key`] says which words are hidden.
+pub fn mask_keys(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word_start = None;
+    // A final separator closes the last word.
+    for (i, c) in text.char_indices().chain([(text.len(), ' ')]) {
+        if is_key_char(c) {
+            word_start.get_or_insert(i);
+            continue;
+        }
+        if let Some(start) = word_start.take() {
+            let word = &text[start..i];
+            out.push_str(if looks_like_key(word) { "***" } else { word });
+        }
+        if i < text.len() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn is_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '+' | '/' | '=')
+}
+
+/// A heuristic that errs towards hiding: a word starting like a provider key (`sk-`, `sk_`,
+/// Google's `AIza`); a part (between `-` and `_`) of 16+ characters mixing letters and digits
+/// (hex digests, most random keys); a part of 32+ characters; or a word of 32+ characters with
+/// digits, upper and lower case that changes class often, as random text does. Names people
+/// write (`team-pro`, `gemini-my-project-123456`, `MyTeamProductionAccount`) stay.
+fn looks_like_key(word: &str) -> bool {
+    const PART_MIXED: usize = 16;
+    const LONG: usize = 32;
+    let lower = word.to_ascii_lowercase();
+    if (lower.starts_with("sk-") || lower.starts_with("sk_")) && word.len() >= 8 {
+        return true;
+    }
+    if word.starts_with("AIza") && word.len() >= 30 {
+        return true;
+    }
+    let has = |s: &str, f: fn(&u8) -> bool| s.as_bytes().iter().any(f);
+    let mixed = |s: &str| has(s, u8::is_ascii_digit) && has(s, u8::is_ascii_alphabetic);
+    if word
+        .split(['-', '_'])
+        .any(|part| part.len() >= LONG || (part.len() >= PART_MIXED && mixed(part)))
+    {
+        return true;
+    }
+    if word.len() < LONG
+        || !has(word, u8::is_ascii_digit)
+        || !has(word, u8::is_ascii_uppercase)
+        || !has(word, u8::is_ascii_lowercase)
+    {
+        return false;
+    }
+    // Random base62 changes class (digit, upper, lower) at about 60 % of neighbours, words
+    // at well under 30 %.
+    let class = |b: &u8| (b.is_ascii_digit(), b.is_ascii_uppercase());
+    let alnum: Vec<u8> = word.bytes().filter(u8::is_ascii_alphanumeric).collect();
+    let changes = alnum
+        .windows(2)
+        .filter(|w| class(&w[0]) != class(&w[1]))
+        .count();
+    changes * 10 >= alnum.len().saturating_sub(1) * 3
+}
+
 fn is_local_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '%' | '+')
 }
@@ -900,6 +969,40 @@ mod tests {
         body.push_str("},\"q\":{\"|z\":{\"success\":1}}}");
         let u = decode_api_key_usage(body.as_bytes()).unwrap();
         assert_eq!(u.len(), MAX_API_KEY_ENTRIES);
+    }
+
+    #[test]
+    fn key_like_words_are_masked_and_names_are_not() {
+        for (text, want) in [
+            ("sk-proj-4fJk29sLqP0aZ8xYt7Wb3nR1", "***"),
+            (
+                "prod sk-ant-api03-AbCdEf123456GhIjKl (old)",
+                "prod *** (old)",
+            ),
+            ("AIzaSyD3m0Fake-KeyForTests_0123456789ab", "***"),
+            ("3f9a1c7e5b2d4a6f8e0c1b3d5f7a9c2e4b6d8f0a", "***"),
+            ("x:Zk3pQ9-vR2mT7_wL4nB8sY1-eH6jC0aF5uG", "x:***"),
+            (
+                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJl",
+                "***.***.c2lnbmF0dXJl",
+            ),
+            ("team-pro", "team-pro"),
+            (
+                "gemini-my-project-123456.json",
+                "gemini-my-project-123456.json",
+            ),
+            ("codex-a***@example.com.json", "codex-a***@example.com.json"),
+            ("MyTeamProductionAccount", "MyTeamProductionAccount"),
+            (
+                "Production-Team-Account-2026-Backup",
+                "Production-Team-Account-2026-Backup",
+            ),
+            ("sk-team", "sk-team"),
+            ("", ""),
+            ("équipe sk-0123456789", "équipe ***"),
+        ] {
+            assert_eq!(mask_keys(text), want, "{text}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::text::{gauge, Meta, Writer};
-use crate::cpa::mgmt::{Credential, Status, UsageSettings};
+use crate::cpa::mgmt::{mask_keys, Credential, Status, UsageSettings};
 use crate::ingest::cred_errors::CredentialState;
 use crate::labels::sanitize;
 use crate::metrics::reconcile::Reconciled;
@@ -143,16 +143,17 @@ fn shown<'a>(credentials: &'a [Credential], opts: &LabelOptions) -> Vec<Shown<'a
         } else {
             sanitize(&c.provider).into_owned()
         };
+        // Unmasking shows e-mails, never a key pasted into a label.
         let name = if opts.unmask_credential_names {
-            &c.name.raw
+            mask_keys(&c.name.raw)
         } else {
-            &c.name.masked
+            c.name.masked.clone()
         };
         out.entry((credential.clone(), provider.clone()))
             .or_insert(Shown {
                 credential,
                 provider,
-                name: sanitize(name).into_owned(),
+                name: sanitize(&name).into_owned(),
                 c,
             });
     }
@@ -363,6 +364,42 @@ mod tests {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
         assert!(!text.contains(r#"cpa_exporter_unaccounted_records{credential="cc33""#));
+    }
+
+    #[test]
+    fn a_label_that_looks_like_a_key_is_never_exported() {
+        let body = br#"{"files":[
+            {"auth_index":"aa11","type":"codex","label":"sk-proj-4fJk29sLqP0aZ8xYt7Wb3nR1"},
+            {"auth_index":"bb22","type":"gemini","label":"AIzaSyD3m0Fake-KeyForTests_0123456789ab"},
+            {"auth_index":"cc33","type":"claude","label":"prod sk-ant-api03-AbCdEf123456GhIjKl"},
+            {"auth_index":"dd44","type":"codex","label":"3f9a1c7e5b2d4a6f8e0c1b3d5f7a9c2e4b6d8f0a"},
+            {"auth_index":"ee55","type":"codex","label":"team-pro"},
+            {"auth_index":"ff66","type":"gemini","name":"gemini-my-project-123456.json"}
+        ]}"#;
+        let listed = crate::cpa::mgmt::decode_credentials(body).unwrap();
+        for unmask in [false, true] {
+            let opts = LabelOptions {
+                unmask_credential_names: unmask,
+                ..LabelOptions::default()
+            };
+            let text = scrape(opts, |v| v.set_credentials(listed.clone()));
+            for key in ["4fJk29sLqP0a", "AIzaSyD3m0", "AbCdEf123456", "3f9a1c7e5b2d"] {
+                assert!(
+                    !text.contains(key),
+                    "{key} exported (unmask {unmask}):\n{text}"
+                );
+            }
+            for line in [
+                r#"cpa_credential_info{credential="aa11",provider="codex",name="***"} 1"#,
+                r#"cpa_credential_info{credential="cc33",provider="claude",name="prod ***"} 1"#,
+                r#"cpa_credential_info{credential="ee55",provider="codex",name="team-pro"} 1"#,
+                r#"cpa_credential_info{credential="ff66",provider="gemini",name="gemini-my-project-123456.json"} 1"#,
+            ] {
+                assert!(text.contains(line), "{line} missing in\n{text}");
+            }
+        }
+        // Not in a log line either: `Name`'s Debug form is the masked one.
+        assert!(!format!("{listed:?}").contains("4fJk29sLqP0a"));
     }
 
     #[test]

@@ -3,14 +3,17 @@
 //!
 //! Spend is accumulated per committed batch (so it is exact to the nano-dollar and survives
 //! restarts: it is written with the batch, in the same transaction) and attributed to the period
-//! in which the exporter committed it. A record drained just after midnight counts for the new
-//! day; the lag is one poll interval. Spend before the exporter first knew a budget is not
-//! counted: a budget added mid-period starts at zero.
+//! in which each request started (the record's time, which is never after its decoding), not
+//! the one in which the exporter committed it: a request of 23:59 drained after midnight counts
+//! for the day before. Only the latest period's spend is kept: a record of a period already
+//! over adds to that period if it is the one kept (no longer exported as current), else to
+//! nothing, and never to today's. Spend before the exporter first knew a budget is not counted:
+//! a budget added mid-period starts at zero.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::families::{label, Family, NANO_PER_UNIT};
-use crate::ingest::Batch;
+use crate::ingest::{Attempt, Batch};
 use crate::series::Value;
 use crate::time::{civil_from_days, days_from_civil};
 
@@ -156,13 +159,26 @@ impl Budgets {
             if added == 0 {
                 continue;
             }
-            let start = b.period.start(now);
-            let base = next[i].current(b.period, now);
-            next[i] = Spend {
-                start,
-                nano_usd: base.saturating_add(added),
-            };
-            rows.push((Self::meta_key(b), format!("{} {}", start, next[i].nano_usd)));
+            let mut spend = next[i];
+            let mut changed = false;
+            for (start, nano) in by_period(b, &batch.attempts, added, now) {
+                // A period older than the one kept is over and no longer stored.
+                if start < spend.start {
+                    continue;
+                }
+                if start > spend.start {
+                    spend = Spend { start, nano_usd: 0 };
+                }
+                spend.nano_usd = spend.nano_usd.saturating_add(nano);
+                changed = true;
+            }
+            if changed {
+                next[i] = spend;
+                rows.push((
+                    Self::meta_key(b),
+                    format!("{} {}", spend.start, spend.nano_usd),
+                ));
+            }
         }
         (next, rows)
     }
@@ -193,6 +209,37 @@ impl Budgets {
     }
 }
 
+/// `total` (the batch's cost for the budget's key) split over the periods in which its requests
+/// started, oldest first. A record is never timed after its decoding, so `now` caps its time
+/// only against a clock gone wrong; a record without a time counts at `now`.
+fn by_period(b: &Budget, attempts: &[Attempt], total: u64, now: i64) -> Vec<(i64, u64)> {
+    let mut parts: BTreeMap<i64, u64> = BTreeMap::new();
+    let mut priced = 0u64;
+    for a in attempts.iter().filter(|a| *a.route.api_key == *b.api_key) {
+        let Some(nano) = a.cost_nano_usd else {
+            continue;
+        };
+        let at = a.started.map_or(now, |t| (t.floor() as i64).min(now));
+        let part = parts.entry(b.period.start(at)).or_default();
+        *part = part.saturating_add(nano);
+        priced = priced.saturating_add(nano);
+    }
+    // The cost family prices summed tokens, which may differ from the records' sum by rounding;
+    // the latest period takes the difference so the spend stays the family's to the nano-dollar.
+    let latest = parts
+        .keys()
+        .next_back()
+        .copied()
+        .unwrap_or_else(|| b.period.start(now));
+    let part = parts.entry(latest).or_default();
+    *part = if total >= priced {
+        part.saturating_add(total - priced)
+    } else {
+        part.saturating_sub(priced - total)
+    };
+    parts.into_iter().filter(|(_, n)| *n > 0).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +257,129 @@ mod tests {
             .collect();
         b.delta.add(Family::Cost, labels, Value::Counter(nano));
         b
+    }
+
+    /// A batch of one priced attempt per `(started, nano)`, with the cost family to match.
+    fn attempts(key: &str, costs: &[(Option<f64>, u64)]) -> Batch {
+        use crate::ingest::{Attempt, Route};
+        use std::sync::Arc;
+        let route = Arc::new(Route {
+            provider: "codex".into(),
+            model: "gpt".into(),
+            requested_model: "gpt".into(),
+            credential: "cred".into(),
+            api_key: key.into(),
+            endpoint: "POST /v1/responses".into(),
+        });
+        let mut b = batch(key, costs.iter().map(|(_, n)| n).sum());
+        for &(started, nano) in costs {
+            b.attempts.push(Attempt {
+                started,
+                request_id: None,
+                request_key: None,
+                route: route.clone(),
+                status_code: 200,
+                failed: false,
+                latency_seconds: Some(1.0),
+                ttft_seconds: None,
+                tokens: crate::tokens::Tokens::default(),
+                cost_nano_usd: Some(nano),
+            });
+        }
+        b
+    }
+
+    #[test]
+    fn spend_belongs_to_the_period_of_the_request_not_of_the_commit() {
+        let key = api_key_label("sk-team-a");
+        let mut b = Budgets::new(vec![
+            Budget {
+                api_key: key.clone(),
+                usd: 10.0,
+                period: Period::Day,
+            },
+            Budget {
+                api_key: key.clone(),
+                usd: 100.0,
+                period: Period::Month,
+            },
+        ]);
+        let feb_28 = Period::Day.start(FEB_END);
+        // Earlier on 28 February: 1 USD.
+        let (spend, _) = b.after(
+            &attempts(&key, &[(Some((FEB_END - 3600) as f64), 1_000_000_000)]),
+            FEB_END - 3600,
+        );
+        b.set(spend);
+        // After a drain gap, committed on 1 March: a request of 23:59 on 28 February (2 USD),
+        // one of 1 March (0.5 USD) and one whose time is not a time (counted at the commit).
+        let late = attempts(
+            &key,
+            &[
+                (Some((FEB_END - 30) as f64), 2_000_000_000),
+                (Some((FEB_END + 20) as f64), 500_000_000),
+                (None, 1),
+            ],
+        );
+        let (spend, rows) = b.after(&late, FEB_END + 120);
+        b.set(spend);
+        // Today's spend is only today's requests; February's 3 USD stayed in February.
+        let today: Vec<u64> = b
+            .current(FEB_END + 120)
+            .map(|(_, usd, _)| (usd * NANO_PER_UNIT).round() as u64)
+            .collect();
+        assert_eq!(today, [500_000_001, 500_000_001]);
+        assert_eq!(
+            rows[0],
+            (
+                format!("budget/day/{key}"),
+                format!("{} 500000001", FEB_END + 1)
+            )
+        );
+        // Committed before midnight, a record of the past period still adds to that period.
+        let mut b2 = Budgets::new(b.budgets.clone());
+        let (spend, _) = b2.after(
+            &attempts(&key, &[(Some((FEB_END - 60) as f64), 7)]),
+            FEB_END - 10,
+        );
+        b2.set(spend);
+        let (spend, _) = b2.after(
+            &attempts(&key, &[(Some((FEB_END - 50) as f64), 3)]),
+            FEB_END + 5,
+        );
+        b2.set(spend);
+        assert_eq!(
+            b2.spend[0],
+            Spend {
+                start: feb_28,
+                nano_usd: 10
+            }
+        );
+        assert_eq!(
+            b2.current(FEB_END + 5).next().map(|(_, usd, _)| usd),
+            Some(0.0)
+        );
+        // A record of a period older than the one already counted does not reach today's.
+        let (spend, rows) = b.after(
+            &attempts(&key, &[(Some((FEB_END - 5) as f64), 9)]),
+            FEB_END + 200,
+        );
+        b.set(spend);
+        assert!(rows.is_empty(), "{rows:?}");
+        assert_eq!(b.spend[0].nano_usd, 500_000_001);
+        // A record time after the commit (never, records are clamped) counts at the commit.
+        let (spend, _) = b.after(
+            &attempts(&key, &[(Some((FEB_END + 86_400 * 3) as f64), 4)]),
+            FEB_END + 300,
+        );
+        b.set(spend);
+        assert_eq!(
+            b.spend[0],
+            Spend {
+                start: FEB_END + 1,
+                nano_usd: 500_000_005
+            }
+        );
     }
 
     #[test]

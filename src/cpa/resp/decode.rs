@@ -50,6 +50,9 @@ pub enum ProtocolError {
     NotResp(u8),
     #[error("unknown RESP type byte {0:#04x}")]
     UnknownType(u8),
+    /// A RESP3 type byte: RESP, but not the RESP2 CPA speaks.
+    #[error("a RESP3 reply (type byte `{}`), an unexpected reply type", char::from(*.0))]
+    Resp3(u8),
     #[error("a line is not terminated by CRLF")]
     BadLineEnd,
     #[error("a line is longer than {MAX_LINE} bytes")]
@@ -72,6 +75,25 @@ pub fn is_type_byte(b: u8) -> bool {
     matches!(b, b'+' | b'-' | b':' | b'$' | b'*')
 }
 
+/// The type bytes RESP3 adds (null, double, boolean, blob error, verbatim string, big number,
+/// map, set, push, attribute). CPA answers in RESP2 only; a reply starting with one of these
+/// comes from a server that speaks RESP3, not from one that does not speak RESP.
+pub fn is_resp3_type_byte(b: u8) -> bool {
+    matches!(
+        b,
+        b'_' | b',' | b'#' | b'!' | b'=' | b'(' | b'%' | b'~' | b'>' | b'|'
+    )
+}
+
+/// The error for a byte where a type byte belongs.
+fn not_a_type(b: u8) -> ProtocolError {
+    if is_resp3_type_byte(b) {
+        ProtocolError::Resp3(b)
+    } else {
+        ProtocolError::UnknownType(b)
+    }
+}
+
 /// The token at the start of `buf`. Bulk strings up to `max_bulk` bytes come whole; a longer
 /// one comes as [`Token::Oversize`] with only its header consumed. Never panics.
 pub fn next_token(buf: &[u8], max_bulk: usize) -> Result<Next<'_>, ProtocolError> {
@@ -79,7 +101,7 @@ pub fn next_token(buf: &[u8], max_bulk: usize) -> Result<Next<'_>, ProtocolError
         return Ok(Next::Need(1));
     };
     if !is_type_byte(ty) {
-        return Err(ProtocolError::UnknownType(ty));
+        return Err(not_a_type(ty));
     }
     let Some((line, next)) = line(buf, 1)? else {
         return Ok(Next::Need(buf.len() + 1));
@@ -214,6 +236,7 @@ struct Open<'a> {
 pub fn parse_reply(buf: &[u8], max_bytes: usize) -> Result<Parsed<'_>, ProtocolError> {
     match buf.first() {
         None => return Ok(Parsed::Incomplete(1)),
+        Some(&b) if is_resp3_type_byte(b) => return Err(ProtocolError::Resp3(b)),
         Some(&b) if !is_type_byte(b) => return Err(ProtocolError::NotResp(b)),
         Some(_) => {}
     }
@@ -382,6 +405,7 @@ impl Decoder {
             let first = self.buf.get(self.pos).copied();
             match next_token(&self.buf[self.pos..], self.max_bulk) {
                 // The first byte of a value that is not RESP at all: HTTP or TLS answering.
+                // (A RESP3 type byte is `Resp3`, which stays a protocol error.)
                 Err(ProtocolError::UnknownType(_)) if self.open.is_empty() => {
                     return Err(ProtocolError::NotResp(first.unwrap_or_default()).into())
                 }

@@ -73,8 +73,19 @@ pub enum RespError {
     /// A `-ERR` in answer to LPOP, sanitized.
     #[error("CPA refused LPOP: {0}")]
     Refused(String),
-    #[error("CPA's RESP reply is malformed: {0}")]
+    /// Malformed, or RESP3 (still RESP: `auto` does not switch to HTTP for it).
+    #[error("{}", protocol_text(.0))]
     Protocol(ProtocolError),
+}
+
+/// A RESP3 answer is well-formed, just not what CPA sends: say so rather than "malformed".
+fn protocol_text(e: &ProtocolError) -> String {
+    match e {
+        ProtocolError::Resp3(_) => format!(
+            "CPA's API port answered with {e}: CPA speaks RESP2, so another server may be listening on its port"
+        ),
+        _ => format!("CPA's RESP reply is malformed: {e}"),
+    }
 }
 
 impl RespError {
@@ -584,6 +595,8 @@ mod tests {
         let err = |b: &[u8]| parse_reply(b, 64).unwrap_err();
         assert_eq!(err(b"HTTP/1.1 400 Bad Request\r\n"), NotResp(b'H'));
         assert_eq!(err(b"*1\r\n?\r\n"), UnknownType(b'?'));
+        assert_eq!(err(b"%1\r\n+a\r\n+b\r\n"), Resp3(b'%'));
+        assert_eq!(err(b"*1\r\n,1.5\r\n"), Resp3(b','));
         assert_eq!(err(b"+OK\n"), BadLineEnd);
         assert_eq!(err(b"+OK\rX"), BadLineEnd);
         assert_eq!(err(b"$3\r\nabcXY"), BadBulkEnd);
@@ -792,6 +805,28 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.means_no_resp(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_resp3_answer_is_named_as_such_and_is_still_resp() {
+        let cases: [Vec<&'static [u8]>; 4] = [
+            vec![b"%1\r\n+server\r\n+redis\r\n"],
+            vec![b"_\r\n"],
+            vec![b"|1\r\n+ttl\r\n:3\r\n+OK\r\n"],
+            // AUTH in RESP2, then the pop's answer in RESP3.
+            vec![b"+OK\r\n", b"~1\r\n$1\r\na\r\n"],
+        ];
+        for script in cases {
+            let (url, _server) = scripted(script).await;
+            let e = client(&url)
+                .try_pop(1, &mut Got::default())
+                .await
+                .unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("RESP3"), "{text}");
+            assert!(!text.contains("HTTP") && !text.contains("TLS"), "{text}");
+            assert!(!e.means_no_resp(), "{text}");
+        }
     }
 
     #[tokio::test]
