@@ -143,6 +143,13 @@ impl Chains {
         self.finished.insert(key, finished);
     }
 
+    /// The latest time the grouping holds (0 for none): when a chain or request was drained.
+    pub(super) fn latest(&self) -> f64 {
+        let open = self.open.values().map(|c| c.drained_at);
+        let finished = self.finished.values().map(|f| f.at);
+        open.chain(finished).fold(0.0, f64::max)
+    }
+
     /// Whether a batch without records would change anything at `now`: an open chain or a
     /// finished request is due to expire.
     pub fn due(&self, now: f64) -> bool {
