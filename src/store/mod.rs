@@ -680,7 +680,7 @@ impl Store {
             .chains
             .plan(&batch.attempts, now as f64, batch.caught_up);
         let inbound = std::mem::take(&mut chains.delta);
-        let mut plan = self.plan_with(state, batch, Some(&inbound));
+        let mut plan = self.plan_with(state, batch, Some(&inbound), Some(wall as f64));
         chains.delta = inbound;
         plan.chains = Some(chains);
         plan.meta = rows;
@@ -690,15 +690,19 @@ impl Store {
 
     /// Work out the absolute values `batch` leads to, folding label sets beyond the cap.
     pub fn plan(&self, state: &State, batch: &Batch) -> Plan {
-        self.plan_with(state, batch, None)
+        self.plan_with(state, batch, None, None)
     }
 
     /// [`Store::plan`] with further increments (the inbound-request families) besides the batch's.
+    /// A stored quota observation later than `wall` (the wall clock now) was timed by a clock
+    /// since stepped back: any new observation outranks it (else the gauges would freeze until
+    /// the clock caught up).
     fn plan_with(
         &self,
         state: &State,
         batch: &Batch,
         extra: Option<&crate::ingest::Delta>,
+        wall: Option<f64>,
     ) -> Plan {
         let mut plan = Plan::default();
         // Index into `plan.writes` of each series touched; folded label sets share one write.
@@ -791,6 +795,9 @@ impl Store {
                 fields: BTreeMap::new(),
                 ..obs.clone()
             });
+            if wall.is_some_and(|wall| merged.observed_at > wall) {
+                merged.observed_at = f64::NEG_INFINITY;
+            }
             merged.merge(obs);
             let mut refused = [false; quota::FAMILIES.len()];
             merged.fields.retain(|field, _| {
@@ -1436,6 +1443,45 @@ mod tests {
         drop(store);
         let (_, reopened) = Store::open(&path, Limits::default()).unwrap();
         assert_eq!(used(&reopened), 0.3);
+    }
+
+    #[test]
+    fn quota_observed_before_the_wall_clock_stepped_back_yields_to_new_observations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
+        let wall = crate::time::unix_now();
+        let quota = |at: f64, pct: u32| {
+            let ts = fake_cpa::workload::rfc3339_nano(at);
+            let body = format!(
+                r#"[{{"timestamp":"{ts}","provider":"codex","auth_index":"c1","response_headers":{{"x-codex-primary-used-percent":["{pct}"]}}}}]"#
+            );
+            from_body(
+                body.as_bytes(),
+                &crate::pricing::Pricing::embedded(),
+                |_| false,
+            )
+            .unwrap()
+        };
+        let used = |state: &State| {
+            state.quota["c1"].fields[&Field::UsedRatio(crate::ingest::quota::Window::Primary)]
+        };
+        let mut step = |state: &mut State, at: f64, pct: u32| {
+            let mut plan = store.plan_batch_at(state, &quota(at, pct), 1, wall as i64 + 2);
+            store.commit(&mut plan, 1).unwrap();
+            store.apply(state, plan);
+        };
+        step(&mut state, wall - 10.0, 90);
+        // As observed while the clock ran an hour fast; NTP has corrected it since.
+        state.quota.get_mut("c1").unwrap().observed_at = wall + 3600.0;
+        step(&mut state, wall, 30);
+        assert_eq!(used(&state), 0.3, "a new observation wins");
+        step(&mut state, wall - 60.0, 10);
+        assert_eq!(
+            used(&state),
+            0.3,
+            "ordered by record time again: an older record loses"
+        );
     }
 
     #[test]
