@@ -324,7 +324,7 @@ impl Checker<'_> {
             }
         };
         let mut plan = store.plan(&state, &Batch::default());
-        let now = crate::time::unix_now() as i64;
+        let now = store.now() as i64;
         if let Err(e) = store.commit(&mut plan, now) {
             self.say(failed(
                 "database",
@@ -640,8 +640,9 @@ async fn pop_and_commit(
     let (batch, popped) = crate::pipeline::drain::pop_batch(client, count, store, pricing).await;
     // What arrived is committed even when the pop failed part way: CPA removed those records.
     if batch.elements > 0 {
-        let now = crate::time::unix_now() as i64;
-        let mut plan = store.plan_batch(state, &batch, now);
+        let now = store.now() as i64;
+        let wall = crate::time::unix_now() as i64;
+        let mut plan = store.plan_batch_at(state, &batch, now, wall);
         store.commit(&mut plan, now)?;
         store.apply(state, plan);
     }

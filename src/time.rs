@@ -1,13 +1,45 @@
 //! Wall-clock helpers shared by every layer: now, CPA's RFC 3339 timestamps, and UTC calendar
 //! days (for budget periods).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch; 0 if the clock is before it.
 pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The store's clock, in Unix seconds: the wall clock when the store was opened (or the latest
+/// time the database holds, if later), then the monotonic clock. A wall-clock step (NTP, a VM
+/// restored from a snapshot) moves neither way: everything the store measures against its own
+/// times (the new-series hold, series retirement, the failover window, gaps between pops) would
+/// otherwise hide, retire or double counts. Its readings only ever meet each other; anything
+/// shown as a time of day (gauges, budget periods) reads the wall clock.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreClock {
+    anchor_unix: f64,
+    anchor: Instant,
+}
+
+impl StoreClock {
+    /// A clock reading `unix` now.
+    pub fn starting_at(unix: f64) -> StoreClock {
+        StoreClock {
+            anchor_unix: unix,
+            anchor: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> f64 {
+        self.anchor_unix + self.anchor.elapsed().as_secs_f64()
+    }
+}
+
+impl Default for StoreClock {
+    fn default() -> StoreClock {
+        StoreClock::starting_at(unix_now())
+    }
 }
 
 /// Parse an RFC 3339 timestamp (`Z` or a numeric offset, any fraction) into Unix seconds.
@@ -110,6 +142,16 @@ mod tests {
         );
         assert_eq!(parse_rfc3339("2026-08-22T14:39:03"), None);
         assert_eq!(parse_rfc3339("garbage-garbage-garbage"), None);
+    }
+
+    #[test]
+    fn the_store_clock_starts_where_told_and_runs_on_the_monotonic_clock() {
+        let c = StoreClock::starting_at(1000.0);
+        let a = c.now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = c.now();
+        assert!((1000.0..1001.0).contains(&a), "{a}");
+        assert!(b >= a + 0.02 && b < 1001.0, "{a} {b}");
     }
 
     #[test]

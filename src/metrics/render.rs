@@ -98,7 +98,12 @@ fn stored(sink: &mut Sink, shared: &Shared) -> io::Result<()> {
         }
     }
     let now = unix_now();
-    let clock = (now, shared.committed.read().new_series_hold);
+    // The hold is judged on the store's clock, which creation times are written with: a wall
+    // clock stepped back never holds again a series already shown.
+    let clock = {
+        let state = shared.committed.read();
+        (state.clock.now(), state.new_series_hold)
+    };
     for family in Family::ALL {
         stored_family(sink, shared, family, clock)?;
     }

@@ -125,7 +125,8 @@ pub async fn run<S: Source>(
             }
         }
         let started = Instant::now();
-        let started_unix = unix_now();
+        // On the store's clock: an hour of wall-clock step between two pops is no gap.
+        let started_at = store.now();
         let (mut batch, popped) =
             pop_batch(&mut source, opts.batch_size, &store, &opts.pricing).await;
         let elements = batch.elements;
@@ -133,7 +134,7 @@ pub async fn run<S: Source>(
         // successor, if any, has been seen and its wall-clock window may close it.
         batch.caught_up = popped.is_ok() && elements < opts.batch_size;
         note_invalid(&batch, &mut notes);
-        if elements > 0 || (batch.caught_up && store.chains_due(unix_now() as i64)) {
+        if elements > 0 || (batch.caught_up && store.chains_due(store.now() as i64)) {
             let log = opts.event_log.as_deref();
             commit_until_done(&batch, &mut store, &shared, &mut shutdown, &mut notes, log).await;
         }
@@ -147,12 +148,12 @@ pub async fn run<S: Source>(
         let wait = match popped {
             Ok(popped) => {
                 shared.live.record_poll("success", started.elapsed());
-                gaps.popped(started_unix);
-                if let Err(e) = blocking(|| store.note_pop(started_unix)) {
+                gaps.popped(started_at);
+                if let Err(e) = blocking(|| store.note_pop(started_at)) {
                     debug!("cannot record the time of the last pop: {e}");
                 }
                 let retention = shared.observed.get().settings().map(|s| s.retention);
-                for gap in gaps.settle(retention, unix_now()) {
+                for gap in gaps.settle(retention, store.now()) {
                     note_gap(&gap, &shared, &mut notes);
                 }
                 shared.live.set_key_accepted(true);
@@ -285,7 +286,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 /// Delete series no record updated within the retirement, from the store and then from memory.
 fn retire(store: &mut Store, shared: &Shared, after: Duration) {
-    let retired = match blocking(|| store.retire(unix_now() as i64)) {
+    // On the store's clock: a wall clock stepped forward past the retirement retires nothing.
+    let retired = match blocking(|| store.retire(store.now() as i64)) {
         Ok(r) => r,
         Err(e) => {
             warn!("cannot retire stale series (will try again later): {e}");
@@ -372,8 +374,9 @@ async fn commit_until_done(
 ) {
     let mut attempts = 0u32;
     loop {
-        let now = unix_now() as i64;
-        let mut plan = store.plan_batch(&shared.committed.read(), batch, now);
+        let now = store.now() as i64;
+        let wall = unix_now() as i64;
+        let mut plan = store.plan_batch_at(&shared.committed.read(), batch, now, wall);
         match blocking(|| store.commit(&mut plan, now)) {
             Ok(()) => {
                 if let Some(chains) = &plan.chains {

@@ -84,9 +84,11 @@ pub struct Spend {
 }
 
 impl Spend {
-    /// The spend as of `now`: zero once its period is over.
+    /// The spend as of `now`: zero once its period is over. A period never goes back: with
+    /// the wall clock stepped back across its start, the spend stays with the later period
+    /// (else a day's spend would drop to zero, then be overwritten).
     fn current(self, period: Period, now: i64) -> u64 {
-        if self.start == period.start(now) {
+        if self.start >= period.start(now) {
             self.nano_usd
         } else {
             0
@@ -162,7 +164,8 @@ impl Budgets {
             let mut spend = next[i];
             let mut changed = false;
             for (start, nano) in by_period(b, &batch.attempts, added, now) {
-                // A period older than the one kept is over and no longer stored.
+                // A period older than the one kept is over and no longer stored (a late
+                // record, or a wall clock stepped back): it never reaches the kept period.
                 if start < spend.start {
                     continue;
                 }
@@ -204,7 +207,7 @@ impl Budgets {
     pub fn current(&self, now: i64) -> impl Iterator<Item = (&Budget, f64, i64)> + '_ {
         self.budgets.iter().zip(&self.spend).map(move |(b, spend)| {
             let usd = spend.current(b.period, now) as f64 / NANO_PER_UNIT;
-            (b, usd, b.period.end(now))
+            (b, usd, b.period.end(now.max(spend.start)))
         })
     }
 }
@@ -440,5 +443,38 @@ mod tests {
         assert_eq!(again.spend, b.spend);
         // A period with no batch yet reads 0 without a write.
         assert_eq!(b.spend[0].current(Period::Day, FEB_END + 86_400 + 1), 0);
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_across_midnight_keeps_the_later_days_spend() {
+        let key = api_key_label("sk-team-a");
+        let mut b = Budgets::new(vec![Budget {
+            api_key: key.clone(),
+            usd: 10.0,
+            period: Period::Day,
+        }]);
+        let (spend, _) = b.after(&batch(&key, 300), FEB_END + 1800);
+        b.set(spend);
+        // NTP steps the clock back an hour, to the day before: the spend neither drops to zero
+        // nor restarts there; it stays with the day it was counted in (records of the day
+        // before, as the stepped clock times them, belong to a period already over).
+        let back = FEB_END - 1800;
+        let (usd, end) = b
+            .current(back)
+            .map(|(_, usd, end)| (usd, end))
+            .next()
+            .unwrap();
+        assert_eq!((usd * 1e9).round(), 300.0);
+        assert_eq!(end, FEB_END + 1 + 86_400);
+        let (spend, rows) = b.after(&batch(&key, 200), back);
+        b.set(spend);
+        assert_eq!(
+            b.spend[0],
+            Spend {
+                start: FEB_END + 1,
+                nano_usd: 300
+            }
+        );
+        assert!(rows.is_empty(), "{rows:?}");
     }
 }

@@ -9,7 +9,7 @@
 //!   attempt) and one absorbed failover per earlier failed attempt (labels of that attempt);
 //! - a chain whose last attempt failed stays open; it is finished as a client-visible failure
 //!   (status of its last attempt) once the exporter has caught up with the queue and the window
-//!   has passed on the wall clock since that failure was drained, or at once when an attempt
+//!   has passed on the store's clock since that failure was drained, or at once when an attempt
 //!   with its key starts too late to continue it;
 //! - a record with the key and start time of an attempt already seen (the codex image tool's
 //!   record) is an attempt, but neither a new request nor a change of outcome: finished chains
@@ -67,7 +67,7 @@ pub struct Chain {
     pub last_end: f64,
     /// Its failed attempts, oldest first; never empty in an open chain.
     pub failed: Vec<Failed>,
-    /// Wall clock (Unix seconds) when its last failed attempt was drained.
+    /// Store time ([`crate::store::Store::now`]) when its last failed attempt was drained.
     pub drained_at: f64,
 }
 
@@ -75,7 +75,7 @@ pub struct Chain {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finished {
     pub starts: Vec<f64>,
-    /// Wall clock (Unix seconds) when it finished.
+    /// Store time ([`crate::store::Store::now`]) when it finished.
     pub at: f64,
 }
 
@@ -107,7 +107,7 @@ pub struct ChainPlan {
     pub(super) deletes: Vec<u64>,
     /// Requests finished by the batch.
     pub(super) finished: Vec<(u64, Finished)>,
-    /// Finished requests before this wall-clock time are forgotten.
+    /// Finished requests before this store time are forgotten.
     pub(super) forget_before: f64,
 }
 
@@ -143,6 +143,13 @@ impl Chains {
         self.finished.insert(key, finished);
     }
 
+    /// The latest time the grouping holds (0 for none): when a chain or request was drained.
+    pub(super) fn latest(&self) -> f64 {
+        let open = self.open.values().map(|c| c.drained_at);
+        let finished = self.finished.values().map(|f| f.at);
+        open.chain(finished).fold(0.0, f64::max)
+    }
+
     /// Whether a batch without records would change anything at `now`: an open chain or a
     /// finished request is due to expire.
     pub fn due(&self, now: f64) -> bool {
@@ -153,7 +160,7 @@ impl Chains {
                 .is_some_and(|(at, _)| now - at > self.window)
     }
 
-    /// Group `attempts` (in queue order) drained at wall-clock `now`. With `caught_up`, open
+    /// Group `attempts` (in queue order) drained at store time `now`. With `caught_up`, open
     /// chains whose window has passed are finished as client-visible failures after them.
     pub fn plan(&self, attempts: &[Attempt], now: f64, caught_up: bool) -> ChainPlan {
         let mut work = Work {

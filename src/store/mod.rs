@@ -199,6 +199,9 @@ pub struct State {
     pub budgets: crate::store::budget::Budgets,
     /// Copied from [`Limits`]: how long a new series is shown at zero ([`Stored::shown_at`]).
     pub new_series_hold: std::time::Duration,
+    /// The store's clock ([`Store::now`]): the hold is judged on it, as creation times are
+    /// written with it.
+    pub clock: crate::time::StoreClock,
 }
 
 impl State {
@@ -299,6 +302,8 @@ pub struct Store {
     last_pop: Option<(f64, bool)>,
     /// Inbound requests being grouped from their attempts, as committed.
     chains: chains::Chains,
+    /// What every time the store writes and compares is read from ([`Store::now`]).
+    clock: crate::time::StoreClock,
 }
 
 impl Store {
@@ -327,11 +332,19 @@ impl Store {
             dedup: Dedup::default(),
             last_pop: None,
             chains: chains::Chains::new(limits.failover_window, limits.open_requests),
+            clock: crate::time::StoreClock::default(),
         };
         store.migrate()?;
         store.init_known_series()?;
         let state = store.load()?;
         Ok((store, state))
+    }
+
+    /// The store's time, Unix seconds: the time to commit, retire, group attempts and note pops
+    /// at. It never goes back, also across a restart (it starts no earlier than the latest
+    /// time the database holds), and ignores wall-clock steps ([`crate::time::StoreClock`]).
+    pub fn now(&self) -> f64 {
+        self.clock.now()
     }
 
     /// Whether an `event_id` (hashed) was applied within the dedup window.
@@ -511,9 +524,11 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.load_chains()?;
+        self.clock = crate::time::StoreClock::starting_at(now.max(self.latest_time()?));
         let mut state = State {
             quota_retention: self.limits.quota_retention,
             new_series_hold: self.limits.new_series_hold,
+            clock: self.clock,
             ..State::default()
         };
         let mut stmt = self
@@ -577,7 +592,7 @@ impl Store {
                 |r| r.get::<_, f64>(0),
             )
             .optional()?
-            .filter(|t| *t <= now)
+            .filter(|t| *t <= self.clock.now())
             .map(|t| (t, true));
         let mut stmt = self
             .conn
@@ -600,6 +615,28 @@ impl Store {
                 .or_insert(obs);
         }
         Ok(state)
+    }
+
+    /// The latest time the store wrote (Unix seconds; 0 for none): the store's clock starts
+    /// no earlier. Had the wall clock run fast and been corrected, a series created "in the
+    /// future" would be held at zero again, hiding counts already shown (a drop Prometheus
+    /// takes for a reset, counting them twice when they reappear).
+    fn latest_time(&self) -> Result<f64, StoreError> {
+        let series: i64 = self.conn.query_row(
+            "SELECT MAX(COALESCE(MAX(updated_at), 0), COALESCE(MAX(created_at), 0)) FROM series",
+            [],
+            |r| r.get(0),
+        )?;
+        let last_pop: f64 = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [META_LAST_POP],
+                |r| r.get::<_, f64>(0),
+            )
+            .optional()?
+            .unwrap_or(0.0);
+        Ok((series as f64).max(last_pop).max(self.chains.latest()))
     }
 
     /// The failover grouping's open and recently finished requests.
@@ -632,12 +669,18 @@ impl Store {
     /// attempts finish, and the budgets' spend. The drain loop and `check` both commit through
     /// this, so a record counts the same whoever popped it.
     pub fn plan_batch(&self, state: &State, batch: &Batch, now: i64) -> Plan {
-        let (spend, rows) = state.budgets.after(batch, now);
+        self.plan_batch_at(state, batch, now, now)
+    }
+
+    /// [`Store::plan_batch`] at store time `now` ([`Store::now`]) and wall-clock time `wall`:
+    /// budget periods are days and months of the calendar, so they read the wall clock.
+    pub fn plan_batch_at(&self, state: &State, batch: &Batch, now: i64, wall: i64) -> Plan {
+        let (spend, rows) = state.budgets.after(batch, wall);
         let mut chains = self
             .chains
             .plan(&batch.attempts, now as f64, batch.caught_up);
         let inbound = std::mem::take(&mut chains.delta);
-        let mut plan = self.plan_with(state, batch, Some(&inbound));
+        let mut plan = self.plan_with(state, batch, Some(&inbound), Some(wall as f64));
         chains.delta = inbound;
         plan.chains = Some(chains);
         plan.meta = rows;
@@ -647,15 +690,19 @@ impl Store {
 
     /// Work out the absolute values `batch` leads to, folding label sets beyond the cap.
     pub fn plan(&self, state: &State, batch: &Batch) -> Plan {
-        self.plan_with(state, batch, None)
+        self.plan_with(state, batch, None, None)
     }
 
     /// [`Store::plan`] with further increments (the inbound-request families) besides the batch's.
+    /// A stored quota observation later than `wall` (the wall clock now) was timed by a clock
+    /// since stepped back: any new observation outranks it (else the gauges would freeze until
+    /// the clock caught up).
     fn plan_with(
         &self,
         state: &State,
         batch: &Batch,
         extra: Option<&crate::ingest::Delta>,
+        wall: Option<f64>,
     ) -> Plan {
         let mut plan = Plan::default();
         // Index into `plan.writes` of each series touched; folded label sets share one write.
@@ -748,6 +795,9 @@ impl Store {
                 fields: BTreeMap::new(),
                 ..obs.clone()
             });
+            if wall.is_some_and(|wall| merged.observed_at > wall) {
+                merged.observed_at = f64::NEG_INFINITY;
+            }
             merged.merge(obs);
             let mut refused = [false; quota::FAMILIES.len()];
             merged.fields.retain(|field, _| {
@@ -1396,6 +1446,45 @@ mod tests {
     }
 
     #[test]
+    fn quota_observed_before_the_wall_clock_stepped_back_yields_to_new_observations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut store, mut state) = Store::open(&path, Limits::default()).unwrap();
+        let wall = crate::time::unix_now();
+        let quota = |at: f64, pct: u32| {
+            let ts = fake_cpa::workload::rfc3339_nano(at);
+            let body = format!(
+                r#"[{{"timestamp":"{ts}","provider":"codex","auth_index":"c1","response_headers":{{"x-codex-primary-used-percent":["{pct}"]}}}}]"#
+            );
+            from_body(
+                body.as_bytes(),
+                &crate::pricing::Pricing::embedded(),
+                |_| false,
+            )
+            .unwrap()
+        };
+        let used = |state: &State| {
+            state.quota["c1"].fields[&Field::UsedRatio(crate::ingest::quota::Window::Primary)]
+        };
+        let mut step = |state: &mut State, at: f64, pct: u32| {
+            let mut plan = store.plan_batch_at(state, &quota(at, pct), 1, wall as i64 + 2);
+            store.commit(&mut plan, 1).unwrap();
+            store.apply(state, plan);
+        };
+        step(&mut state, wall - 10.0, 90);
+        // As observed while the clock ran an hour fast; NTP has corrected it since.
+        state.quota.get_mut("c1").unwrap().observed_at = wall + 3600.0;
+        step(&mut state, wall, 30);
+        assert_eq!(used(&state), 0.3, "a new observation wins");
+        step(&mut state, wall - 60.0, 10);
+        assert_eq!(
+            used(&state),
+            0.3,
+            "ordered by record time again: an older record loses"
+        );
+    }
+
+    #[test]
     fn future_times_stored_by_older_versions_count_as_now_when_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
@@ -1716,6 +1805,48 @@ mod tests {
             ..state
         };
         assert_eq!(requests_shown(&unheld, 1000.0), 3);
+    }
+
+    #[test]
+    fn the_store_clock_starts_no_earlier_than_the_times_the_database_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let hold = std::time::Duration::from_secs(60);
+        let limits = Limits {
+            new_series_hold: hold,
+            ..Limits::default()
+        };
+        let wall = crate::time::unix_now();
+        let (mut store, mut state) = Store::open(&path, limits).unwrap();
+        assert!(
+            (store.now() - wall).abs() < 5.0,
+            "an empty database: the wall clock"
+        );
+        // Written while the wall clock ran an hour fast: a series created, then shown after
+        // its hold, then a last pop.
+        let fast = wall as i64 + 3600;
+        let batch = from_body(
+            format!("[{}]", rec("a", None)).as_bytes(),
+            &crate::pricing::Pricing::embedded(),
+            |_| false,
+        )
+        .unwrap();
+        let mut plan = store.plan(&state, &batch);
+        store.commit(&mut plan, fast).unwrap();
+        store.apply(&mut state, plan);
+        store.note_pop(fast as f64 + 120.0).unwrap();
+        drop(store);
+        // Reopened with the clock corrected: the series is not "in the future", so not held
+        // again (a drop to zero and back would count its requests twice).
+        let (store, state) = Store::open(&path, limits).unwrap();
+        assert!(store.now() >= fast as f64 + 120.0);
+        assert!(state.clock.now() >= fast as f64 + 120.0);
+        let s = state.families[Family::Requests as usize]
+            .values()
+            .next()
+            .unwrap();
+        assert_eq!(*s.shown_at(state.clock.now(), hold), Value::Counter(1));
+        assert_eq!(store.last_pop(), Some(fast as f64 + 120.0));
     }
 
     #[test]
