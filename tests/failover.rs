@@ -286,7 +286,10 @@ async fn failover_totals_are_exact_across_a_restart_in_the_middle_of_chains() {
     }
     // A long window before the restart: nothing open may expire while the exporter runs.
     let events = dir.path().join("events.log");
+    // Popping: phase 2 is pushed right after a SIGKILL, which a subscription would lose (CPA
+    // publishes to the dead connection until it notices it closed; tests/subscribe.rs).
     let before = Setup::in_dir(&cpa, KEY, &dir, "before")
+        .with_env("CPA_TRANSPORT", "resp")
         .with_env("CPA_EXPORTER_EVENT_LOG", events.display().to_string())
         .with_env("CPA_EXPORTER_FAILOVER_WINDOW", "1h")
         .with_env("CPA_EXPORTER_BATCH_SIZE", "16");
@@ -308,6 +311,7 @@ async fn failover_totals_are_exact_across_a_restart_in_the_middle_of_chains() {
         cpa.push_raw(&a.json());
     }
     let after = Setup::in_dir(&cpa, KEY, &dir, "after")
+        .with_env("CPA_TRANSPORT", "resp")
         .with_env("CPA_EXPORTER_EVENT_LOG", events.display().to_string())
         .with_env("CPA_EXPORTER_FAILOVER_WINDOW", "3s")
         .with_env("CPA_EXPORTER_BATCH_SIZE", "16");
