@@ -211,6 +211,7 @@ pub async fn run_with_key(
             settings_interval: config.settings_interval,
             credentials_interval: config.credentials_interval,
             idle_interval: poll_interval,
+            series_limit: config.limits.series_per_family,
         },
         shared.clone(),
         stop_rx.clone(),

@@ -14,7 +14,11 @@ use std::fmt;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde::de::{IgnoredAny, MapAccess, Visitor};
+use std::collections::hash_map::RandomState;
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -73,6 +77,19 @@ pub enum MgmtError {
     },
     #[error("CPA's {what} response is not the JSON expected")]
     BadResponse { what: &'static str },
+    /// Over the management body limit: named, as `max-response-bytes` (the queue's) does not apply.
+    #[error("CPA's {what} response exceeds {}, the fixed limit of management responses (MAX_MGMT_BODY_BYTES; max-response-bytes applies to the usage queue only)", size_text(*.limit))]
+    TooLarge { what: &'static str, limit: usize },
+}
+
+/// `16 MiB`, or a byte count when not a whole number of MiB.
+fn size_text(bytes: usize) -> String {
+    const MIB: usize = 1 << 20;
+    if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 impl MgmtError {
@@ -89,7 +106,7 @@ impl MgmtError {
         match self {
             MgmtError::Http(e) => e.result_label(),
             MgmtError::RouteNotFound { .. } => "route_not_found",
-            MgmtError::BadResponse { .. } => "bad_response",
+            MgmtError::BadResponse { .. } | MgmtError::TooLarge { .. } => "bad_response",
         }
     }
 }
@@ -251,8 +268,16 @@ impl MgmtClient {
 
     /// The credentials listing, one authenticated request.
     pub async fn credentials(&mut self) -> Result<Vec<Credential>, MgmtError> {
-        let body = self.get(Call::Credentials).await?;
-        decode_credentials(&body)
+        self.credentials_within(usize::MAX)
+            .await
+            .map(|l| l.credentials)
+    }
+
+    /// The credentials listing cut to its first `limit` distinct credentials (see
+    /// [`decode_listing`]), decoded as it arrives: memory follows `limit`, not the listing.
+    pub async fn credentials_within(&mut self, limit: usize) -> Result<Listing, MgmtError> {
+        let resp = self.respond(Call::Credentials).await?;
+        stream_listing(resp, self.max_body_bytes, limit).await
     }
 
     /// CPA's counts of its config API-key credentials, one authenticated request.
@@ -269,8 +294,17 @@ impl MgmtClient {
         }
     }
 
-    /// GET the call's path on the first route family that has it; a 401/403 ends at once.
+    /// GET the call's path on the first route family that has it, and read the body whole.
     async fn get(&mut self, call: Call) -> Result<Vec<u8>, MgmtError> {
+        let resp = self.respond(call).await?;
+        read_limited(resp, self.max_body_bytes)
+            .await
+            .map_err(|e| too_large(e, call))
+    }
+
+    /// The 200 response of the call's path on the first route family that has it, its body
+    /// unread; a 401/403 ends at once.
+    async fn respond(&mut self, call: Call) -> Result<reqwest::Response, MgmtError> {
         let candidates = self.candidates();
         let mut disabled = false;
         for &route in candidates {
@@ -284,7 +318,7 @@ impl MgmtClient {
             match status {
                 StatusCode::OK => {
                     self.resolved = Some(route);
-                    return Ok(read_limited(resp, self.max_body_bytes).await?);
+                    return Ok(resp);
                 }
                 StatusCode::NOT_FOUND => {
                     let body = read_limited(resp, 4096).await.unwrap_or_default();
@@ -317,6 +351,111 @@ impl MgmtClient {
                 version: Some(version),
                 commit: header_str(headers, "x-cpa-commit"),
             };
+        }
+    }
+}
+
+/// A management body over its limit, named as such (see [`MgmtError::TooLarge`]).
+fn too_large(e: PopError, call: Call) -> MgmtError {
+    match e {
+        PopError::TooLarge(limit) => MgmtError::TooLarge {
+            what: call.name(),
+            limit,
+        },
+        other => other.into(),
+    }
+}
+
+/// Chunks of a listing on their way from the socket to the decoder: the most held at once.
+const LISTING_CHUNKS_IN_FLIGHT: usize = 16;
+
+/// Decode a listing while it is received: the chunks go through a small channel to a decoder on
+/// a blocking thread (a large listing takes a core for a while; the runtime's workers serve
+/// scrapes meanwhile), so neither the body nor its JSON is ever held whole. At most `max_bytes`
+/// are read; a body that breaks off or runs over its limit is an error, never a partial listing.
+async fn stream_listing(
+    mut resp: reqwest::Response,
+    max_bytes: usize,
+    limit: usize,
+) -> Result<Listing, MgmtError> {
+    let call = Call::Credentials;
+    if resp.content_length().is_some_and(|n| n > max_bytes as u64) {
+        return Err(too_large(PopError::TooLarge(max_bytes), call));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(LISTING_CHUNKS_IN_FLIGHT);
+    let decoder = tokio::task::spawn_blocking(move || {
+        let reader = std::io::BufReader::new(ChunkReader::new(rx));
+        decode_listing_from(reader, limit)
+    });
+    let mut read = 0usize;
+    let mut failed = None;
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                failed = Some(match transport_error(e) {
+                    PopError::Unreachable(cause) => PopError::Interrupted(cause),
+                    other => other,
+                });
+                break;
+            }
+        };
+        read += chunk.len();
+        if read > max_bytes {
+            failed = Some(PopError::TooLarge(max_bytes));
+            break;
+        }
+        if tx.send(chunk).await.is_err() {
+            // The decoder stopped: the JSON is bad, the rest need not be read.
+            break;
+        }
+    }
+    drop(tx);
+    let decoded = decoder.await;
+    if let Some(e) = failed {
+        return Err(too_large(e, call));
+    }
+    decoded.unwrap_or_else(|_| Err(MgmtError::BadResponse { what: call.name() }))
+}
+
+/// The chunks of a channel as one byte stream, for a decoder on a blocking thread.
+struct ChunkReader<B> {
+    rx: tokio::sync::mpsc::Receiver<B>,
+    current: Option<B>,
+    pos: usize,
+}
+
+impl<B: AsRef<[u8]>> ChunkReader<B> {
+    fn new(rx: tokio::sync::mpsc::Receiver<B>) -> ChunkReader<B> {
+        ChunkReader {
+            rx,
+            current: None,
+            pos: 0,
+        }
+    }
+}
+
+impl<B: AsRef<[u8]>> std::io::Read for ChunkReader<B> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(chunk) = &self.current {
+                let rest = &chunk.as_ref()[self.pos..];
+                if !rest.is_empty() {
+                    let n = rest.len().min(buf.len());
+                    buf[..n].copy_from_slice(&rest[..n]);
+                    self.pos += n;
+                    return Ok(n);
+                }
+            }
+            // The sender gone is the end of the body.
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.current = Some(chunk);
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
         }
     }
 }
@@ -359,94 +498,269 @@ pub fn effective_retention(configured_secs: Option<f64>) -> Duration {
     Duration::from_secs(secs)
 }
 
+/// Visitor methods taking every JSON value but integers and objects as `$empty`, consumed unread.
+macro_rules! non_integers_are {
+    ($ty:ty, $empty:expr) => {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($empty)
+        }
+        fn visit_unit<E>(self) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<$ty, E> {
+            Ok($empty)
+        }
+    };
+}
+
+/// Visitor methods taking every JSON value but an object as `$empty`, consumed unread.
+macro_rules! any_other_value_is {
+    ($ty:ty, $empty:expr) => {
+        non_integers_are!($ty, $empty);
+        fn visit_i64<E>(self, _: i64) -> Result<$ty, E> {
+            Ok($empty)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<$ty, E> {
+            Ok($empty)
+        }
+    };
+}
+
 /// Decode `{"files": [...]}` leniently: entries that are not objects or have no `auth_index`
 /// are skipped, fields of the wrong type take their defaults, repeated `auth_index`es keep the
 /// first entry.
 pub fn decode_credentials(body: &[u8]) -> Result<Vec<Credential>, MgmtError> {
-    #[derive(Deserialize)]
-    struct Listing {
-        #[serde(default)]
-        files: Files,
-    }
+    decode_listing(body, usize::MAX).map(|l| l.credentials)
+}
+
+/// A listing cut to a number of credentials, with what was left out.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The first distinct credentials of the listing, at most the limit given.
+    pub credentials: Vec<Credential>,
+    pub left_out: LeftOut,
+}
+
+/// Distinct credentials past the limit, not kept: the whole count, and those that carried a
+/// retry time or a subscription end (the gauges they would have had).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LeftOut {
+    pub credentials: u64,
+    pub next_retry: u64,
+    pub subscription: u64,
+}
+
+/// [`decode_credentials`], keeping the first `limit` distinct credentials and counting the
+/// others. Memory follows `limit`, not the listing: each entry is decoded alone, unknown fields
+/// (the request histories) are skipped unread, and the credentials past the limit leave 8 bytes
+/// each (a hash, to count each once).
+pub fn decode_listing(body: &[u8], limit: usize) -> Result<Listing, MgmtError> {
     let bad = || MgmtError::BadResponse {
         what: Call::Credentials.name(),
     };
     if !is_object(body) {
         return Err(bad());
     }
-    let listing: Listing = serde_json::from_slice(body).map_err(|_| bad())?;
-    Ok(listing.files.0)
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let listing = ListingSeed(limit)
+        .deserialize(&mut de)
+        .and_then(|l| de.end().map(|()| l));
+    listing.map_err(|_| bad())
 }
 
-/// The `files` array, decoded one entry at a time: only the entry being read is held as JSON
-/// (a listing of 1 000 credentials with their request histories is megabytes).
-#[derive(Default)]
-struct Files(Vec<Credential>);
+/// [`decode_listing`] from a byte stream.
+fn decode_listing_from(body: impl std::io::Read, limit: usize) -> Result<Listing, MgmtError> {
+    let mut de = serde_json::Deserializer::from_reader(body);
+    let listing = ListingSeed(limit)
+        .deserialize(&mut de)
+        .and_then(|l| de.end().map(|()| l));
+    listing.map_err(|_| MgmtError::BadResponse {
+        what: Call::Credentials.name(),
+    })
+}
 
-impl<'de> Deserialize<'de> for Files {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Files, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Files;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an array of credentials")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Files, A::Error> {
-                let mut out = Vec::new();
-                let mut seen = std::collections::HashSet::new();
-                while let Some(entry) = seq.next_element::<Value>()? {
-                    let decoded = entry.as_object().and_then(decode_entry);
-                    if let Some(c) = decoded.filter(|c| seen.insert(c.auth_index.clone())) {
-                        out.push(c);
-                    }
-                }
-                Ok(Files(out))
-            }
-        }
-        d.deserialize_seq(V)
+/// The listing object: `files` is decoded with the limit, anything else skipped unread.
+struct ListingSeed(usize);
+
+impl<'de> DeserializeSeed<'de> for ListingSeed {
+    type Value = Listing;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Listing, D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-fn decode_entry(e: &Map<String, Value>) -> Option<Credential> {
-    let auth_index = text(e, &["auth_index"]);
+impl<'de> Visitor<'de> for ListingSeed {
+    type Value = Listing;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a credentials listing")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Listing, A::Error> {
+        let mut listing = Listing::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "files" {
+                listing = map.next_value_seed(FilesSeed(self.0))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(listing)
+    }
+}
+
+/// The `files` array, decoded one entry at a time: only the fields the exporter reads are kept
+/// from an entry, and only the first `limit` distinct credentials. Duplicates are found with
+/// sets (linear): exactly among the kept ones, by a 64-bit hash among the others (a collision
+/// there only miscounts what is left out).
+struct FilesSeed(usize);
+
+impl<'de> DeserializeSeed<'de> for FilesSeed {
+    type Value = Listing;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Listing, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FilesSeed {
+    type Value = Listing;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of credentials")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Listing, A::Error> {
+        let limit = self.0;
+        let mut listing = Listing::default();
+        let mut kept: HashSet<String> = HashSet::new();
+        let hasher = RandomState::new();
+        let mut others: HashSet<u64> = HashSet::new();
+        while let Some(MaybeEntry(entry)) = seq.next_element()? {
+            let Some(c) = entry.as_ref().and_then(decode_entry) else {
+                continue;
+            };
+            if kept.contains(&c.auth_index) {
+                continue;
+            }
+            if kept.len() < limit {
+                kept.insert(c.auth_index.clone());
+                listing.credentials.push(c);
+            } else if others.insert(hasher.hash_one(&c.auth_index)) {
+                let left = &mut listing.left_out;
+                left.credentials += 1;
+                left.next_retry += u64::from(c.next_retry_after.is_some());
+                left.subscription += u64::from(c.subscription.is_some());
+            }
+        }
+        Ok(listing)
+    }
+}
+
+/// The fields of a listing entry the exporter reads; anything else is skipped unread. A field
+/// of the wrong type reads as absent.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Entry {
+    auth_index: Option<Value>,
+    name: Option<Value>,
+    id: Option<Value>,
+    label: Option<Value>,
+    provider: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    status: Option<Value>,
+    disabled: Option<Value>,
+    unavailable: Option<Value>,
+    next_retry_after: Option<Value>,
+    success: Option<Value>,
+    failed: Option<Value>,
+    email: Option<Value>,
+    account: Option<Value>,
+    id_token: Option<Value>,
+}
+
+/// An entry, or `None` for anything but an object (consumed unread).
+struct MaybeEntry(Option<Entry>);
+
+impl<'de> Deserialize<'de> for MaybeEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MaybeEntry, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a credential")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MaybeEntry, A::Error> {
+                let de = serde::de::value::MapAccessDeserializer::new(map);
+                Entry::deserialize(de).map(|e| MaybeEntry(Some(e)))
+            }
+            any_other_value_is!(MaybeEntry, MaybeEntry(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A field's text, trimmed; "" when absent or not a string.
+fn str_of(v: &Option<Value>) -> &str {
+    v.as_ref().and_then(Value::as_str).map_or("", str::trim)
+}
+
+/// The first non-empty of `fields`, or "".
+fn first_text<'a>(fields: &[&'a Option<Value>]) -> &'a str {
+    fields
+        .iter()
+        .map(|v| str_of(v))
+        .find(|v| !v.is_empty())
+        .unwrap_or("")
+}
+
+fn flag_of(v: &Option<Value>) -> bool {
+    v.as_ref().and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn decode_entry(e: &Entry) -> Option<Credential> {
+    let auth_index = str_of(&e.auth_index);
     if auth_index.is_empty() {
         return None;
     }
     // The e-mail fields are read only to find them inside the name, then dropped.
-    let emails: Vec<&str> = ["email", "account"]
-        .iter()
-        .map(|k| text(e, &[k]))
+    let emails: Vec<&str> = [&e.email, &e.account]
+        .into_iter()
+        .map(str_of)
         .filter(|v| v.contains('@'))
         .collect();
-    let label = text(e, &["label"]);
+    let label = str_of(&e.label);
     let raw = if label.is_empty() {
-        text(e, &["name", "id"])
+        first_text(&[&e.name, &e.id])
     } else {
         label
     };
     let next_retry_after = e
-        .get("next_retry_after")
+        .next_retry_after
+        .as_ref()
         .and_then(Value::as_str)
         .and_then(parse_rfc3339)
         .filter(|t| *t > 0.0);
+    let count = |v: &Option<Value>| v.as_ref().and_then(Value::as_u64).unwrap_or(0);
     Some(Credential {
         auth_index: auth_index.to_owned(),
-        provider: text(e, &["provider", "type"]).to_owned(),
+        provider: first_text(&[&e.provider, &e.kind]).to_owned(),
         name: Name {
             raw: raw.to_owned(),
             masked: mask_keys(&mask_emails(raw, &emails)),
         },
-        status: Status::parse(text(e, &["status"])),
-        disabled: flag(e, "disabled"),
-        unavailable: flag(e, "unavailable"),
+        status: Status::parse(str_of(&e.status)),
+        disabled: flag_of(&e.disabled),
+        unavailable: flag_of(&e.unavailable),
         next_retry_after,
-        success: e.get("success").and_then(Value::as_u64).unwrap_or(0),
-        failed: e.get("failed").and_then(Value::as_u64).unwrap_or(0),
+        success: count(&e.success),
+        failed: count(&e.failed),
         subscription: e
-            .get("id_token")
+            .id_token
+            .as_ref()
             .and_then(Value::as_object)
             .and_then(subscription),
     })
@@ -524,41 +838,6 @@ pub fn decode_api_key_usage(body: &[u8]) -> Result<Vec<KeyUsage>, MgmtError> {
     }
     let Groups(out) = serde_json::from_slice(body).map_err(|_| bad())?;
     Ok(out)
-}
-
-/// Visitor methods taking every JSON value but integers and objects as `$empty`, consumed unread.
-macro_rules! non_integers_are {
-    ($ty:ty, $empty:expr) => {
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<$ty, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok($empty)
-        }
-        fn visit_unit<E>(self) -> Result<$ty, E> {
-            Ok($empty)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<$ty, E> {
-            Ok($empty)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<$ty, E> {
-            Ok($empty)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<$ty, E> {
-            Ok($empty)
-        }
-    };
-}
-
-/// Visitor methods taking every JSON value but an object as `$empty`, consumed unread.
-macro_rules! any_other_value_is {
-    ($ty:ty, $empty:expr) => {
-        non_integers_are!($ty, $empty);
-        fn visit_i64<E>(self, _: i64) -> Result<$ty, E> {
-            Ok($empty)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<$ty, E> {
-            Ok($empty)
-        }
-    };
 }
 
 /// The whole answer, flattened.
@@ -693,10 +972,6 @@ fn text<'a>(e: &'a Map<String, Value>, keys: &[&str]) -> &'a str {
         .map(str::trim)
         .find(|v| !v.is_empty())
         .unwrap_or("")
-}
-
-fn flag(e: &Map<String, Value>, key: &str) -> bool {
-    e.get(key).and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// Mask the local part of every e-mail address in `text` to its first character and `***`:
@@ -877,6 +1152,104 @@ mod tests {
         assert!(decode_credentials(b"{\"files\":7}").is_err());
         assert!(decode_credentials(b"{}").unwrap().is_empty());
         assert!(decode_credentials(b"[[]]").is_err());
+    }
+
+    #[test]
+    fn a_listing_keeps_its_first_distinct_credentials_up_to_the_limit_and_counts_the_others_once() {
+        let entry = |i: usize| {
+            let retry = if i.is_multiple_of(2) {
+                r#","next_retry_after":"2026-08-22T14:40:00Z""#
+            } else {
+                ""
+            };
+            let token = if i.is_multiple_of(3) {
+                r#","id_token":{"chatgpt_subscription_active_until":"2026-12-01T00:00:00Z"}"#
+            } else {
+                ""
+            };
+            format!(
+                r#"{{"auth_index":"{i:04x}","name":"n{i}","recent_requests":[{{"time":1,"success":0}}]{retry}{token}}}"#
+            )
+        };
+        // 10 distinct credentials, each listed twice, and a non-object among them.
+        let entries: Vec<String> = (0..10).chain(0..10).map(entry).collect();
+        let body = format!(r#"{{"total":20,"files":[{},7]}}"#, entries.join(","));
+        let listing = decode_listing(body.as_bytes(), 4).unwrap();
+        let kept: Vec<&str> = listing
+            .credentials
+            .iter()
+            .map(|c| c.auth_index.as_str())
+            .collect();
+        assert_eq!(kept, ["0000", "0001", "0002", "0003"]);
+        // Left out: 4..10, once each; retry times on 4, 6, 8; subscriptions on 6, 9.
+        assert_eq!(
+            listing.left_out,
+            LeftOut {
+                credentials: 6,
+                next_retry: 3,
+                subscription: 2,
+            }
+        );
+        let all = decode_listing(body.as_bytes(), usize::MAX).unwrap();
+        assert_eq!(all.credentials.len(), 10);
+        assert_eq!(all.left_out, LeftOut::default());
+    }
+
+    /// Duplicates are found with a set: 200 000 entries, half of them repeats, decode in one
+    /// pass (a search of the kept ones per entry would be 10^10 comparisons).
+    #[test]
+    fn duplicates_in_a_large_listing_are_found_in_one_pass() {
+        let n = 100_000;
+        let mut body = String::from(r#"{"files":["#);
+        for i in (0..n).chain(0..n) {
+            if body.ends_with('}') {
+                body.push(',');
+            }
+            body.push_str(&format!(r#"{{"auth_index":"{i:016x}","status":"active"}}"#));
+        }
+        body.push_str("]}");
+        let listing = decode_listing(body.as_bytes(), 10_000).unwrap();
+        assert_eq!(listing.credentials.len(), 10_000);
+        assert_eq!(listing.left_out.credentials, 90_000);
+        assert_eq!(decode_credentials(body.as_bytes()).unwrap().len(), n);
+    }
+
+    #[test]
+    fn a_listing_read_in_chunks_decodes_as_a_whole_one() {
+        let body = br#"{"files":[{"auth_index":"aa11","name":"codex-alice@example.com.json",
+            "recent_requests":[{"time":1}],"status":"error"},{"auth_index":"bb22"},
+            {"auth_index":"aa11"}],"total":3}"#;
+        let whole = decode_listing(body, 1).unwrap();
+        for size in [1, 7, 64] {
+            let (tx, rx) = tokio::sync::mpsc::channel(body.len());
+            for chunk in body.chunks(size) {
+                tx.try_send(chunk.to_vec()).unwrap();
+            }
+            drop(tx);
+            let chunked = decode_listing_from(ChunkReader::new(rx), 1).unwrap();
+            assert_eq!(chunked.credentials, whole.credentials, "{size}");
+            assert_eq!(chunked.left_out, whole.left_out, "{size}");
+        }
+        // Cut short: an error, not the entries before the cut.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.try_send(body[..body.len() / 2].to_vec()).unwrap();
+        drop(tx);
+        assert!(decode_listing_from(ChunkReader::new(rx), 10).is_err());
+    }
+
+    #[test]
+    fn an_oversize_body_names_the_management_limit() {
+        let e = MgmtError::TooLarge {
+            what: Call::Credentials.name(),
+            limit: MAX_MGMT_BODY_BYTES,
+        };
+        let text = e.to_string();
+        assert!(text.contains("credentials listing"), "{text}");
+        assert!(
+            text.contains("16 MiB") && text.contains("MAX_MGMT_BODY_BYTES"),
+            "{text}"
+        );
+        assert_eq!(e.kind(), "bad_response");
     }
 
     #[test]

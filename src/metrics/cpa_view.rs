@@ -3,9 +3,12 @@
 //! settings/credentials poller and the drain loop update.
 
 use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
 
+use super::sink::Sink;
 use super::text::{gauge, Meta, Writer};
-use crate::cpa::mgmt::{mask_keys, Credential, Status, UsageSettings};
+use crate::cpa::mgmt::{mask_keys, Credential, LeftOut, Status, UsageSettings};
 use crate::ingest::cred_errors::CredentialState;
 use crate::labels::sanitize;
 use crate::metrics::reconcile::Reconciled;
@@ -18,17 +21,58 @@ use crate::families::meta::cpa::{
 use crate::families::meta::errors::QUOTA_RECOVER;
 use crate::families::meta::reconcile::{CREDENTIAL_ATTEMPTS, UNACCOUNTED};
 
+/// The credential families, capped together at `series-limit` credentials: a listing is cut to
+/// its first `series-limit` distinct credentials when read (see
+/// [`crate::cpa::mgmt::decode_listing`]), so each family has at most one series per credential
+/// (`cpa_credential_status`: one per state and credential).
+const CAPPED: [Meta; 6] = [
+    CREDENTIAL_INFO,
+    CREDENTIAL_STATUS,
+    CREDENTIAL_UNAVAILABLE,
+    CREDENTIAL_DISABLED,
+    CREDENTIAL_NEXT_RETRY,
+    SUBSCRIPTION_END,
+];
+
+/// A family's `family` label in `cpa_exporter_series_overflow_total`: its name without `cpa_`.
+fn family_id(meta: &Meta) -> &'static str {
+    meta.name.strip_prefix("cpa_").unwrap_or(meta.name)
+}
+
+/// The `family` labels of the capped credential families.
+pub fn capped_families() -> impl Iterator<Item = &'static str> {
+    CAPPED.iter().map(family_id)
+}
+
+/// The credentials a read left out, per family: the series they would have had there.
+pub fn left_out_by_family(left: &LeftOut) -> impl Iterator<Item = (&'static str, u64)> {
+    let n = left.credentials;
+    let per = [n, n, n, n, left.next_retry, left.subscription];
+    capped_families().zip(per)
+}
+
 /// What is known about CPA right now. Each part is absent until first read.
 #[derive(Debug, Default)]
 pub struct CpaView {
     /// (version, commit) from the `X-CPA-*` headers.
     identity: Option<(String, String)>,
     settings: Option<UsageSettings>,
-    credentials: Option<Vec<Credential>>,
+    /// Shared with the scrapes rendering it (see [`CpaView::snapshot`]).
+    credentials: Option<Arc<Vec<Credential>>>,
     /// From the errors channel: `auth_index` -> when its exceeded quota is expected back.
     quota_recover: BTreeMap<String, f64>,
     /// CPA's attempt counts per credential, compared with the exporter's.
-    reconciled: Option<Vec<Reconciled>>,
+    reconciled: Option<Arc<Vec<Reconciled>>>,
+}
+
+/// What a scrape renders, taken under the view's lock at once and rendered without it: the
+/// lock is never held while a chunk waits on the network.
+pub struct Snapshot {
+    identity: Option<(String, String)>,
+    settings: Option<UsageSettings>,
+    credentials: Option<Arc<Vec<Credential>>>,
+    quota_recover: BTreeMap<String, f64>,
+    reconciled: Option<Arc<Vec<Reconciled>>>,
 }
 
 impl CpaView {
@@ -48,13 +92,24 @@ impl CpaView {
 
     /// Replace the listing: credentials no longer listed disappear from the next scrape.
     pub fn set_credentials(&mut self, credentials: Vec<Credential>) {
-        self.credentials = Some(credentials);
+        self.credentials = Some(Arc::new(credentials));
         self.forget_recovered_quotas();
     }
 
     /// Replace the comparison with CPA's counts (credentials no longer counted disappear).
     pub fn set_reconciled(&mut self, reconciled: Vec<Reconciled>) {
-        self.reconciled = Some(reconciled);
+        self.reconciled = Some(Arc::new(reconciled));
+    }
+
+    /// The parts a scrape renders; the listing and the comparison are shared, not copied.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            identity: self.identity.clone(),
+            settings: self.settings,
+            credentials: self.credentials.clone(),
+            quota_recover: self.quota_recover.clone(),
+            reconciled: self.reconciled.clone(),
+        }
     }
 
     pub fn settings(&self) -> Option<UsageSettings> {
@@ -62,27 +117,50 @@ impl CpaView {
     }
 }
 
-/// CPA's build, settings and credentials, as far as known.
-pub fn encode(w: &mut Writer, view: &CpaView, opts: &LabelOptions) {
-    if let Some((version, commit)) = &view.identity {
-        w.declare(&CPA_INFO);
-        let labels = [("version", version.as_str()), ("commit", commit.as_str())];
-        w.gauge(CPA_INFO.name, &labels, 1i64);
-    }
-    if let Some(settings) = &view.settings {
-        encode_settings(w, settings);
+/// CPA's build, settings and credentials, as far as known, shipped a chunk at a time (a
+/// listing at `series-limit` is megabytes of text).
+pub fn render(sink: &mut Sink, view: &Snapshot, opts: &LabelOptions) -> io::Result<()> {
+    {
+        let w = &mut sink.writer();
+        if let Some((version, commit)) = &view.identity {
+            w.declare(&CPA_INFO);
+            let labels = [("version", version.as_str()), ("commit", commit.as_str())];
+            w.gauge(CPA_INFO.name, &labels, 1i64);
+        }
+        if let Some(settings) = &view.settings {
+            encode_settings(w, settings);
+        }
     }
     if let Some(credentials) = &view.credentials {
-        encode_credentials(w, credentials, opts);
-        encode_quota_recover(w, view, credentials, opts);
+        let shown = shown(credentials, opts);
+        encode_credentials(sink, &shown)?;
+        encode_quota_recover(sink, view, &shown)?;
     }
     if let Some(reconciled) = &view.reconciled {
-        encode_reconciled(w, reconciled, opts);
+        encode_reconciled(sink, reconciled, opts)?;
     }
+    Ok(())
+}
+
+/// Write `line` for every item, shipping full chunks in between.
+fn each<T>(
+    sink: &mut Sink,
+    items: &[T],
+    mut line: impl FnMut(&mut Writer<'_>, &T),
+) -> io::Result<()> {
+    for item in items {
+        line(&mut sink.writer(), item);
+        sink.ship_if_full()?;
+    }
+    Ok(())
 }
 
 /// CPA's counts by outcome, and the unaccounted records of the credentials that join.
-fn encode_reconciled(w: &mut Writer, reconciled: &[Reconciled], opts: &LabelOptions) {
+fn encode_reconciled(
+    sink: &mut Sink,
+    reconciled: &[Reconciled],
+    opts: &LabelOptions,
+) -> io::Result<()> {
     let shown: Vec<(String, String, &Reconciled)> = reconciled
         .iter()
         .map(|r| {
@@ -94,8 +172,8 @@ fn encode_reconciled(w: &mut Writer, reconciled: &[Reconciled], opts: &LabelOpti
             (credential_label(&r.cpa.credential, opts), provider, r)
         })
         .collect();
-    w.declare(&CREDENTIAL_ATTEMPTS);
-    for (credential, provider, r) in &shown {
+    sink.writer().declare(&CREDENTIAL_ATTEMPTS);
+    each(sink, &shown, |w, (credential, provider, r)| {
         for (outcome, n) in [("success", r.cpa.success), ("failed", r.cpa.failed)] {
             let labels = [
                 ("credential", credential.as_str()),
@@ -104,9 +182,9 @@ fn encode_reconciled(w: &mut Writer, reconciled: &[Reconciled], opts: &LabelOpti
             ];
             w.counter(CREDENTIAL_ATTEMPTS.name, &labels, n);
         }
-    }
-    w.declare(&UNACCOUNTED);
-    for (credential, provider, r) in &shown {
+    })?;
+    sink.writer().declare(&UNACCOUNTED);
+    each(sink, &shown, |w, (credential, provider, r)| {
         if let Some(n) = r.unaccounted {
             let labels = [
                 ("credential", credential.as_str()),
@@ -114,7 +192,7 @@ fn encode_reconciled(w: &mut Writer, reconciled: &[Reconciled], opts: &LabelOpti
             ];
             w.gauge(UNACCOUNTED.name, &labels, n);
         }
-    }
+    })
 }
 
 fn encode_settings(w: &mut Writer, settings: &UsageSettings) {
@@ -169,19 +247,18 @@ pub fn credential_label(auth_index: &str, opts: &LabelOptions) -> String {
     }
 }
 
-fn encode_credentials(w: &mut Writer, credentials: &[Credential], opts: &LabelOptions) {
-    let shown = shown(credentials, opts);
-    w.declare(&CREDENTIAL_INFO);
-    for s in &shown {
+fn encode_credentials(sink: &mut Sink, shown: &[Shown<'_>]) -> io::Result<()> {
+    sink.writer().declare(&CREDENTIAL_INFO);
+    each(sink, shown, |w, s| {
         let labels = [
             ("credential", s.credential.as_str()),
             ("provider", s.provider.as_str()),
             ("name", s.name.as_str()),
         ];
         w.gauge(CREDENTIAL_INFO.name, &labels, 1i64);
-    }
-    w.declare(&CREDENTIAL_STATUS);
-    for s in &shown {
+    })?;
+    sink.writer().declare(&CREDENTIAL_STATUS);
+    each(sink, shown, |w, s| {
         for status in Status::ALL {
             let labels = [
                 ("credential", s.credential.as_str()),
@@ -194,11 +271,11 @@ fn encode_credentials(w: &mut Writer, credentials: &[Credential], opts: &LabelOp
                 i64::from(s.c.status == status),
             );
         }
-    }
-    encode_flag(w, &shown, &CREDENTIAL_UNAVAILABLE, |c| c.unavailable);
-    encode_flag(w, &shown, &CREDENTIAL_DISABLED, |c| c.disabled);
-    w.declare(&CREDENTIAL_NEXT_RETRY);
-    for s in &shown {
+    })?;
+    encode_flag(sink, shown, &CREDENTIAL_UNAVAILABLE, |c| c.unavailable)?;
+    encode_flag(sink, shown, &CREDENTIAL_DISABLED, |c| c.disabled)?;
+    sink.writer().declare(&CREDENTIAL_NEXT_RETRY);
+    each(sink, shown, |w, s| {
         if let Some(t) = s.c.next_retry_after {
             let labels = [
                 ("credential", s.credential.as_str()),
@@ -206,14 +283,14 @@ fn encode_credentials(w: &mut Writer, credentials: &[Credential], opts: &LabelOp
             ];
             w.gauge(CREDENTIAL_NEXT_RETRY.name, &labels, t);
         }
-    }
-    encode_subscriptions(w, &shown);
+    })?;
+    encode_subscriptions(sink, shown)
 }
 
 /// Only credentials whose listing entry carries a subscription end (codex `id_token`).
-fn encode_subscriptions(w: &mut Writer, shown: &[Shown<'_>]) {
-    w.declare(&SUBSCRIPTION_END);
-    for s in shown {
+fn encode_subscriptions(sink: &mut Sink, shown: &[Shown<'_>]) -> io::Result<()> {
+    sink.writer().declare(&SUBSCRIPTION_END);
+    each(sink, shown, |w, s| {
         if let Some(sub) = &s.c.subscription {
             let plan = if sub.plan_type.is_empty() {
                 "unknown".to_owned()
@@ -227,23 +304,23 @@ fn encode_subscriptions(w: &mut Writer, shown: &[Shown<'_>]) {
             ];
             w.gauge(SUBSCRIPTION_END.name, &labels, sub.active_until);
         }
-    }
+    })
 }
 
 fn encode_flag(
-    w: &mut Writer,
+    sink: &mut Sink,
     shown: &[Shown<'_>],
     meta: &Meta,
     flag: impl Fn(&Credential) -> bool,
-) {
-    w.declare(meta);
-    for s in shown {
+) -> io::Result<()> {
+    sink.writer().declare(meta);
+    each(sink, shown, |w, s| {
         let labels = [
             ("credential", s.credential.as_str()),
             ("provider", s.provider.as_str()),
         ];
         w.gauge(meta.name, &labels, i64::from(flag(s.c)));
-    }
+    })
 }
 
 #[cfg(test)]
@@ -279,14 +356,9 @@ mod tests {
         let mut view = CpaView::default();
         fill(&mut view);
         let mut out = Vec::new();
-        encode(
-            &mut Writer {
-                out: &mut out,
-                format: Format::Text004,
-            },
-            &view,
-            &labels,
-        );
+        let mut sink = Sink::new(Format::Text004, &mut out);
+        render(&mut sink, &view.snapshot(), &labels).unwrap();
+        sink.finish().unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -427,9 +499,11 @@ impl CpaView {
     /// the failure happens; the next listing read replaces them again. Returns `false` when the
     /// credential is not in the listing (or none was read): nothing is shown for it then.
     pub fn apply_error_state(&mut self, auth_index: &str, state: &CredentialState) -> bool {
+        // A scrape rendering the listing right now keeps the copy it has.
         let Some(c) = self
             .credentials
             .as_mut()
+            .map(Arc::make_mut)
             .and_then(|list| list.iter_mut().find(|c| c.auth_index == auth_index))
         else {
             return false;
@@ -459,28 +533,28 @@ impl CpaView {
 
     /// A listing read: credentials gone, or available again, have no exceeded quota.
     fn forget_recovered_quotas(&mut self) {
-        let listed = self.credentials.as_deref().unwrap_or_default();
-        self.quota_recover.retain(|index, _| {
-            listed
-                .iter()
-                .any(|c| &c.auth_index == index && c.unavailable)
-        });
+        if self.quota_recover.is_empty() {
+            return;
+        }
+        let listed: &[Credential] = self.credentials.as_deref().map_or(&[], Vec::as_slice);
+        let unavailable: std::collections::HashSet<&str> = listed
+            .iter()
+            .filter(|c| c.unavailable)
+            .map(|c| c.auth_index.as_str())
+            .collect();
+        self.quota_recover
+            .retain(|index, _| unavailable.contains(index.as_str()));
     }
 }
 
 /// Only listed credentials whose quota recovery is still ahead: a past time says nothing.
-fn encode_quota_recover(
-    w: &mut Writer,
-    view: &CpaView,
-    credentials: &[Credential],
-    opts: &LabelOptions,
-) {
-    w.declare(&QUOTA_RECOVER);
+fn encode_quota_recover(sink: &mut Sink, view: &Snapshot, shown: &[Shown<'_>]) -> io::Result<()> {
+    sink.writer().declare(&QUOTA_RECOVER);
     if view.quota_recover.is_empty() {
-        return;
+        return Ok(());
     }
     let now = crate::time::unix_now();
-    for s in shown(credentials, opts) {
+    each(sink, shown, |w, s| {
         if let Some(&t) = view
             .quota_recover
             .get(&s.c.auth_index)
@@ -492,7 +566,7 @@ fn encode_quota_recover(
             ];
             w.gauge(QUOTA_RECOVER.name, &labels, t);
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -518,14 +592,9 @@ mod error_state_tests {
 
     fn scrape(view: &CpaView) -> String {
         let mut out = Vec::new();
-        encode(
-            &mut Writer {
-                out: &mut out,
-                format: Format::Text004,
-            },
-            view,
-            &LabelOptions::default(),
-        );
+        let mut sink = Sink::new(Format::Text004, &mut out);
+        render(&mut sink, &view.snapshot(), &LabelOptions::default()).unwrap();
+        sink.finish().unwrap();
         String::from_utf8(out).unwrap()
     }
 

@@ -219,11 +219,13 @@ impl Default for Live {
     }
 }
 
-/// Capped families outside [`Family`]: quota gauges and the credential errors counter.
+/// Capped families outside [`Family`]: quota gauges, the credential errors counter and the
+/// credentials listing's gauges.
 fn other_capped() -> impl Iterator<Item = &'static str> {
     crate::ingest::quota::FAMILIES
         .into_iter()
         .chain([cred_errors::FAMILY])
+        .chain(cpa_view::capped_families())
 }
 
 /// `cpa_exporter_poll_duration_seconds`.

@@ -28,11 +28,9 @@ pub fn render(shared: &Shared, format: Format, out: &mut dyn Write) -> io::Resul
     let mut sink = Sink::new(format, out);
     super::encode_live(&mut sink.writer(), &shared.live);
     sink.ship_if_full()?;
-    cpa_view::encode(
-        &mut sink.writer(),
-        &shared.observed.get(),
-        &shared.view.labels,
-    );
+    // Taken under the view's lock, rendered without it.
+    let cpa = shared.observed.get().snapshot();
+    cpa_view::render(&mut sink, &cpa, &shared.view.labels)?;
     sink.ship_if_full()?;
     stored(&mut sink, shared)?;
     process::encode(&mut sink.writer());

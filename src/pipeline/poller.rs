@@ -16,8 +16,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::cpa::mgmt::{Call, Credential, KeyUsage, MgmtClient, MgmtError, UsageSettings};
+use crate::cpa::mgmt::{Call, Credential, KeyUsage, LeftOut, MgmtClient, MgmtError, UsageSettings};
 use crate::cpa::ClientOptions;
+use crate::metrics::cpa_view::left_out_by_family;
 use crate::metrics::reconcile::{attempts_by_credential, cpa_counts, Reconciler};
 use crate::metrics::Shared;
 use crate::pipeline::backoff::{auth_wait, sleep_or_shutdown};
@@ -41,6 +42,8 @@ pub struct PollerOptions {
     /// The drain loop's idle wait, compared with CPA's queue retention until the drain loop
     /// reports the one of the transport it actually uses.
     pub idle_interval: Duration,
+    /// `series-limit`: most credentials of a listing that are kept and exported.
+    pub series_limit: usize,
 }
 
 /// Start the poller on CPA's management API (`client` carries the URL, key and timeout).
@@ -92,6 +95,8 @@ struct Said {
     /// succeeds.
     failing: [Option<&'static str>; 3],
     credentials_read: bool,
+    /// Whether a listing over `series-limit` was warned about.
+    credentials_capped: bool,
     /// Unaccounted records last warned about: the next warning waits until they double.
     unaccounted: u64,
 }
@@ -163,10 +168,12 @@ impl Poller {
                 self.next_credentials = Some(Instant::now() + every);
                 self.next_credentials_subscribed =
                     Instant::now() + every.max(SUBSCRIBED_CREDENTIALS_INTERVAL);
-                let result = client.credentials().await;
+                let result = client.credentials_within(self.opts.series_limit).await;
                 publish_identity(client, shared);
-                if let Some(list) = self.settled(Call::Credentials, result) {
+                if let Some(listing) = self.settled(Call::Credentials, result) {
+                    let list = listing.credentials;
                     self.note_credentials(list.len(), client);
+                    self.note_left_out(&listing.left_out, shared);
                     if let Some(keys) = self.api_key_usage(client, shared).await {
                         self.reconcile(&list, &keys, shared);
                     }
@@ -307,6 +314,25 @@ impl Poller {
             );
         } else {
             debug!(route, credentials = count, "credentials listing read");
+        }
+    }
+
+    /// Count the credentials past `series-limit` as overflow of every credential family, at
+    /// each read (as records are counted at each batch); warn once.
+    fn note_left_out(&mut self, left: &LeftOut, shared: &Shared) {
+        if left.credentials == 0 {
+            return;
+        }
+        for (family, n) in left_out_by_family(left) {
+            let set = [("family", family)];
+            shared.live.series_overflow.get_or_create(&set).inc_by(n);
+        }
+        if !std::mem::replace(&mut self.said.credentials_capped, true) {
+            warn!(
+                series_limit = self.opts.series_limit,
+                left_out = left.credentials,
+                "CPA lists more credentials than series-limit: only the first ones are exported and compared with CPA's counts, the others are counted in cpa_exporter_series_overflow_total at each read"
+            );
         }
     }
 

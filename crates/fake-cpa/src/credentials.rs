@@ -156,6 +156,21 @@ pub fn listing_json(credentials: &[SimCredential]) -> Value {
     json!({ "files": credentials.iter().map(SimCredential::to_json).collect::<Vec<_>>() })
 }
 
+/// `{"files": [...]}` with the fields the exporter reads only (see `SimConfig::compact_listing`).
+pub fn compact_listing_json(credentials: &[SimCredential]) -> Value {
+    let entry = |c: &SimCredential| {
+        json!({
+            "auth_index": c.auth_index,
+            "name": c.file_name,
+            "provider": c.provider,
+            "status": c.status,
+            "disabled": c.disabled,
+            "unavailable": c.unavailable,
+        })
+    };
+    json!({ "files": credentials.iter().map(entry).collect::<Vec<_>>() })
+}
+
 /// The credential and outcome of a usage record, as CPA counts them (`None` for anything that
 /// is not a record with an `auth_index`). String-wrapped records are looked into.
 pub fn attempt_of(element_json: &str) -> Option<(String, bool)> {
