@@ -74,19 +74,27 @@ fn main() {
         );
         drop(exporter);
 
-        let dir = tempfile::tempdir().unwrap();
-        let web = stress::web_config_with_password(dir.path());
-        let exporter = Exporter::spawn(&setup(
-            &cpa,
-            &dir,
-            vec![("CPA_EXPORTER_WEB_CONFIG", web.display().to_string())],
-        ));
-        let f = stress::password_flood(&exporter).await;
-        println!(
-            "200 clients flooding a wrong password (bcrypt cost 10): /healthz {:.0} ms, first correct login {:.0} ms ({} wrong attempts refused)",
-            f.healthz.as_secs_f64() * 1e3,
-            f.first_login.as_secs_f64() * 1e3,
-            f.refused
-        );
+        let floods = [
+            (stress::Flood::RepeatedPassword, stress::FLOODED_USER, "a wrong password"),
+            (stress::Flood::VaryingPasswords, stress::OTHER_USER, "varying passwords of one user, another user's"),
+            (stress::Flood::UnknownUsers, stress::FLOODED_USER, "unknown user names, a known user's"),
+        ];
+        for (flood, login, what) in floods {
+            let dir = tempfile::tempdir().unwrap();
+            let web = stress::web_config_with_password(dir.path());
+            let exporter = Exporter::spawn(&setup(
+                &cpa,
+                &dir,
+                vec![("CPA_EXPORTER_WEB_CONFIG", web.display().to_string())],
+            ));
+            let f = stress::password_flood(&exporter, flood, login).await;
+            println!(
+                "200 clients flooding {what} (bcrypt cost 10): /healthz {:.0} ms, first correct login {} in {:.0} ms ({} wrong attempts refused)",
+                f.healthz.as_secs_f64() * 1e3,
+                f.login_status,
+                f.first_login.as_secs_f64() * 1e3,
+                f.refused
+            );
+        }
     });
 }

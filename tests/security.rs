@@ -890,6 +890,16 @@ async fn four_hundred_idle_and_trickling_connections_do_not_starve_scrapes() {
     eprintln!("5 scrapes behind 400 idle or trickling connections: {took:?}");
 }
 
+/// The real binary with `basic_auth_users` (hashes at the usual cost 10) and the exporter's
+/// web config.
+fn exporter_with_passwords(cpa: &FakeCpa, dir: &tempfile::TempDir, name: &str) -> Exporter {
+    let web = stress::web_config_with_password(dir.path());
+    let mut s = setup(cpa.url(), dir, name);
+    s.extra
+        .push(("CPA_EXPORTER_WEB_CONFIG", web.display().to_string()));
+    Exporter::spawn(&s)
+}
+
 /// A flood of wrong passwords with `basic_auth_users` (the hash at the usual cost 10): a first,
 /// uncached, correct login still gets in and `/healthz` still answers, because a repeated wrong
 /// credential is rejected from a cache and checks past a small queue are refused at once (429).
@@ -897,13 +907,37 @@ async fn four_hundred_idle_and_trickling_connections_do_not_starve_scrapes() {
 async fn a_password_flood_does_not_lock_out_the_right_password() {
     let cpa = fake_cpa().await;
     let dir = tempfile::tempdir().unwrap();
-    let web = stress::web_config_with_password(dir.path());
-    let mut s = setup(cpa.url(), &dir, "flood");
-    s.extra
-        .push(("CPA_EXPORTER_WEB_CONFIG", web.display().to_string()));
-    let exporter = Exporter::spawn(&s);
-    let f = stress::password_flood(&exporter).await;
+    let exporter = exporter_with_passwords(&cpa, &dir, "flood");
+    let f = stress::password_flood(
+        &exporter,
+        stress::Flood::RepeatedPassword,
+        stress::FLOODED_USER,
+    )
+    .await;
     eprintln!("200 clients flooding a wrong password: {f:?}");
+    assert_eq!(f.login_status, 200, "{f:?}");
+}
+
+/// A brute force that varies its passwords misses the cache of rejections, so every attempt
+/// wants a bcrypt check. It fills only its own user's queue: another user's first login, and a
+/// known user's while unknown names are flooded, are queued and checked, not answered 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brute_force_on_one_user_name_does_not_shut_out_another() {
+    let cpa = fake_cpa().await;
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = exporter_with_passwords(&cpa, &dir, "brute");
+    let f = stress::password_flood(
+        &exporter,
+        stress::Flood::VaryingPasswords,
+        stress::OTHER_USER,
+    )
+    .await;
+    eprintln!("200 clients varying passwords for another user: {f:?}");
+    assert_eq!(f.login_status, 200, "{f:?}");
+    let f =
+        stress::password_flood(&exporter, stress::Flood::UnknownUsers, stress::FLOODED_USER).await;
+    eprintln!("200 clients trying unknown user names: {f:?}");
+    assert_eq!(f.login_status, 200, "{f:?}");
 }
 
 /// The event log carries request ids, so it is a private file of its own: a symbolic link

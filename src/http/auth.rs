@@ -5,27 +5,29 @@
 //!   outcome of a check is cached under a SHA-256 of (user, hash, presented password): a scrape
 //!   with the same credentials costs one hash lookup, and so does a flood repeating the same
 //!   wrong password (a password wrong for a hash stays wrong).
-//! - bcrypt runs on the blocking pool, one check at a time, with at most [`QUEUE`] checks
-//!   admitted (running or waiting): past that a request is answered 429 at once
-//!   ([`Verdict::Busy`]). A flood of distinct wrong passwords so costs one core at most, never
-//!   queues without bound, and never stalls the async workers (drain loop, scrapes, `/healthz`);
-//!   a correct password competes only with the few admitted checks.
+//! - bcrypt runs on the blocking pool, one check at a time. Checks wait in lanes ([`lanes`]):
+//!   one per configured user, one shared by all unknown names, each holding at most
+//!   [`lanes::LANE`] waiting checks, served in turn. Past that, a request is answered 429 at
+//!   once ([`Verdict::Busy`]), for that lane only. A flood of distinct wrong passwords so costs
+//!   one core at most, never queues without bound, never stalls the async workers (drain loop,
+//!   scrapes, `/healthz`), and cannot shut out another user: a check in a lane of its own waits
+//!   for at most one check per lane.
 //! - An unknown user is checked against a dummy hash, so response time does not tell which
 //!   users exist.
 //! - The bearer token is compared as SHA-256 digests with a constant-time equality. Its file is
 //!   read again when it changes (checked on each request), so a rotated token works at once.
 //! - Nothing presented by a client is logged.
 
+mod lanes;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine as _;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use super::tls::{stamp, Stamp};
@@ -34,8 +36,7 @@ use super::tls::{stamp, Stamp};
 const CACHE_CAPACITY: usize = 256;
 /// Failed basic-auth checks remembered; the set is emptied when it is full.
 const REJECTED_CAPACITY: usize = 4096;
-/// bcrypt checks admitted at once (one runs, the others wait); more are refused at once.
-pub const QUEUE: usize = 4;
+pub use lanes::LANE;
 
 /// The outcome of checking a request's credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,18 +57,24 @@ impl From<bool> for Verdict {
     }
 }
 
+/// A configured user.
+struct Account {
+    hash: String,
+    /// Its own lane of bcrypt checks.
+    lane: usize,
+}
+
 pub struct Authenticator {
-    /// User -> bcrypt hash.
-    users: BTreeMap<String, String>,
+    users: BTreeMap<String, Account>,
+    /// The lane shared by unknown user names (the last).
+    unknown_lane: usize,
     /// Checked for unknown users, at the cheapest cost among the configured hashes.
     dummy_hash: String,
     bearer: Option<BearerFile>,
     cache: Mutex<HashSet<[u8; 32]>>,
     rejected: Mutex<HashSet<[u8; 32]>>,
-    /// One bcrypt check at a time.
-    bcrypt: Arc<Semaphore>,
-    /// bcrypt checks running or waiting.
-    admitted: AtomicUsize,
+    /// One bcrypt check at a time, taken in turn by the lanes.
+    bcrypt: Arc<lanes::Lanes>,
     /// `WWW-Authenticate` values of a 401.
     pub challenges: Vec<HeaderValue>,
 }
@@ -97,14 +104,20 @@ impl Authenticator {
                 "Bearer realm=\"cpa-usage-exporter\"",
             ));
         }
+        let unknown_lane = users.len();
+        let users = users
+            .into_iter()
+            .enumerate()
+            .map(|(lane, (user, hash))| (user, Account { hash, lane }))
+            .collect();
         Ok(Authenticator {
             users,
+            unknown_lane,
             dummy_hash,
             bearer,
             cache: Mutex::new(HashSet::new()),
             rejected: Mutex::new(HashSet::new()),
-            bcrypt: Arc::new(Semaphore::new(1)),
-            admitted: AtomicUsize::new(0),
+            bcrypt: lanes::Lanes::new(unknown_lane + 1),
             challenges,
         })
     }
@@ -148,7 +161,9 @@ impl Authenticator {
 
     async fn basic(&self, user: &str, password: &[u8]) -> Verdict {
         let known = self.users.get(user);
-        let hash = known.unwrap_or(&self.dummy_hash).clone();
+        let (hash, lane) =
+            known.map_or((&self.dummy_hash, self.unknown_lane), |a| (&a.hash, a.lane));
+        let hash = hash.clone();
         let key = cache_key(user, &hash, password);
         if known.is_some() && self.cache().contains(&key) {
             return Verdict::Allowed;
@@ -156,15 +171,12 @@ impl Authenticator {
         if lock(&self.rejected).contains(&key) {
             return Verdict::Denied;
         }
-        let Some(_admitted) = Admitted::new(&self.admitted) else {
+        let Some(turn) = self.bcrypt.turn(lane).await else {
             return Verdict::Busy;
-        };
-        let Ok(permit) = self.bcrypt.clone().acquire_owned().await else {
-            return Verdict::Denied;
         };
         let password = password.to_vec();
         let verified = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _turn = turn;
             bcrypt::verify(password, &hash).unwrap_or(false)
         })
         .await
@@ -189,27 +201,6 @@ impl Authenticator {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// A place among the [`QUEUE`] admitted checks, given back when dropped (also when the client
-/// goes away while waiting).
-struct Admitted<'a>(&'a AtomicUsize);
-
-impl<'a> Admitted<'a> {
-    fn new(count: &'a AtomicUsize) -> Option<Admitted<'a>> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < QUEUE).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Admitted(count))
-    }
-}
-
-impl Drop for Admitted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// SHA-256 of the user, the hash it is checked against, and the presented password, each
@@ -316,31 +307,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_repeated_wrong_password_is_checked_once_and_a_flood_is_refused_not_queued() {
-        let users = BTreeMap::from([("prom".to_owned(), bcrypt::hash("s3cret", 4).unwrap())]);
+    async fn a_repeated_wrong_password_is_checked_once_and_a_flood_fills_only_its_own_lane() {
+        let users = BTreeMap::from([
+            ("prom".to_owned(), bcrypt::hash("s3cret", 4).unwrap()),
+            ("graf".to_owned(), bcrypt::hash("other", 4).unwrap()),
+        ]);
         let auth = Arc::new(Authenticator::new(users, None).unwrap());
         assert_eq!(auth.check(&basic("prom", "wrong")).await, Verdict::Denied);
         assert_eq!(lock(&auth.rejected).len(), 1);
         // Hold the bcrypt slot: a remembered rejection is answered without it...
-        let held = auth.bcrypt.clone().acquire_owned().await.unwrap();
+        let held = auth.bcrypt.turn(0).await.unwrap();
         assert_eq!(auth.check(&basic("prom", "wrong")).await, Verdict::Denied);
-        // ...while new passwords queue, up to QUEUE of them; the next is refused at once.
-        let mut waiting = Vec::new();
-        for i in 0..QUEUE {
+        // ...while new passwords queue in the user's lane, up to LANE of them; the next is
+        // refused at once, the right password included...
+        let check = |user: &'static str, password: String| {
             let auth = auth.clone();
-            waiting.push(tokio::spawn(async move {
-                auth.check(&basic("prom", &format!("guess-{i}"))).await
-            }));
-        }
-        while auth.admitted.load(Ordering::Acquire) < QUEUE {
+            tokio::spawn(async move { auth.check(&basic(user, &password)).await })
+        };
+        let prom = auth.users["prom"].lane;
+        let flood: Vec<_> = (0..LANE)
+            .map(|i| check("prom", format!("guess-{i}")))
+            .collect();
+        while auth.bcrypt.waiting(prom) < LANE {
             tokio::task::yield_now().await;
         }
         assert_eq!(auth.check(&basic("prom", "s3cret")).await, Verdict::Busy);
-        drop(held);
-        for w in waiting {
-            assert_eq!(w.await.unwrap(), Verdict::Denied);
+        // ...but another user's first login and unknown names wait in lanes of their own.
+        let graf = check("graf", "other".to_owned());
+        let nobody = check("nobody", "other".to_owned());
+        while auth.bcrypt.waiting(auth.users["graf"].lane) == 0
+            || auth.bcrypt.waiting(auth.unknown_lane) == 0
+        {
+            tokio::task::yield_now().await;
         }
-        assert_eq!(auth.admitted.load(Ordering::Acquire), 0);
+        drop(held);
+        assert_eq!(graf.await.unwrap(), Verdict::Allowed);
+        assert_eq!(nobody.await.unwrap(), Verdict::Denied);
+        for f in flood {
+            assert_eq!(f.await.unwrap(), Verdict::Denied);
+        }
         assert_eq!(auth.check(&basic("prom", "s3cret")).await, Verdict::Allowed);
     }
 

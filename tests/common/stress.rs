@@ -226,27 +226,56 @@ pub async fn scrapes_behind_hostile_connections(exporter: &Exporter, n: usize) -
 #[derive(Debug)]
 pub struct FloodFigures {
     pub healthz: Duration,
+    /// The first, uncached, correct login's status (200, or 429 if the flood shut it out).
+    pub login_status: u16,
     pub first_login: Duration,
     /// Wrong-password requests answered (401 or 429) while it ran.
     pub refused: usize,
 }
 
-/// 200 clients sending `prometheus:wrong-password` as fast as they are answered; after 2 s,
-/// time `/healthz` and a first login with `right-password`.
-pub async fn password_flood(exporter: &Exporter) -> FloodFigures {
+/// The users of [`web_config_with_password`]; both have the password [`RIGHT_PASSWORD`].
+pub const FLOODED_USER: &str = "prometheus";
+pub const OTHER_USER: &str = "grafana";
+pub const RIGHT_PASSWORD: &str = "right-password";
+
+/// Who a password flood aims at, and how.
+#[derive(Debug, Clone, Copy)]
+pub enum Flood {
+    /// `prometheus` with one wrong password, again and again.
+    RepeatedPassword,
+    /// `prometheus` with a new wrong password each time, as a brute force does.
+    VaryingPasswords,
+    /// A new user name that does not exist, each time with a new password.
+    UnknownUsers,
+}
+
+impl Flood {
+    /// The `n`-th attempt of flooding client `client`.
+    fn attempt(self, client: usize, n: usize) -> (String, String) {
+        match self {
+            Flood::RepeatedPassword => (FLOODED_USER.to_owned(), "wrong-password".to_owned()),
+            Flood::VaryingPasswords => (FLOODED_USER.to_owned(), format!("guess-{client}-{n}")),
+            Flood::UnknownUsers => (
+                format!("nobody-{client}-{n}"),
+                format!("guess-{client}-{n}"),
+            ),
+        }
+    }
+}
+
+/// 200 clients sending `flood`'s wrong credentials as fast as they are answered; after 2 s,
+/// time `/healthz` and a first login of `login` with the right password.
+pub async fn password_flood(exporter: &Exporter, flood: Flood, login: &str) -> FloodFigures {
     let url = exporter.url("/metrics");
     let refused = Arc::new(AtomicUsize::new(0));
-    let flood: Vec<_> = (0..200)
-        .map(|_| {
+    let clients: Vec<_> = (0..200)
+        .map(|client| {
             let (url, refused) = (url.clone(), refused.clone());
             tokio::spawn(async move {
-                let client = reqwest::Client::builder().no_proxy().build().unwrap();
-                loop {
-                    let r = client
-                        .get(&url)
-                        .basic_auth("prometheus", Some("wrong-password"))
-                        .send()
-                        .await;
+                let http = reqwest::Client::builder().no_proxy().build().unwrap();
+                for n in 0.. {
+                    let (user, password) = flood.attempt(client, n);
+                    let r = http.get(&url).basic_auth(user, Some(password)).send().await;
                     match r.map(|r| r.status().as_u16()) {
                         Ok(401 | 429) => {
                             refused.fetch_add(1, Ordering::Relaxed);
@@ -272,28 +301,31 @@ pub async fn password_flood(exporter: &Exporter) -> FloodFigures {
     let start = Instant::now();
     let login = client
         .get(&url)
-        .basic_auth("prometheus", Some("right-password"))
+        .basic_auth(login, Some(RIGHT_PASSWORD))
         .send()
         .await
         .expect("the right password during the flood");
     let first_login = start.elapsed();
-    assert_eq!(login.status(), 200);
-    for f in flood {
-        f.abort();
+    for c in clients {
+        c.abort();
     }
     FloodFigures {
         healthz,
+        login_status: login.status().as_u16(),
         first_login,
         refused: refused.load(Ordering::Relaxed),
     }
 }
 
-/// A web config with one user, `prometheus`, whose password `right-password` is hashed at
-/// bcrypt's usual cost 10.
+/// A web config with two users, [`FLOODED_USER`] and [`OTHER_USER`], whose password
+/// [`RIGHT_PASSWORD`] is hashed at bcrypt's usual cost 10.
 pub fn web_config_with_password(dir: &Path) -> std::path::PathBuf {
     let web = dir.join("web.yml");
-    let hash = bcrypt::hash("right-password", 10).unwrap();
-    std::fs::write(&web, format!("basic_auth_users:\n  prometheus: '{hash}'\n")).unwrap();
+    let users: String = [FLOODED_USER, OTHER_USER]
+        .iter()
+        .map(|u| format!("  {u}: '{}'\n", bcrypt::hash(RIGHT_PASSWORD, 10).unwrap()))
+        .collect();
+    std::fs::write(&web, format!("basic_auth_users:\n{users}")).unwrap();
     web
 }
 
