@@ -189,16 +189,8 @@ async fn a_dropped_subscription_is_counted_and_exactly_what_cpa_lost_is_missing(
     let dir = tempfile::tempdir().unwrap();
     let exporter = Exporter::spawn(&setup(&cpa, &dir, "dropped", "subscribe"));
     subscribed(&exporter).await;
-    let pid = exporter.child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    };
     // A stalled exporter: the socket buffers fill, then CPA's 256 messages, then CPA drops it.
-    signal("-STOP");
+    exporter.signal("-STOP");
     let mut pushed = 0.0;
     for seed in 0..40 {
         push_workload_at_once(&cpa, 100 + seed, usage_only(), 1_000);
@@ -208,7 +200,7 @@ async fn a_dropped_subscription_is_counted_and_exactly_what_cpa_lost_is_missing(
         }
     }
     let stats = cpa.stats();
-    signal("-CONT");
+    exporter.signal("-CONT");
     assert_eq!(stats.subscribers_dropped, 1, "{stats:?}");
     assert!(stats.lost > 0, "{stats:?}");
     // Records pushed after the drop were queued (no subscriber): drained after resubscribing.
@@ -283,20 +275,12 @@ async fn a_stop_keeps_what_cpa_already_sent_to_the_subscription() {
     let s = setup(&cpa, &dir, "stop", "subscribe");
     let exporter = Exporter::spawn(&s);
     subscribed(&exporter).await;
-    let pid = exporter.child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    };
     // Published while the exporter cannot read: in its socket and CPA's buffer when it stops.
-    signal("-STOP");
+    exporter.signal("-STOP");
     let expected = push_workload_at_once(&cpa, 21, usage_only(), 200);
     assert_eq!(cpa.stats().subscribers_dropped, 0);
-    signal("-TERM");
-    signal("-CONT");
+    exporter.signal("-TERM");
+    exporter.signal("-CONT");
     assert!(exporter.wait_exit(Duration::from_secs(20)).success());
     assert_eq!(cpa.stats().queued, 0, "published, not queued");
     let exporter = Exporter::spawn(&s);

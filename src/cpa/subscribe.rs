@@ -651,11 +651,6 @@ mod tests {
         );
         assert!(feed.is_empty());
     }
-}
-
-#[cfg(test)]
-mod stop_tests {
-    use super::*;
 
     #[test]
     fn stop_wakes_a_reader_on_another_runtime() {

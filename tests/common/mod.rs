@@ -167,8 +167,13 @@ impl Exporter {
     }
 
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Send a signal (`-STOP`, `-CONT`, `-TERM`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([sig, &self.child.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
